@@ -1,0 +1,413 @@
+"""Functional remat: `remat`, `remat_sequential` and `remat_scan`.
+
+These wrap ``jax.checkpoint`` and add what it lacks: policies from config
+values, a trace-time check that every name a policy refers to is tagged,
+hashability checks on static arguments, the same behaviour under
+``jax_remat3``, and scans over layers nested for sqrt(L) memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
+
+import jax
+from jax import lax
+from jax import ad_checkpoint as _ad_checkpoint
+
+from remat_kit import _compat, _jaxpr
+from remat_kit.policies import FULL_REMAT, SKIP_CHECKPOINT, Policy, from_config
+
+__all__ = ["checkpoint_name", "remat", "remat_sequential", "remat_scan", "plan_groups"]
+
+checkpoint_name = _ad_checkpoint.checkpoint_name
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _as_tuple(x: Any, api: str, arg: str, kind: type) -> tuple[Any, ...]:
+  if isinstance(x, kind) and not isinstance(x, bool):
+    return (x,)
+  if isinstance(x, (tuple, list)) and all(isinstance(i, kind) and not isinstance(i, bool)
+                                          for i in x):
+    return tuple(x)
+  raise TypeError(f"`{api}`: `{arg}` must be a {kind.__name__} or a tuple of them, got {x!r}.")
+
+
+def _checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: bool) -> Callable[..., Any]:
+  """``jax.checkpoint`` with ``policy``, under whichever remat JAX is using.
+
+  Under ``jax_remat3``, JAX honours only its own policy classes and treats any
+  other callable as "save nothing"; a policy with no such native form is
+  built on JAX's classic implementation instead, which consults it.
+  """
+  if _compat.remat3_enabled():
+    native = policy.native()
+    if native is SKIP_CHECKPOINT:
+      return fn
+    if native is FULL_REMAT:
+      return jax.checkpoint(fn, prevent_cse=prevent_cse)
+    if native is not None and not policy.excluded_names():
+      return jax.checkpoint(fn, policy=native, prevent_cse=prevent_cse)
+    return _compat.classic_checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+  return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+
+
+def _check_names(api: str, policy: Policy, closed: Any) -> None:
+  want_names = policy.referenced_names()
+  want_prims = policy.referenced_primitives() - {"dot_general"}
+  if not want_names and not want_prims:
+    return
+  have_names, have_prims = _jaxpr.tags_and_primitives(closed)
+  missing = sorted(want_names - have_names)
+  if missing:
+    raise ValueError(
+        f"`{api}`: policy {policy!r} refers to checkpoint names {missing} that the "
+        f"function never tags. Names it tags: {sorted(have_names) or 'none'}. Fix the "
+        "spelling, or tag the value with `remat_kit.checkpoint_name(x, name)`; pass "
+        "`check_names=False` only if the name is tagged in some calls but not this one.")
+  missing_p = sorted(want_prims - have_prims)
+  if missing_p:
+    raise ValueError(
+        f"`{api}`: policy {policy!r} refers to primitives {missing_p} that the function "
+        f"never uses. Primitives it uses: {sorted(have_prims)}.")
+
+
+@overload
+def remat(fn: F, *, policy: Any = ..., static_argnums: int | Sequence[int] = ...,
+          static_argnames: str | Sequence[str] = ..., prevent_cse: bool = ...,
+          check_names: bool = ...) -> F: ...
+@overload
+def remat(fn: None = None, *, policy: Any = ..., static_argnums: int | Sequence[int] = ...,
+          static_argnames: str | Sequence[str] = ..., prevent_cse: bool = ...,
+          check_names: bool = ...) -> Callable[[F], F]: ...
+def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
+          static_argnums: int | Sequence[int] = (),
+          static_argnames: str | Sequence[str] = (),
+          prevent_cse: bool = True, check_names: bool = True) -> Any:
+  """``jax.checkpoint`` with config policies and checks; bare or with arguments.
+
+  Args:
+    fn: the function to rematerialize. Omit it to use ``remat`` as a
+      decorator with arguments.
+    policy: anything :func:`remat_kit.policies.from_config` accepts: a policy,
+      a preset string such as ``"save_dots"``, a dict such as
+      ``{"qkv": "save", "*": "recompute"}``, ``True``/``None`` (full remat)
+      or ``False`` (no remat).
+    static_argnums: positions of arguments that are Python values, not arrays
+      (flags such as ``train``). They must be hashable.
+    static_argnames: names of such arguments.
+    prevent_cse: as in ``jax.checkpoint``; keep True except inside ``scan``.
+    check_names: at trace time, raise if a name the policy refers to is not
+      tagged anywhere in ``fn`` (JAX silently saves nothing then).
+
+  Returns:
+    ``fn`` rematerialized: same values and gradients, less saved memory.
+
+  Raises:
+    ValueError: for a policy name that ``fn`` never tags, or bad static args.
+    TypeError: for an unhashable static argument or a non-callable ``fn``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, remat_kit as rk
+    >>> @rk.remat(policy="save:h")
+    ... def layer(w, x):
+    ...   h = rk.checkpoint_name(jnp.tanh(x @ w), "h")
+    ...   return jnp.sin(h) @ w
+    >>> w, x = jnp.eye(3), jnp.ones((2, 3))
+    >>> jax.grad(lambda w: layer(w, x).sum())(w).shape
+    (3, 3)
+  """
+  if fn is None:
+    return functools.partial(remat, policy=policy, static_argnums=static_argnums,
+                             static_argnames=static_argnames, prevent_cse=prevent_cse,
+                             check_names=check_names)
+  if not callable(fn):
+    raise TypeError(f"`remat`: `fn` must be callable, got {fn!r}.")
+  pol = from_config(policy)
+  argnums = _as_tuple(static_argnums, "remat", "static_argnums", int)
+  argnames = _as_tuple(static_argnames, "remat", "static_argnames", str)
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    sig = None
+  if argnames:
+    if sig is None:
+      raise ValueError(f"`remat`: cannot read the signature of {fn!r} for `static_argnames`.")
+    unknown = [n for n in argnames if n not in sig.parameters]
+    if unknown:
+      raise ValueError(
+          f"`remat`: `static_argnames` {unknown} are not parameters of "
+          f"{getattr(fn, '__name__', fn)}; its parameters are {list(sig.parameters)}.")
+    positional = [n for n, p in sig.parameters.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    name_pos = tuple(positional.index(n) for n in argnames if n in positional)
+  else:
+    name_pos = ()
+
+  @functools.lru_cache(maxsize=64)
+  def make_dyn_fn(statics: tuple[tuple[int, Any], ...],
+                  kw_statics: tuple[tuple[str, Any], ...],
+                  nargs: int, kw_dyn: tuple[str, ...]) -> Callable[..., Any]:
+    static_pos = dict(statics)
+    n_pos = nargs - len(static_pos)
+
+    def dyn_fn(*dyn: Any) -> Any:
+      it = iter(dyn[:n_pos])
+      full = [static_pos[i] if i in static_pos else next(it) for i in range(nargs)]
+      kwargs = dict(zip(kw_dyn, dyn[n_pos:]))
+      kwargs.update(kw_statics)
+      return fn(*full, **kwargs)
+
+    return dyn_fn
+
+  @functools.lru_cache(maxsize=64)
+  def build(dyn_fn: Callable[..., Any], resolved: Policy, remat3: bool) -> Callable[..., Any]:
+    del remat3  # part of the cache key only: the flag picks the implementation
+    return _checkpoint(dyn_fn, resolved, prevent_cse)
+
+  resolved_for: dict[Any, Policy] = {}
+  needs_trace = bool(pol.excluded_names()) or (
+      check_names and bool(pol.referenced_names() or pol.referenced_primitives()))
+
+  @functools.wraps(fn)
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
+    nargs = len(args)
+    for i in argnums:
+      if not -nargs <= i < nargs:
+        raise ValueError(
+            f"`remat`: `static_argnums` contains {i}, but {getattr(fn, '__name__', fn)} "
+            f"was called with {nargs} positional arguments.")
+    pos = sorted({i % nargs for i in argnums} | {i for i in name_pos if i < nargs})
+    statics = []
+    for i in pos:
+      _require_hashable(args[i], f"static argument {i}")
+      statics.append((i, args[i]))
+    kw_statics = []
+    for k in sorted(kwargs):
+      if k in argnames:
+        _require_hashable(kwargs[k], f"static argument {k!r}")
+        kw_statics.append((k, kwargs[k]))
+    static_kw = {k for k, _ in kw_statics}
+    kw_dyn = tuple(k for k in kwargs if k not in static_kw)
+    dyn = tuple(a for i, a in enumerate(args) if i not in set(pos))
+    dyn = dyn + tuple(kwargs[k] for k in kw_dyn)
+    dyn_fn = make_dyn_fn(tuple(statics), tuple(kw_statics), nargs, kw_dyn)
+    resolved = pol
+    if needs_trace:
+      key = (dyn_fn, jax.tree_util.tree_structure(dyn),
+             tuple(_jaxpr.aval_key(jax.typeof(x)) for x in jax.tree_util.tree_leaves(dyn)))
+      if key not in resolved_for:
+        closed = jax.make_jaxpr(dyn_fn)(*dyn)
+        if check_names:
+          _check_names("remat", pol, closed)
+        excluded = pol.excluded_names()
+        resolved_for[key] = (pol.with_producers(_jaxpr.producer_signatures(closed, excluded))
+                             if excluded else pol)
+      resolved = resolved_for[key]
+    return build(dyn_fn, resolved, _compat.remat3_enabled())(*dyn)
+
+  wrapper.policy = pol  # type: ignore[attr-defined]
+  return wrapper
+
+
+def _require_hashable(value: Any, what: str) -> None:
+  try:
+    hash(value)
+  except TypeError:
+    raise TypeError(
+        f"`remat`: {what} is {type(value).__name__} {value!r}, which is not hashable. "
+        "Static arguments key the trace cache: pass a tuple instead of a list, a "
+        "frozen dataclass instead of a dict, or make it a regular (array) argument."
+    ) from None
+
+
+def remat_sequential(fns: Sequence[Callable[[Any], Any]], segments: int, *,
+                     policy: Any = None, prevent_cse: bool = True) -> Callable[[Any], Any]:
+  """Chains single-input layer functions, rematerializing them in segments.
+
+  The JAX counterpart of PyTorch's ``checkpoint_sequential``: ``fns`` is split
+  into ``segments`` contiguous groups of near-equal length; every group but the
+  last runs under :func:`remat`, so only each group's input is kept, and the
+  last group runs normally (its activations are needed at once by the
+  backward pass).
+
+  Memory: about ``segments`` boundary activations plus one group's
+  activations; ``segments = sqrt(len(fns))`` balances the two. Compute: one
+  extra forward pass over all groups but the last.
+
+  Args:
+    fns: layer functions ``x -> x``.
+    segments: number of groups, between 1 and ``len(fns)``.
+    policy: the policy inside each rematerialized group.
+    prevent_cse: as in ``jax.checkpoint``.
+
+  Returns:
+    A function ``x -> y`` applying every function of ``fns`` in order.
+
+  Raises:
+    ValueError: if ``fns`` is empty or ``segments`` is out of range.
+  """
+  fns = list(fns)
+  if not fns:
+    raise ValueError("`remat_sequential`: `fns` is empty; pass at least one layer function.")
+  if not all(callable(f) for f in fns):
+    bad = [f for f in fns if not callable(f)]
+    raise TypeError(f"`remat_sequential`: `fns` must all be callable, got {bad!r}.")
+  if not isinstance(segments, int) or isinstance(segments, bool) or not 1 <= segments <= len(fns):
+    raise ValueError(
+        f"`remat_sequential`: `segments` must be an int in [1, {len(fns)}] (the number of "
+        f"layers), got {segments!r}.")
+  bounds = [round(i * len(fns) / segments) for i in range(segments + 1)]
+  groups = [fns[a:b] for a, b in zip(bounds, bounds[1:])]
+
+  def chain(group: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    def run(x: Any) -> Any:
+      for f in group:
+        x = f(x)
+      return x
+    return run
+
+  staged = [remat(chain(g), policy=policy, prevent_cse=prevent_cse, check_names=False)
+            for g in groups[:-1]] + [chain(groups[-1])]
+
+  def apply(x: Any) -> Any:
+    for g in staged:
+      x = g(x)
+    return x
+
+  return apply
+
+
+def _factorizations(n: int, levels: int) -> list[tuple[int, ...]]:
+  if levels == 1:
+    return [(n,)]
+  out = []
+  for f in range(1, n + 1):
+    if n % f == 0:
+      out.extend((f,) + rest for rest in _factorizations(n // f, levels - 1))
+  return out
+
+
+def plan_groups(length: int, levels: int) -> tuple[int, ...]:
+  """Group lengths, outermost first, for a ``levels``-deep nested scan.
+
+  Memory grows with the sum of the level lengths, so the lengths should be
+  near ``length ** (1 / levels)``. An exact factorization is used when one
+  comes within 50% of that ideal sum (the layers then reshape into groups
+  without copies); otherwise, near-equal lengths whose product exceeds
+  ``length`` are returned, and :func:`remat_scan` runs the leftover layers in
+  a flat tail (slicing the stacked inputs, which XLA copies).
+
+  >>> plan_groups(64, 2)
+  (8, 8)
+  >>> plan_groups(16, 3)
+  (2, 2, 4)
+  >>> plan_groups(37, 2)
+  (7, 6)
+  """
+  if not isinstance(levels, int) or levels < 1:
+    raise ValueError(f"`plan_groups`: `levels` must be an int >= 1, got {levels!r}.")
+  if not isinstance(length, int) or length < 1:
+    raise ValueError(f"`plan_groups`: `length` must be an int >= 1, got {length!r}.")
+  ideal = levels * length ** (1 / levels)
+  if length <= 4096:
+    exact = min(_factorizations(length, levels), key=lambda fs: (sum(fs), fs))
+    if sum(exact) <= 1.5 * ideal:
+      return exact
+  sizes = []
+  rest = length
+  for lvl in range(levels, 0, -1):
+    s = max(1, math.ceil(round(rest ** (1 / lvl), 9)))
+    sizes.append(s)
+    rest = math.ceil(rest / s)
+  return tuple(sizes)
+
+
+def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *,
+               policy: Any = None, groups: int | Sequence[int] | None = None,
+               length: int | None = None, prevent_cse: bool = False,
+               check_names: bool = True) -> tuple[Any, Any]:
+  """``lax.scan`` over layers with the body rematerialized, optionally nested.
+
+  Flat (``groups=None``), the scan keeps one carry per layer and recomputes
+  inside each layer as ``policy`` says: memory grows like L. With ``groups=d``
+  (d >= 2 levels), the layers are scanned in nested groups of about
+  ``L ** (1/d)`` and each group is rematerialized as a whole, so the scan
+  keeps about ``d * L ** (1/d)`` carries (``2 * sqrt(L)`` for d=2) at the cost
+  of ``d - 1`` extra forward passes. Lengths that do not factor evenly work:
+  the leftover layers run in a flat tail.
+
+  Args:
+    body: ``(carry, x) -> (carry, y)``, one layer. ``x`` is the layer's slice
+      of ``xs`` (its parameters, for a stack of layers).
+    carry: the initial carry (the activations entering the first layer).
+    xs: a pytree whose leaves have the layer count as leading axis, or None.
+    policy: the policy inside each layer (see :func:`remat`).
+    groups: None or 1 for a flat scan; an int d >= 2 for d nested levels of
+      automatic size; or a tuple of level lengths, outermost first, whose
+      product is the layer count.
+    length: the layer count; needed only when ``xs`` is None.
+    prevent_cse: passed to the per-layer checkpoint (False is right in scans).
+    check_names: as in :func:`remat`.
+
+  Returns:
+    ``(carry, ys)`` as ``lax.scan`` returns them.
+
+  Raises:
+    ValueError: for an inconsistent ``length``/``xs`` or bad ``groups``.
+  """
+  leaves = jax.tree_util.tree_leaves(xs)
+  if leaves:
+    n = leaves[0].shape[0]
+    if length is not None and length != n:
+      raise ValueError(f"`remat_scan`: `length`={length} but `xs` has {n} layers.")
+  elif length is None:
+    raise ValueError("`remat_scan`: `xs` is empty, so pass `length=` (the number of layers).")
+  else:
+    n = length
+  if groups is None or groups == 1:
+    levels: tuple[int, ...] = (n,)
+  elif isinstance(groups, int) and not isinstance(groups, bool):
+    if groups < 1:
+      raise ValueError(f"`remat_scan`: `groups` must be >= 1, got {groups!r}.")
+    levels = plan_groups(n, groups)
+  else:
+    levels = _as_tuple(groups, "remat_scan", "groups", int)
+    if any(g < 1 for g in levels) or math.prod(levels) != n:
+      raise ValueError(
+          f"`remat_scan`: level lengths `groups`={levels} multiply to {math.prod(levels)}, "
+          f"not the {n} layers. Pass an int number of levels to have them chosen, "
+          "uneven lengths included.")
+  step = remat(body, policy=policy, prevent_cse=prevent_cse, check_names=check_names)
+  return _nested_scan(step, carry, xs, n, levels, prevent_cse)
+
+
+def _nested_scan(step: Callable[..., Any], carry: Any, xs: Any, n: int,
+                 levels: tuple[int, ...], prevent_cse: bool) -> tuple[Any, Any]:
+  if len(levels) == 1 or n <= 1:
+    return lax.scan(step, carry, xs, length=n)
+  inner_levels = levels[1:]
+  inner = math.prod(inner_levels)
+  outer = n // inner
+  if outer == 0:
+    return _nested_scan(step, carry, xs, n, inner_levels, prevent_cse)
+  head = outer * inner
+
+  def group(c: Any, xs_g: Any) -> tuple[Any, Any]:
+    return _nested_scan(step, c, xs_g, inner, inner_levels, prevent_cse)
+
+  group = jax.checkpoint(group, prevent_cse=prevent_cse)  # full remat per group
+  xs_head = jax.tree_util.tree_map(
+      lambda a: a[:head].reshape((outer, inner) + a.shape[1:]), xs)
+  carry, ys = lax.scan(group, carry, xs_head, length=outer)
+  ys = jax.tree_util.tree_map(lambda a: a.reshape((head,) + a.shape[2:]), ys)
+  if head == n:
+    return carry, ys
+  xs_tail = jax.tree_util.tree_map(lambda a: a[head:], xs)
+  carry, ys_tail = lax.scan(step, carry, xs_tail, length=n - head)
+  ys = jax.tree_util.tree_map(lambda a, b: jax.numpy.concatenate([a, b]), ys, ys_tail)
+  return carry, ys
