@@ -4,6 +4,8 @@ Pick what to save, recompute or offload; see what it costs; trust that the
 gradients do not change.
 """
 
+from remat_kit import flax
+from remat_kit import models
 from remat_kit import policies
 from remat_kit import report
 from remat_kit.policies import Policy
@@ -19,7 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Policy",
     "checkpoint_name",
+    "flax",
     "from_config",
+    "models",
     "plan_groups",
     "policies",
     "report",

@@ -147,8 +147,14 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
 def _row(aval: Any, name: str | None, kind: str, prim: str | None, source: str,
          memory: str = "device") -> Residual:
   shape = tuple(int(d) for d in getattr(aval, "shape", ()))
-  dtype = np.dtype(aval.dtype)
-  return Residual(name, shape, dtype.name, math.prod(shape) * dtype.itemsize, kind, prim,
+  if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
+    # A typed PRNG key array: its size is that of the underlying key data.
+    itemsize = jax.random.key_data(jax.random.key(0)).nbytes
+    dtype_name = str(aval.dtype)
+  else:
+    itemsize = np.dtype(aval.dtype).itemsize
+    dtype_name = np.dtype(aval.dtype).name
+  return Residual(name, shape, dtype_name, math.prod(shape) * itemsize, kind, prim,
                   source, memory)
 
 

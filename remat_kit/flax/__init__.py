@@ -1,0 +1,5 @@
+"""Flax integration: rematerialize modules without changing their parameters."""
+
+from remat_kit.flax.linen import remat_policy
+
+__all__ = ["remat_policy"]

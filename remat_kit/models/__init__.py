@@ -1,0 +1,6 @@
+"""Reference models, tagged with `checkpoint_name` so name-based policies apply."""
+
+from remat_kit.models.mlp import CheckpointedMLP
+from remat_kit.models.mlp import HiddenLayer
+
+__all__ = ["CheckpointedMLP", "HiddenLayer"]
