@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 import jax
-from jax import lax
 from jax import ad_checkpoint as _ad_checkpoint
+from jax import lax
 
 from remat_kit import _compat, _jaxpr
 from remat_kit.policies import FULL_REMAT, SKIP_CHECKPOINT, Policy, from_config

@@ -1,6 +1,5 @@
 """Reference models, tagged with `checkpoint_name` so name-based policies apply."""
 
-from remat_kit.models.mlp import CheckpointedMLP
-from remat_kit.models.mlp import HiddenLayer
+from remat_kit.models.mlp import CheckpointedMLP, HiddenLayer
 
 __all__ = ["CheckpointedMLP", "HiddenLayer"]
