@@ -1,0 +1,88 @@
+"""Readouts checked against bytes and FLOPs worked out by hand."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+import remat_kit as rk
+from remat_kit.report import (activation_bytes, compiled_memory, count_flops, live_peak_bytes,
+                              saved_residuals)
+
+B, D, H, O = 4, 8, 16, 3
+
+
+def dense(w, b, x):
+  return jnp.sum(jnp.tanh(x @ w + b[None, :]))
+
+
+def mlp2(w1, w2, x):
+  return jnp.sum(jnp.tanh(x @ w1) @ w2)
+
+
+def _ones(*shape):
+  return jnp.ones(shape, jnp.float32)
+
+
+def test_dense_flops_follow_the_rule():
+  # dot 2*B*D*H, add B*H, tanh B*H, reduce_sum B*H (broadcasting b is free)
+  assert count_flops(dense, _ones(D, H), _ones(H), _ones(B, D)) == 2 * B * D * H + 3 * B * H
+
+
+def test_mlp2_flops():
+  # 2*B*D*H + B*H (tanh) + 2*B*H*O + B*O (sum)
+  flops = count_flops(mlp2, _ones(D, H), _ones(H, O), _ones(B, D))
+  assert flops == 2 * B * D * H + B * H + 2 * B * H * O + B * O
+
+
+def test_scan_flops_multiply_the_trip_count():
+  def f(ws, x):
+    return lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0].sum()
+
+  body = 2 * B * D * D + B * D
+  assert count_flops(f, _ones(8, D, D), _ones(B, D)) == 8 * body + B * D
+
+
+def test_while_loops_are_refused_with_a_fix():
+  f = lambda x: lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 2), (0, x))[1]
+  with pytest.raises(ValueError, match="while loop.*lax.scan"):
+    count_flops(f, _ones(2))
+
+
+def test_dense_residual_bytes_by_policy():
+  args = (_ones(D, H), _ones(H), _ones(B, D))
+  assert activation_bytes(rk.remat(dense, policy="full"), *args) == 0
+  rows = [r for r in saved_residuals(rk.remat(dense, policy="save_dots"), *args)
+          if r.kind == "activation"]
+  assert [(r.primitive, r.shape, r.bytes) for r in rows] == [("dot_general", (B, H), B * H * 4)]
+  # the parameters and input are kept as arguments, never counted as activations
+  kinds = {r.kind for r in saved_residuals(rk.remat(dense, policy="full"), *args)}
+  assert kinds == {"argument"}
+
+
+def test_scan_residuals_count_each_layer_and_separate_parameter_views():
+  n = 8
+
+  def f(ws, x):
+    c, _ = rk.remat_scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws, policy="full")
+    return c.sum()
+
+  rows = saved_residuals(f, _ones(n, D, D), _ones(B, D))
+  acts = [r for r in rows if r.kind == "activation"]
+  # full remat in a scan keeps one carry per layer: (n, B, D) float32
+  assert [(r.shape, r.bytes) for r in acts] == [((n, B, D), n * B * D * 4)]
+
+
+def test_compiled_memory_fields():
+  m = compiled_memory(jax.grad(dense), _ones(D, H), _ones(H), _ones(B, D))
+  assert m["backend"] == jax.default_backend()
+  assert m["argument_size"] == (D * H + H + B * D) * 4
+  assert m["output_size"] == D * H * 4
+  assert m["peak_bytes"] == m["temp_size"] + m["argument_size"] + m["output_size"] - m[
+      "alias_size"]
+
+
+def test_live_peak_is_none_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU-only statement")
+  assert live_peak_bytes() is None
