@@ -117,9 +117,9 @@ def test_reference_mlp_checkpoint_on_and_off():
 
 
 def test_not_a_module_is_an_error():
-  with pytest.raises(TypeError, match="expected a flax.linen.Module subclass, got <function"):
+  with pytest.raises(TypeError, match="expected a flax.linen.Module or flax.nnx.Module subclass, got <function"):
     remat_policy("full")(lambda x: x)
-  with pytest.raises(TypeError, match="expected a flax.linen.Module subclass"):
+  with pytest.raises(TypeError, match="expected a flax.linen.Module or flax.nnx.Module subclass"):
     remat_policy("full")(HiddenLayer(3))
 
 

@@ -6,8 +6,13 @@ import pytest
 from jax import lax
 
 import remat_kit as rk
-from remat_kit.report import (activation_bytes, compiled_memory, count_flops, live_peak_bytes,
-                              saved_residuals)
+from remat_kit.report import (
+  activation_bytes,
+  compiled_memory,
+  count_flops,
+  live_peak_bytes,
+  saved_residuals,
+)
 
 B, D, H, O = 4, 8, 16, 3
 

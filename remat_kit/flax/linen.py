@@ -28,7 +28,7 @@ __all__ = ["remat_policy"]
 M = TypeVar("M", bound=type)
 
 
-def _flax_policy(pol: Policy) -> tuple[Any, bool]:
+def flax_policy(pol: Policy) -> tuple[Any, bool]:
   """(policy for nn.checkpoint, use classic remat) for the active implementation."""
   if not _compat.remat3_enabled():
     return pol, False
@@ -42,6 +42,60 @@ def _flax_policy(pol: Policy) -> tuple[Any, bool]:
 
 def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
                  prevent_cse: bool, check_names: bool) -> Callable[..., Any]:
+  # nn.checkpoint counts the module itself as argument 0, as the signature does.
+  orig, sig, static_argnums = method_signature(cls, method, static_argnames)
+  if pol.native() is SKIP_CHECKPOINT:
+    return orig  # no remat: saves everything, exactly as the undecorated method
+  names_checked: set[Any] = set()
+
+  def call_orig(mdl: Any, *args: Any) -> Any:
+    return orig(mdl, *args)
+
+  @functools.wraps(orig)
+  def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+    full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
+    if self.is_initializing() or not check_names:
+      pass
+    elif pol.referenced_names() or pol.referenced_primitives() - {"dot_general"}:
+      _check_tags(self, call_orig, full, statics, pol, names_checked, cls, method)
+    policy, classic = flax_policy(pol)
+    ck = nn.checkpoint(call_orig, policy=policy, static_argnums=statics,
+                       prevent_cse=prevent_cse)
+    if classic:
+      with _compat.classic_remat():
+        return ck(*full)
+    return ck(*full)
+
+  return wrapped
+
+
+def bind_statics(sig: inspect.Signature, static_argnums: tuple[int, ...], self: Any,
+                 args: tuple[Any, ...], kwargs: dict[str, Any], cls: type, method: str
+                 ) -> tuple[list[Any], tuple[int, ...]]:
+  """All arguments positionally (self first), and which of them are static.
+
+  Python flags (bool, str, None) cannot be traced: they are always static.
+  """
+  bound = sig.bind(self, *args, **kwargs)
+  bound.apply_defaults()
+  full = list(bound.arguments.values())
+  names = list(sig.parameters)
+  statics = tuple(sorted(set(static_argnums) | {
+      i for i, a in enumerate(full) if i > 0 and (a is None or isinstance(a, (bool, str)))}))
+  for i in statics:
+    try:
+      hash(full[i])
+    except TypeError:
+      raise TypeError(
+          f"`remat_policy`: static argument `{names[i]}` of {cls.__name__}.{method} "
+          f"is {type(full[i]).__name__} {full[i]!r}, which is not hashable; pass a "
+          "hashable value (a tuple, not a list).") from None
+  return full, statics
+
+
+def method_signature(cls: type, method: str, static_argnames: tuple[str, ...]
+                     ) -> tuple[Callable[..., Any], inspect.Signature, tuple[int, ...]]:
+  """The method, its signature, and the positions (self = 0) of its static args."""
   orig = getattr(cls, method)
   if not callable(orig):
     raise TypeError(f"`remat_policy`: `{cls.__name__}.{method}` is not a method.")
@@ -57,44 +111,24 @@ def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str
     raise TypeError(
         f"`remat_policy`: {cls.__name__}.{method} takes *args or **kwargs; name its "
         "arguments explicitly so static ones can be told from arrays.")
-  # nn.checkpoint counts the module itself as argument 0, as the signature does.
-  static_argnums = tuple(i for i, p in enumerate(params) if p.name in static_argnames)
-  if pol.native() is SKIP_CHECKPOINT:
-    return orig  # no remat: saves everything, exactly as the undecorated method
-  names_checked: set[Any] = set()
+  return orig, sig, tuple(i for i, p in enumerate(params) if p.name in static_argnames)
 
-  def call_orig(mdl: Any, *args: Any) -> Any:
-    return orig(mdl, *args)
 
-  @functools.wraps(orig)
-  def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-    bound = sig.bind(self, *args, **kwargs)
-    bound.apply_defaults()
-    full = list(bound.arguments.values())
-    # Python flags (bool, str, None) cannot be traced: they are always static.
-    statics = tuple(sorted(set(static_argnums) | {
-        i for i, a in enumerate(full) if i > 0 and (a is None or isinstance(a, (bool, str)))}))
-    for i in statics:
-      try:
-        hash(full[i])
-      except TypeError:
-        raise TypeError(
-            f"`remat_policy`: static argument `{params[i].name}` of {cls.__name__}.{method} "
-            f"is {type(full[i]).__name__} {full[i]!r}, which is not hashable; pass a "
-            "hashable value (a tuple, not a list).") from None
-    if self.is_initializing() or not check_names:
-      pass
-    elif pol.referenced_names() or pol.referenced_primitives() - {"dot_general"}:
-      _check_tags(self, call_orig, full, statics, pol, names_checked, cls, method)
-    policy, classic = _flax_policy(pol)
-    ck = nn.checkpoint(call_orig, policy=policy, static_argnums=statics,
-                       prevent_cse=prevent_cse)
-    if classic:
-      with _compat.classic_remat():
-        return ck(*full)
-    return ck(*full)
-
-  return wrapped
+def missing_tags_error(pol: Policy, closed: Any, cls: type, method: str) -> None:
+  """Raises if ``pol`` names tags or primitives that ``closed`` never has."""
+  have, have_prims = _jaxpr.tags_and_primitives(closed)
+  missing = sorted(pol.referenced_names() - have)
+  if missing:
+    raise ValueError(
+        f"`remat_policy`: policy {pol!r} on {cls.__name__}.{method} refers to checkpoint "
+        f"names {missing} that the method never tags. Names it tags: "
+        f"{sorted(have) or 'none'}. Fix the spelling, or tag the value with "
+        "`remat_kit.checkpoint_name(x, name)`.")
+  missing_p = sorted(pol.referenced_primitives() - {"dot_general"} - have_prims)
+  if missing_p:
+    raise ValueError(
+        f"`remat_policy`: policy {pol!r} on {cls.__name__}.{method} refers to primitives "
+        f"{missing_p} that the method never uses.")
 
 
 def _check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any],
@@ -119,19 +153,7 @@ def _check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any],
     return unbound.apply(variables, *args, rngs=rngs, method=call_orig, mutable=True)
 
   closed = jax.make_jaxpr(run)(variables, *[a for _, a in dyn])
-  have, have_prims = _jaxpr.tags_and_primitives(closed)
-  missing = sorted(pol.referenced_names() - have)
-  if missing:
-    raise ValueError(
-        f"`remat_policy`: policy {pol!r} on {cls.__name__}.{method} refers to checkpoint "
-        f"names {missing} that the method never tags. Names it tags: "
-        f"{sorted(have) or 'none'}. Fix the spelling, or tag the value with "
-        "`remat_kit.checkpoint_name(x, name)`.")
-  missing_p = sorted(pol.referenced_primitives() - {"dot_general"} - have_prims)
-  if missing_p:
-    raise ValueError(
-        f"`remat_policy`: policy {pol!r} on {cls.__name__}.{method} refers to primitives "
-        f"{missing_p} that the method never uses.")
+  missing_tags_error(pol, closed, cls, method)
   checked.add(key)
 
 
@@ -144,7 +166,7 @@ def remat_policy(policy: Any = ..., *, static_argnames: str | Sequence[str] = ..
 def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (),
                  methods: str | Sequence[str] = ("__call__",), prevent_cse: bool = True,
                  check_names: bool = True) -> Any:
-  """Class decorator: rematerialize a Linen module's methods under ``policy``.
+  """Class decorator: rematerialize a Linen or NNX module's methods under ``policy``.
 
   The decorated class keeps its name, so parameter paths, initial values and
   dropout streams are those of the undecorated class: switching remat on
@@ -189,15 +211,24 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
     raise ValueError("`remat_policy`: `methods` is empty; name at least one method.")
 
   def decorate(cls: M) -> M:
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    from flax import nnx
+
+    if isinstance(cls, type) and issubclass(cls, nnx.Module):
+      from remat_kit.flax.nnx import wrap_nnx_method
+
+      wrap = wrap_nnx_method
+    elif isinstance(cls, type) and issubclass(cls, nn.Module):
+      wrap = _wrap_method
+    else:
       raise TypeError(
-          f"`remat_policy`: expected a flax.linen.Module subclass, got {cls!r}. Decorate "
+          f"`remat_policy`: expected a flax.linen.Module or flax.nnx.Module subclass, got "
+          f"{cls!r}. Decorate "
           "the class (not an instance or a function); for plain functions use "
           "`remat_kit.remat`.")
     missing = [m for m in meths if not hasattr(cls, m)]
     if missing:
       raise ValueError(f"`remat_policy`: {cls.__name__} has no methods {missing}.")
-    body = {m: _wrap_method(cls, m, pol, names, prevent_cse, check_names) for m in meths}
+    body = {m: wrap(cls, m, pol, names, prevent_cse, check_names) for m in meths}
     body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
     new = type(cls.__name__, (cls,), body)
     # Set after creation: Flax wraps callable class attributes (policies are) as methods.
