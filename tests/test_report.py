@@ -14,7 +14,7 @@ from remat_kit.report import (
   saved_residuals,
 )
 
-B, D, H, O = 4, 8, 16, 3
+B, D, H, OUT = 4, 8, 16, 3
 
 
 def dense(w, b, x):
@@ -35,9 +35,9 @@ def test_dense_flops_follow_the_rule():
 
 
 def test_mlp2_flops():
-  # 2*B*D*H + B*H (tanh) + 2*B*H*O + B*O (sum)
-  flops = count_flops(mlp2, _ones(D, H), _ones(H, O), _ones(B, D))
-  assert flops == 2 * B * D * H + B * H + 2 * B * H * O + B * O
+  # 2*B*D*H + B*H (tanh) + 2*B*H*OUT + B*OUT (sum)
+  flops = count_flops(mlp2, _ones(D, H), _ones(H, OUT), _ones(B, D))
+  assert flops == 2 * B * D * H + B * H + 2 * B * H * OUT + B * OUT
 
 
 def test_scan_flops_multiply_the_trip_count():
