@@ -21,7 +21,8 @@ from jax import lax
 from remat_kit import _compat, _jaxpr
 from remat_kit.policies import FULL_REMAT, SKIP_CHECKPOINT, Policy, from_config
 
-__all__ = ["checkpoint_name", "remat", "remat_sequential", "remat_scan", "plan_groups"]
+__all__ = ["checkpoint_name", "jax_policy", "plan_groups", "remat", "remat_scan",
+           "remat_sequential"]
 
 checkpoint_name = _ad_checkpoint.checkpoint_name
 
@@ -37,23 +38,33 @@ def _as_tuple(x: Any, api: str, arg: str, kind: type) -> tuple[Any, ...]:
   raise TypeError(f"`{api}`: `{arg}` must be a {kind.__name__} or a tuple of them, got {x!r}.")
 
 
-def _checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: bool) -> Callable[..., Any]:
-  """``jax.checkpoint`` with ``policy``, under whichever remat JAX is using.
+def jax_policy(policy: Policy) -> tuple[Any, bool]:
+  """``policy`` as the active remat implementation should receive it.
 
-  Under ``jax_remat3``, JAX honours only its own policy classes and treats any
-  other callable as "save nothing"; a policy with no such native form is
-  built on JAX's classic implementation instead, which consults it.
+  Returns ``(policy_for_jax, use_classic)``. Under ``jax_remat3``, JAX honours
+  only its own policy classes and treats any other callable as "save nothing",
+  so a policy with no native form is built on JAX's classic implementation
+  (``use_classic``), which consults it. Full remat maps to ``policy=None``.
+  Callers handle ``SKIP_CHECKPOINT`` (save everything) by not checkpointing.
   """
-  if _compat.remat3_enabled():
-    native = policy.native()
-    if native is SKIP_CHECKPOINT:
-      return fn
-    if native is FULL_REMAT:
-      return jax.checkpoint(fn, prevent_cse=prevent_cse)
-    if native is not None and not policy.excluded_names():
-      return jax.checkpoint(fn, policy=native, prevent_cse=prevent_cse)
-    return _compat.classic_checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
-  return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+  if not _compat.remat3_enabled():
+    return policy, False
+  native = policy.native()
+  if native is FULL_REMAT:
+    return None, False
+  if native is not None and native is not SKIP_CHECKPOINT and not policy.excluded_names():
+    return native, False
+  return policy, True
+
+
+def _checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: bool) -> Callable[..., Any]:
+  """``jax.checkpoint`` with ``policy``, under whichever remat JAX is using."""
+  if _compat.remat3_enabled() and policy.native() is SKIP_CHECKPOINT:
+    return fn
+  pol, classic = jax_policy(policy)
+  if classic:
+    return _compat.classic_checkpoint(fn, policy=pol, prevent_cse=prevent_cse)
+  return jax.checkpoint(fn, policy=pol, prevent_cse=prevent_cse)
 
 
 def _check_names(api: str, policy: Policy, closed: Any) -> None:

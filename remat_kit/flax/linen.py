@@ -21,23 +21,18 @@ import flax.linen as nn
 import jax
 
 from remat_kit import _compat, _jaxpr
-from remat_kit.policies import FULL_REMAT, SKIP_CHECKPOINT, Policy, from_config
+from remat_kit.policies import SKIP_CHECKPOINT, Policy, from_config
+from remat_kit.transforms import jax_policy
 
 __all__ = ["remat_policy"]
 
 M = TypeVar("M", bound=type)
 
 
-def flax_policy(pol: Policy) -> tuple[Any, bool]:
-  """(policy for nn.checkpoint, use classic remat) for the active implementation."""
-  if not _compat.remat3_enabled():
-    return pol, False
-  native = pol.native()
-  if native is FULL_REMAT:
-    return None, False
-  if native is not None and native is not SKIP_CHECKPOINT and not pol.excluded_names():
-    return native, False
-  return pol, True
+def needs_tag_check(pol: Policy, check_names: bool) -> bool:
+  """Whether applying ``pol`` calls for the trace-time tag check."""
+  return check_names and bool(
+      pol.referenced_names() or pol.referenced_primitives() - {"dot_general"})
 
 
 def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
@@ -47,6 +42,7 @@ def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str
   if pol.native() is SKIP_CHECKPOINT:
     return orig  # no remat: saves everything, exactly as the undecorated method
   names_checked: set[Any] = set()
+  wants_check = needs_tag_check(pol, check_names)
 
   def call_orig(mdl: Any, *args: Any) -> Any:
     return orig(mdl, *args)
@@ -54,11 +50,9 @@ def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str
   @functools.wraps(orig)
   def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
     full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
-    if self.is_initializing() or not check_names:
-      pass
-    elif pol.referenced_names() or pol.referenced_primitives() - {"dot_general"}:
+    if wants_check and not self.is_initializing():
       _check_tags(self, call_orig, full, statics, pol, names_checked, cls, method)
-    policy, classic = flax_policy(pol)
+    policy, classic = jax_policy(pol)
     ck = nn.checkpoint(call_orig, policy=policy, static_argnums=statics,
                        prevent_cse=prevent_cse)
     if classic:

@@ -14,8 +14,9 @@ import jax
 from flax import nnx
 
 from remat_kit import _compat, _jaxpr
-from remat_kit.flax.linen import bind_statics, flax_policy, method_signature, missing_tags_error
+from remat_kit.flax.linen import bind_statics, method_signature, missing_tags_error, needs_tag_check
 from remat_kit.policies import SKIP_CHECKPOINT, Policy
+from remat_kit.transforms import jax_policy
 
 __all__ = ["wrap_nnx_method"]
 
@@ -27,8 +28,7 @@ def wrap_nnx_method(cls: type, method: str, pol: Policy, static_argnames: tuple[
   if pol.native() is SKIP_CHECKPOINT:
     return orig
   checked: set[Any] = set()
-  wants_check = check_names and bool(
-      pol.referenced_names() or pol.referenced_primitives() - {"dot_general"})
+  wants_check = needs_tag_check(pol, check_names)
 
   def call_orig(mdl: Any, *args: Any) -> Any:
     return orig(mdl, *args)
@@ -38,7 +38,7 @@ def wrap_nnx_method(cls: type, method: str, pol: Policy, static_argnames: tuple[
     full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
     if wants_check:
       _check(self, full, statics, pol, checked, call_orig, cls, method)
-    policy, classic = flax_policy(pol)
+    policy, classic = jax_policy(pol)
     ck = nnx.remat(call_orig, policy=policy, static_argnums=statics, prevent_cse=prevent_cse)
     if classic:
       with _compat.classic_remat():
