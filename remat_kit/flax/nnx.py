@@ -16,9 +16,9 @@ from flax import nnx
 from remat_kit import _compat, _jaxpr
 from remat_kit.flax.linen import bind_statics, method_signature, missing_tags_error, needs_tag_check
 from remat_kit.policies import SKIP_CHECKPOINT, Policy
-from remat_kit.transforms import jax_policy
+from remat_kit.transforms import jax_policy, remat_scan
 
-__all__ = ["wrap_nnx_method"]
+__all__ = ["LayerStack", "stack_layers", "unstack_layers", "wrap_nnx_method"]
 
 
 def wrap_nnx_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
@@ -68,3 +68,88 @@ def _check(self: Any, full: list[Any], statics: tuple[int, ...], pol: Policy,
   closed = jax.make_jaxpr(run)(state, *[full[i] for i in dyn])
   missing_tags_error(pol, closed, cls, method)
   checked.add(key)
+
+
+class LayerStack(nnx.Module):
+  """NNX: ``length`` copies of a block, created stacked and scanned with remat.
+
+  The layers are built with ``nnx.vmap`` over ``nnx.split_rngs``, so each
+  layer has its own parameters and its own dropout key, and live stacked
+  (layer index leading) in ``self.layers``. Calling the stack scans over them
+  with :func:`remat_kit.remat_scan`: flat, or nested for sqrt(L) memory.
+  :meth:`unrolled` runs the same layers in a Python loop without remat (the
+  reference), and :func:`unstack_layers` / :func:`stack_layers` convert
+  between the stacked module and a list of per-layer modules.
+
+  Args:
+    make_block: ``rngs -> Module``, one layer mapping the carry to a carry of
+      the same shape.
+    length: the number of layers.
+    rngs: the RNGs; every stream is split per layer.
+    policy: the remat policy inside each layer; ``False`` for no remat.
+    groups: None (flat), an int number of nested levels, or level lengths.
+  """
+
+  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], length: int, *,
+               rngs: nnx.Rngs, policy: Any = True, groups: Any = None) -> None:
+    if not callable(make_block) or isinstance(make_block, nnx.Module):
+      raise TypeError(
+          f"`LayerStack`: `make_block` must be a function `rngs -> Module`, got "
+          f"{make_block!r}. Pass e.g. `lambda rngs: Block(64, rngs=rngs)`.")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+      raise ValueError(f"`LayerStack`: `length` must be an int >= 1, got {length!r}.")
+
+    @nnx.split_rngs(splits=length)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=length)
+    def create(r: nnx.Rngs) -> nnx.Module:
+      return make_block(r)
+
+    self.layers = create(rngs)
+    self.length = length
+    self.policy = policy
+    self.groups = groups
+
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Scans the layers over carry ``x``; ``args``/``kwargs`` go to every layer."""
+    graphdef, state = nnx.split(self.layers)
+
+    def body(h: Any, st: Any) -> tuple[Any, Any]:
+      layer = nnx.merge(graphdef, st)
+      h = layer(h, *args, **kwargs)
+      return h, nnx.state(layer, nnx.RngState)
+
+    x, rng_state = remat_scan(body, x, state, policy=self.policy, groups=self.groups)
+    nnx.update(self.layers, rng_state)  # the dropout counters advance as unrolled
+    return x
+
+  def unrolled(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """The same layers in a Python loop, without remat: the reference."""
+    layers = unstack_layers(self.layers, self.length)
+    for layer in layers:
+      x = layer(x, *args, **kwargs)
+    self.layers = stack_layers(layers)
+    return x
+
+
+def unstack_layers(stacked: nnx.Module, length: int) -> list[nnx.Module]:
+  """A stacked module (leading layer axis) as a list of ``length`` per-layer modules."""
+  graphdef, state = nnx.split(stacked)
+  leaves = jax.tree_util.tree_leaves(state)
+  if not leaves or any(a.shape[:1] != (length,) for a in leaves):
+    raise ValueError(
+        f"`unstack_layers`: every array of the stacked module must have leading axis "
+        f"{length}; got shapes {sorted({a.shape for a in leaves})}.")
+  return [nnx.merge(graphdef, jax.tree_util.tree_map(lambda a, i=i: a[i], state))
+          for i in range(length)]
+
+
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+  """The inverse of :func:`unstack_layers`: per-layer modules stacked into one."""
+  if not layers:
+    raise ValueError("`stack_layers`: `layers` is empty.")
+  splits = [nnx.split(m) for m in layers]
+  graphdef = splits[0][0]
+  if any(g != graphdef for g, _ in splits[1:]):
+    raise ValueError("`stack_layers`: the layers differ in structure.")
+  return nnx.merge(graphdef, jax.tree_util.tree_map(
+      lambda *a: jax.numpy.stack(a), *[s for _, s in splits]))

@@ -1,0 +1,180 @@
+"""Scan over a stack of Linen layers with remat: `LayerStack`, and stacked/unrolled params.
+
+``nn.scan(nn.remat(Block))`` renames modules, and nesting it for sqrt(L)
+memory nests the parameter axes, so a checkpoint taken with one layout does
+not load into another. `LayerStack` keeps one layout for every choice: the
+stacked parameters live under ``"layers"`` with the layer index as leading
+axis, whatever the grouping, and :func:`unstack_params` turns them into the
+``layers_0 ... layers_{L-1}`` tree of the unrolled stack (``scan=False``).
+
+Each layer gets its own dropout key: the stack draws one key per stream and
+splits it into one per layer, in scanned and unrolled form alike, so the
+scanned stack with remat gives the gradients of the unrolled stack without.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from remat_kit.transforms import remat, remat_scan
+
+__all__ = ["LayerStack", "stack_params", "unstack_params"]
+
+
+class LayerStack(nn.Module):
+  """``length`` copies of ``block``, scanned with remat (or unrolled, for reference).
+
+  Memory: a flat scan keeps one carry per layer plus what ``policy`` saves
+  inside each layer (grows like L). ``groups=d`` nests the scan d levels deep
+  and fully rematerializes each group, so about ``d * L ** (1/d)`` carries
+  are kept, for ``d - 1`` extra forward passes (see
+  :func:`remat_kit.remat_scan`).
+
+  Attributes:
+    block: one layer, an unbound Linen module mapping the carry to a carry of
+      the same shape. Its only variables must be ``params`` (use LayerNorm or
+      GroupNorm, not BatchNorm).
+    length: the number of layers.
+    policy: the remat policy inside each layer (anything
+      :func:`remat_kit.from_config` accepts); ``False`` for no remat.
+    groups: None for a flat scan; an int d >= 2 for d nested levels; or a
+      tuple of level lengths whose product is ``length``.
+    scan: False runs the layers in a Python loop with parameters
+      ``layers_0 ...``, each layer rematerialized under ``policy``; with
+      ``policy=False`` this is the unrolled reference. ``groups`` needs a scan.
+      (XLA:CPU undoes remat in Python loops; XLA:GPU keeps it.)
+    rng_streams: RNG streams split per layer when present (``"dropout"``).
+  """
+
+  block: nn.Module
+  length: int
+  policy: Any = True
+  groups: int | tuple[int, ...] | None = None
+  scan: bool = True
+  rng_streams: tuple[str, ...] = ("dropout",)
+
+  def _validate(self) -> None:
+    if not isinstance(self.block, nn.Module):
+      raise TypeError(
+          f"`LayerStack`: `block` must be an (unbound) flax.linen.Module instance, got "
+          f"{self.block!r}. Pass `Block(...)`, not the class.")
+    if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
+      raise ValueError(f"`LayerStack`: `length` must be an int >= 1, got {self.length!r}.")
+    if not self.scan and self.groups is not None:
+      raise ValueError(
+          f"`LayerStack`: `groups`={self.groups!r} nests a scan, but `scan=False`. Use "
+          "`scan=True`, or leave `groups` unset.")
+
+  @nn.compact
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs the layers on carry ``x``; ``args``/``kwargs`` go to every layer."""
+    self._validate()
+    block = self.block.clone(parent=None, name=None)
+    n = self.length
+    streams = [s for s in self.rng_streams if self.has_rng(s)]
+    keys = {s: jax.random.split(self.make_rng(s), n) for s in streams}
+    if self.is_initializing():
+      stacked = self._init_stacked(block, x, args, kwargs, keys)
+    else:
+      stacked = None
+
+    def apply(h: Any, params: Any, rngs: Mapping[str, jax.Array]) -> Any:
+      return block.apply({"params": params}, h, *args, rngs=dict(rngs), **kwargs)
+
+    if not self.scan:
+      layer = remat(apply, policy=self.policy)
+      for i in range(n):
+        take = lambda a, i=i: a[i]
+        p = self.param(f"layers_{i}", lambda _, i=i: jax.tree_util.tree_map(take, stacked))
+        x = layer(x, p, jax.tree_util.tree_map(take, keys))
+      return x
+    params = self.param("layers", lambda _: stacked)
+
+    def body(h: Any, xs: Any) -> tuple[Any, None]:
+      p, r = xs
+      return apply(h, p, r), None
+
+    x, _ = remat_scan(body, x, (params, keys), policy=self.policy, groups=self.groups)
+    return x
+
+  def _init_stacked(self, block: nn.Module, x: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any], keys: Mapping[str, jax.Array]) -> Any:
+    """Initial parameters of every layer, stacked: the same in scanned and unrolled form."""
+    base = self.make_rng("params")
+
+    def init_one(k: jax.Array, r: Mapping[str, jax.Array]) -> Any:
+      variables = block.init({"params": k, **r}, x, *args, **kwargs)
+      extra = sorted(set(variables) - {"params"})
+      if extra:
+        raise ValueError(
+            f"`LayerStack`: block {type(block).__name__} has variable collections {extra} "
+            "besides `params`; a scanned stack carries no mutable state. Use LayerNorm or "
+            "GroupNorm instead of BatchNorm.")
+      return variables["params"]
+
+    return jax.vmap(init_one)(jax.random.split(base, self.length), dict(keys))
+
+
+_LAYER = re.compile(r"^(?P<prefix>.+)_(?P<index>\d+)$")
+
+
+def unstack_params(params: Mapping[str, Any], *, prefix: str = "layers") -> dict[str, Any]:
+  """Turns every stacked ``prefix`` entry into ``prefix_0 ... prefix_{L-1}``.
+
+  The scanned `LayerStack`'s parameters become those of the unrolled one
+  (``scan=False``), at any depth of the tree.
+
+  >>> import jax.numpy as jnp
+  >>> tree = {"stack": {"layers": {"w": jnp.zeros((3, 2))}}}
+  >>> sorted(unstack_params(tree)["stack"])
+  ['layers_0', 'layers_1', 'layers_2']
+  """
+  out: dict[str, Any] = {}
+  for k, v in params.items():
+    if k == prefix:
+      leaves = jax.tree_util.tree_leaves(v)
+      if not leaves:
+        raise ValueError(f"`unstack_params`: `{prefix}` holds no arrays.")
+      n = leaves[0].shape[0]
+      for i in range(n):
+        out[f"{prefix}_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], v)
+    elif isinstance(v, Mapping):
+      out[k] = unstack_params(v, prefix=prefix)
+    else:
+      out[k] = v
+  return out
+
+
+def stack_params(params: Mapping[str, Any], *, prefix: str = "layers") -> dict[str, Any]:
+  """The inverse of :func:`unstack_params`: ``prefix_i`` entries stacked into ``prefix``.
+
+  Raises:
+    ValueError: if the layer indices are not ``0 ... L-1`` or the layers'
+      trees differ.
+  """
+  out: dict[str, Any] = {}
+  layers: dict[int, Any] = {}
+  for k, v in params.items():
+    m = _LAYER.match(k)
+    if m and m["prefix"] == prefix:
+      layers[int(m["index"])] = v
+    elif isinstance(v, Mapping):
+      out[k] = stack_params(v, prefix=prefix)
+    else:
+      out[k] = v
+  if layers:
+    if sorted(layers) != list(range(len(layers))):
+      raise ValueError(
+          f"`stack_params`: layer indices {sorted(layers)} under `{prefix}_i` are not "
+          f"0..{len(layers) - 1}.")
+    seq: Sequence[Any] = [layers[i] for i in range(len(layers))]
+    structs = {jax.tree_util.tree_structure(t) for t in seq}
+    if len(structs) > 1:
+      raise ValueError(f"`stack_params`: the `{prefix}_i` trees differ in structure.")
+    out[prefix] = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *seq)
+  return out

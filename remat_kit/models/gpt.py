@@ -1,0 +1,124 @@
+"""A GPT-style decoder stack in Linen: pre-LN, causal multi-head attention, MLP, dropout.
+
+Tags in each block (the names the transformer presets use):
+
+* ``qkv``: the fused query/key/value projection, ``[b, s, 3d]``;
+* ``attn_scores``: ``q k^T / sqrt(d_head)``, ``[b, heads, s, s]``;
+* ``attn_probs``: the softmax of the masked scores, ``[b, heads, s, s]``;
+* ``attn_out``: the attention output projection, ``[b, s, d]``;
+* ``mlp_in``: the MLP up-projection before GeLU, ``[b, s, r d]``;
+* ``mlp_hidden``: the GeLU output, ``[b, s, r d]``;
+* ``mlp_out``: the MLP down-projection, ``[b, s, d]``.
+
+`GPT` stacks the blocks with :class:`remat_kit.flax.LayerStack`, so the
+remat policy, the nesting and scanned-or-unrolled are attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from remat_kit.flax.layers import LayerStack
+from remat_kit.transforms import checkpoint_name
+
+__all__ = ["GPT", "GPTBlock", "causal_attention"]
+
+
+def causal_attention(qkv: jax.Array, num_heads: int,
+                     dropout: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """Causal multi-head attention from a fused ``[b, s, 3d]`` projection.
+
+  Tags ``attn_scores`` and ``attn_probs``; ``dropout`` is applied to the
+  probabilities. Returns ``[b, s, d]`` before the output projection.
+  """
+  b, s, three_d = qkv.shape
+  d = three_d // 3
+  if d % num_heads:
+    raise ValueError(f"`causal_attention`: width {d} is not divisible by `num_heads`="
+                     f"{num_heads}.")
+  q, k, v = (t.reshape(b, s, num_heads, d // num_heads) for t in jnp.split(qkv, 3, axis=-1))
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // num_heads)
+  scores = checkpoint_name(scores, "attn_scores")
+  mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
+  scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+  probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs")
+  out = jnp.einsum("bhqk,bkhd->bqhd", dropout(probs), v)
+  return out.reshape(b, s, d)
+
+
+class GPTBlock(nn.Module):
+  """Pre-LN decoder block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))``, with dropout.
+
+  Attributes:
+    d_model: the width ``d``.
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width as a multiple of ``d``.
+    dropout_rate: dropout on attention probabilities and both residual branches.
+    dtype: the activation dtype (parameters stay float32).
+  """
+
+  d_model: int
+  num_heads: int
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    d, dt = self.d_model, self.dtype
+    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    h = nn.LayerNorm(dtype=dt)(x)
+    qkv = checkpoint_name(nn.Dense(3 * d, dtype=dt)(h), "qkv")
+    o = causal_attention(qkv, self.num_heads, drop)
+    o = checkpoint_name(nn.Dense(d, dtype=dt)(o), "attn_out")
+    x = x + drop(o)
+    h = nn.LayerNorm(dtype=dt)(x)
+    h = checkpoint_name(nn.Dense(self.mlp_ratio * d, dtype=dt)(h), "mlp_in")
+    h = checkpoint_name(nn.gelu(h), "mlp_hidden")
+    h = checkpoint_name(nn.Dense(d, dtype=dt)(h), "mlp_out")
+    return x + drop(h)
+
+
+class GPT(nn.Module):
+  """Token and position embeddings, ``num_layers`` `GPTBlock` s, final LN, LM head.
+
+  Attributes:
+    vocab_size, max_len, d_model, num_heads, num_layers, mlp_ratio,
+    dropout_rate, dtype: the architecture.
+    policy: remat policy inside each block (``False``: no remat).
+    groups: nesting of the layer scan (see :class:`remat_kit.flax.LayerStack`).
+    scan: scan over the blocks (True) or unroll them (False).
+  """
+
+  vocab_size: int = 256
+  max_len: int = 128
+  d_model: int = 128
+  num_heads: int = 4
+  num_layers: int = 4
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.1
+  dtype: Any = jnp.float32
+  policy: Any = True
+  groups: int | tuple[int, ...] | None = None
+  scan: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, train: bool = True) -> jax.Array:
+    s = tokens.shape[-1]
+    if s > self.max_len:
+      raise ValueError(f"`GPT`: sequence length {s} exceeds `max_len`={self.max_len}.")
+    pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.max_len, self.d_model))
+    x = nn.Embed(self.vocab_size, self.d_model)(tokens) + pos[None, :s]
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x).astype(self.dtype)
+    block = GPTBlock(self.d_model, self.num_heads, self.mlp_ratio, self.dropout_rate,
+                     self.dtype)
+    x = LayerStack(block, self.num_layers, policy=self.policy, groups=self.groups,
+                   scan=self.scan, name="blocks")(x, train)
+    x = nn.LayerNorm(dtype=self.dtype)(x)
+    return nn.Dense(self.vocab_size, dtype=jnp.float32)(x)
