@@ -6,6 +6,7 @@ gradients do not change.
 
 from remat_kit import flax, models, policies, report
 from remat_kit.policies import Policy, from_config
+from remat_kit.report import compare, diff, lint, memory_report
 from remat_kit.transforms import checkpoint_name, plan_groups, remat, remat_scan, remat_sequential
 
 __version__ = "0.1.0"
@@ -13,8 +14,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Policy",
     "checkpoint_name",
+    "compare",
+    "diff",
     "flax",
     "from_config",
+    "lint",
+    "memory_report",
     "models",
     "plan_groups",
     "policies",

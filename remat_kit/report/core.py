@@ -4,8 +4,6 @@
   tensor, telling function arguments (parameters: no extra memory) from
   activations.
 * :func:`compiled_memory` is XLA's memory analysis of the compiled gradient.
-* :func:`count_flops` counts FLOPs from the jaxpr, with scan trip counts
-  multiplied in (XLA's ``cost_analysis`` counts a loop body once).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ __all__ = [
     "saved_residuals",
     "activation_bytes",
     "compiled_memory",
-    "count_flops",
     "live_peak_bytes",
 ]
 
@@ -35,15 +32,22 @@ class Residual:
   """One tensor the backward pass keeps.
 
   Attributes:
-    name: its `checkpoint_name`, or None.
-    shape: its shape.
+    name: its `checkpoint_name`, or None. Recovered inside scans and jits,
+      where JAX's own ``print_saved_residuals`` loses it.
+    shape: its shape (for a residual saved by a scan, with the trip count
+      leading: bytes are for all iterations).
     dtype: its dtype name.
     bytes: its size in bytes.
-    kind: "argument" (an input: parameters or data, no extra memory),
-      "activation" (computed in the forward pass) or "constant".
+    kind: "argument" (an input or a view of one: parameters, data, no extra
+      memory), "argument_cast" (an input cast to another dtype, such as bf16
+      weights: extra memory, but not an activation), "activation" (computed
+      in the forward pass) or "constant".
+    primitive: the primitive that produced it.
+    source: where it comes from, in words.
     memory: "device", or "host" for a tensor offloaded to host memory.
-    primitive: the primitive that produced it (activations only).
-    source: JAX's own description.
+    layers: the scan trip counts it is stacked over (1 outside scans), so
+      ``bytes / layers`` is its size per layer.
+    rule: why it is kept (filled in by :func:`remat_kit.report.memory_report`).
   """
 
   name: str | None
@@ -54,6 +58,8 @@ class Residual:
   primitive: str | None
   source: str
   memory: str = "device"
+  layers: int = 1
+  rule: str = ""
 
   @property
   def label(self) -> str:
@@ -65,6 +71,11 @@ class Residual:
 # through these is part of the argument (a parameter slice), not new memory.
 _VIEWS = frozenset("reshape squeeze expand_dims slice dynamic_slice transpose "
                    "reduce_precision copy copy_p".split())
+# Ops that pass their value through unchanged (names and placement).
+_PASS = frozenset("name reduce_precision device_put copy copy_p".split())
+# Calls whose outputs are their body's outputs.
+_CALLS = frozenset("jit pjit closed_call core_call checkpoint remat custom_jvp_call "
+                   "custom_vjp_call".split())
 
 
 def _arg_names(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
@@ -72,12 +83,83 @@ def _arg_names(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
   return [jax.tree_util.keystr(p) for p, _ in paths]
 
 
+@dataclasses.dataclass
+class _Frame:
+  jaxpr: Any
+  producer: dict[Any, Any]
+  eqn: Any = None  # the scan or call equation in the parent frame
+
+
+def _frame(jaxpr: Any, eqn: Any = None) -> _Frame:
+  return _Frame(jaxpr, {v: e for e in jaxpr.eqns for v in e.outvars}, eqn)
+
+
+def _body(eqn: Any) -> Any:
+  j = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  return getattr(j, "jaxpr", j)
+
+
+def _follow(v: Any, frames: list[_Frame], through: frozenset[str]
+            ) -> tuple[Any, list[_Frame], int, str | None, bool]:
+  """Follows ``v`` back through ``through`` ops, into scans and calls, out of bodies.
+
+  Returns the var where it stops (produced by an op not in ``through``, or
+  an input), its frames, the scan trip counts passed, the first
+  `checkpoint_name` met, and whether a dtype cast was passed.
+  """
+  frames = list(frames)
+  layers, name, cast = 1, None, False
+  while True:
+    if isinstance(v, _jaxpr.Literal):
+      return v, frames, layers, name, cast
+    fr = frames[-1]
+    eqn = fr.producer.get(v)
+    if eqn is None:  # an input of this frame: step out to the parent, if it maps
+      if fr.eqn is None:
+        return v, frames, layers, name, cast
+      i = fr.jaxpr.invars.index(v)
+      parent = fr.eqn
+      if parent.primitive.name == "scan":
+        lo = parent.params["num_consts"] + parent.params["num_carry"]
+        if i < lo:  # a carry or a constant: not a slice of an outer array
+          return v, frames, layers, name, cast
+      frames.pop()
+      v = parent.invars[i]
+      continue
+    pname = eqn.primitive.name
+    n = _compat.checkpoint_name_of(eqn.primitive, eqn.params)
+    if n is not None and name is None:
+      name = n
+    if pname == "scan":
+      k = eqn.outvars.index(v)
+      if k < eqn.params["num_carry"]:
+        return v, frames, layers, name, cast
+      layers *= eqn.params["length"]
+      body = eqn.params["jaxpr"].jaxpr
+      frames.append(_frame(body, eqn))
+      v = body.outvars[k]
+      continue
+    if pname in _CALLS and _body(eqn) is not None and pname not in through:
+      body = _body(eqn)
+      frames.append(_frame(body, eqn))
+      v = body.outvars[eqn.outvars.index(v)]
+      continue
+    if n is not None or pname in through:
+      if pname == "convert_element_type":
+        cast = True
+      v = eqn.invars[0]
+      continue
+    return v, frames, layers, name, cast
+
+
 def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Residual]:
   """The tensors the backward pass of ``fn`` keeps, one row each.
 
   Unlike JAX's ``print_saved_residuals``, a residual that is an argument or
   a view of one (a reshape or slice of stacked parameters in a scan) is
-  reported as ``kind="argument"``: it costs no extra memory.
+  reported as ``kind="argument"``: it costs no extra memory. Names and
+  producing primitives are recovered inside scans and jits, and a residual
+  stacked by a scan records its trip count in ``layers``.
 
   Args:
     fn: a function of arrays (its vjp is taken with respect to all of them).
@@ -105,7 +187,7 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
   jaxpr = closed.jaxpr
   num_res = len(jax.tree_util.tree_leaves(out_shape[1]))
   res_vars = jaxpr.outvars[len(jaxpr.outvars) - num_res:]
-  producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+  top = _frame(jaxpr)
   invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
   constvars = set(jaxpr.constvars)
   rows, seen = [], set()
@@ -116,36 +198,31 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
     if v in seen:  # the same tensor returned twice is stored once
       continue
     seen.add(v)
-    if v in invar_index:
-      rows.append(_row(v.aval, None, "argument", None, f"argument {names[invar_index[v]]}"))
-      continue
-    eqn = producer[v]
     memory = "host" if "host" in str(getattr(v.aval, "memory_space", "")).lower() else "device"
-    name = _compat.checkpoint_name_of(eqn.primitive, eqn.params)
-    src = eqn
-    while name is None and src.primitive.name in ("reduce_precision", "device_put"):
-      inner = src.invars[0]
-      if inner not in producer:
-        break
-      src = producer[inner]
-      name = _compat.checkpoint_name_of(src.primitive, src.params)
-    base = v
-    while base in producer and producer[base].primitive.name in _VIEWS:
-      base = producer[base].invars[0]
-    if base in invar_index:
-      rows.append(_row(v.aval, None, "argument", eqn.primitive.name,
-                       f"view of argument {names[invar_index[base]]}"))
+    base, frames, _, _, cast = _follow(
+        v, [top], _PASS | _VIEWS | {"convert_element_type"})
+    if len(frames) == 1 and base in invar_index:
+      what = "cast of argument" if cast else "argument" if base is v else "view of argument"
+      rows.append(_row(v.aval, None, "argument_cast" if cast else "argument", None,
+                       f"{what} {names[invar_index[base]]}", memory))
       continue
-    prim = "name" if name is not None else src.primitive.name
-    if prim == "jit":
-      prim = f"jit:{src.params.get('name', '')}"
+    src, frames, layers, name, _ = _follow(v, [top], _PASS)
+    eqn = frames[-1].producer.get(src) if not isinstance(src, _jaxpr.Literal) else None
+    if eqn is not None:
+      prim = eqn.primitive.name
+      if prim == "jit":
+        prim = f"jit:{eqn.params.get('name', '')}"
+    else:
+      prim = "scan carry" if len(frames) > 1 else "input"
     where = " (offloaded to host)" if memory == "host" else ""
-    rows.append(_row(v.aval, name, "activation", prim, f"output of {prim}{where}", memory))
+    inside = f" in a scan of {layers}" if layers > 1 else ""
+    rows.append(_row(v.aval, name, "activation", prim, f"output of {prim}{inside}{where}",
+                     memory, layers))
   return rows
 
 
 def _row(aval: Any, name: str | None, kind: str, prim: str | None, source: str,
-         memory: str = "device") -> Residual:
+         memory: str = "device", layers: int = 1) -> Residual:
   shape = tuple(int(d) for d in getattr(aval, "shape", ()))
   if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
     # A typed PRNG key array: its size is that of the underlying key data.
@@ -155,7 +232,7 @@ def _row(aval: Any, name: str | None, kind: str, prim: str | None, source: str,
     itemsize = np.dtype(aval.dtype).itemsize
     dtype_name = np.dtype(aval.dtype).name
   return Residual(name, shape, dtype_name, math.prod(shape) * itemsize, kind, prim,
-                  source, memory)
+                  source, memory, layers)
 
 
 def activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -205,83 +282,3 @@ def live_peak_bytes(device: Any = None) -> int | None:
   if not stats or "peak_bytes_in_use" not in stats:
     return None
   return int(stats["peak_bytes_in_use"])
-
-
-# --------------------------------------------------------------------------
-# FLOPs from the jaxpr
-# --------------------------------------------------------------------------
-
-# One FLOP per output element.
-_ELEMENTWISE = frozenset("""
-add sub mul div rem neg max min abs sign exp exp2 log log1p expm1 tanh logistic sin cos tan
-sqrt rsqrt cbrt pow integer_pow square erf erfc erf_inv atan2 asin acos atan sinh cosh asinh
-acosh atanh select_n clamp nextafter round floor ceil is_finite add_any
-""".split())
-# One FLOP per input element.
-_REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod argmax argmin "
-                        "cumsum cumprod cummax cummin reduce_and reduce_or".split())
-
-
-def _size(aval: Any) -> int:
-  return math.prod(getattr(aval, "shape", ()))
-
-
-def _eqn_flops(eqn: Any) -> int:
-  name = eqn.primitive.name
-  if name == "dot_general":
-    (lc, _), _ = eqn.params["dimension_numbers"]
-    lhs = eqn.invars[0].aval
-    k = math.prod(lhs.shape[d] for d in lc)
-    return 2 * _size(eqn.outvars[0].aval) * k
-  if name == "conv_general_dilated":
-    rhs = eqn.invars[1].aval
-    dn = eqn.params["dimension_numbers"]
-    spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial...)
-    k = math.prod(rhs.shape[d] for d in spec[1:])
-    return 2 * _size(eqn.outvars[0].aval) * k
-  if name in _ELEMENTWISE:
-    return sum(_size(v.aval) for v in eqn.outvars)
-  if name in _REDUCTIONS:
-    return _size(eqn.invars[0].aval)
-  return 0
-
-
-def _jaxpr_flops(jaxpr: Any) -> int:
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "scan":
-      total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr)
-    elif name == "cond":
-      total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
-    elif name == "while":
-      raise ValueError(
-          "`count_flops`: the function has a while loop, whose trip count is unknown "
-          "before it runs; use `lax.scan` (fixed length) or `lax.fori_loop` with static "
-          "bounds, which lowers to a scan.")
-    else:
-      total += _eqn_flops(eqn)
-      for sub in _jaxpr.sub_jaxprs(eqn.params):
-        total += _jaxpr_flops(sub)
-      hi = _jaxpr.inner_jaxpr_of_hi(eqn.params)
-      if hi is not None:
-        total += _jaxpr_flops(hi)
-  return total
-
-
-def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-  """FLOPs of ``fn`` counted from its jaxpr, scan trip counts multiplied in.
-
-  The rule: ``dot_general`` costs 2·(output size)·(contracted size), exactly;
-  a convolution 2·(output size)·(kernel size per output); an elementwise op
-  one per output element; a reduction one per input element; data movement
-  (reshape, transpose, slicing, broadcasting, casts) nothing. ``scan`` bodies
-  count once per iteration; ``cond`` counts its dearest branch.
-
-  Example:
-    >>> import jax.numpy as jnp, remat_kit as rk
-    >>> rk.report.count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 16)))
-    1024
-  """
-  closed = jax.make_jaxpr(fn)(*args, **kwargs)
-  return _jaxpr_flops(closed.jaxpr)

@@ -1,0 +1,98 @@
+"""Command line: ``python -m remat_kit {report,lint,policies}``.
+
+``report FILE.py:NAME`` imports ``FILE.py`` and calls ``NAME()``, which must
+return ``(loss_fn, args)`` (one report) or ``({label: loss_fn, ...}, args)``
+(a comparison); ``args`` is a tuple of example arguments. The table is
+printed; ``--json PATH`` also writes the report as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _load(target: str) -> Callable[[], Any]:
+  path, sep, name = target.rpartition(":")
+  if not sep or not path or not name:
+    raise SystemExit(f"remat_kit: expected FILE.py:FUNCTION, got {target!r}.")
+  file = Path(path)
+  if not file.is_file():
+    raise SystemExit(f"remat_kit: no such file {str(file)!r}.")
+  spec = importlib.util.spec_from_file_location(file.stem, file)
+  if spec is None or spec.loader is None:
+    raise SystemExit(f"remat_kit: cannot import {str(file)!r}.")
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, str(file.parent.resolve()))
+  spec.loader.exec_module(module)
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+    raise SystemExit(f"remat_kit: {str(file)!r} has no function {name!r}; it has {found}.")
+  return fn
+
+
+def _case(target: str) -> tuple[Any, tuple[Any, ...]]:
+  out = _load(target)()
+  if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (tuple, list))):
+    raise SystemExit(
+        f"remat_kit: {target} must return (loss_fn, args) or ({{label: loss_fn}}, args) with "
+        f"`args` a tuple; got {type(out).__name__}.")
+  return out[0], tuple(out[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line; returns the exit status."""
+  from remat_kit import policies, report
+
+  parser = argparse.ArgumentParser(prog="python -m remat_kit", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  rep = sub.add_parser("report", help="memory, residuals and FLOPs of a loss function")
+  rep.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
+  rep.add_argument("--json", help="also write the report to this JSON file")
+  rep.add_argument("--argnums", type=int, nargs="+", default=[0],
+                   help="arguments to differentiate (default: 0)")
+  lnt = sub.add_parser("lint", help="warn about remat that saves nothing useful")
+  lnt.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
+  sub.add_parser("policies", help="list the preset policy names")
+  args = parser.parse_args(argv)
+
+  if args.command == "policies":
+    for name, desc in sorted(policies.registered().items()):
+      print(f"{name:32s} {desc}")
+    return 0
+  fn, fn_args = _case(args.target)
+  if args.command == "lint":
+    fns = fn if isinstance(fn, dict) else {args.target: fn}
+    found = 0
+    for label, f in fns.items():
+      for w in report.lint(f, *fn_args):
+        print(f"{label}: {w}")
+        found += 1
+    if not found:
+      print("no warnings")
+    return 1 if found else 0
+  argnums = args.argnums[0] if len(args.argnums) == 1 else tuple(args.argnums)
+  if isinstance(fn, dict):
+    result: Any = report.compare(fn, *fn_args, argnums=argnums, verbose=True)
+    for r in result.reports.values():
+      print(r.table(), end="\n\n")
+  else:
+    result = report.memory_report(fn, *fn_args, argnums=argnums, label=args.target)
+  print(result.table())
+  if args.json:
+    Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+    print(f"wrote {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

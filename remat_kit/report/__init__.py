@@ -1,0 +1,47 @@
+"""What remat costs: saved residuals, compiled memory, FLOPs, and reports over them.
+
+* :func:`memory_report`, :func:`compare`, :func:`diff`: one call per question.
+* :func:`lint`: warnings for policies that do nothing useful.
+* :func:`saved_residuals`, :func:`compiled_memory`, :func:`count_flops`,
+  :func:`flop_breakdown`, :func:`live_peak_bytes`: the readouts underneath.
+"""
+
+from remat_kit.report.core import (
+    Residual,
+    activation_bytes,
+    compiled_memory,
+    live_peak_bytes,
+    saved_residuals,
+)
+from remat_kit.report.flops import count_flops, flop_breakdown, without_remat
+from remat_kit.report.lint import LintWarning, lint
+from remat_kit.report.summary import (
+    Comparison,
+    MemoryReport,
+    ResidualDiff,
+    compare,
+    diff,
+    memory_report,
+)
+from remat_kit.report.table import format_bytes, format_table
+
+__all__ = [
+    "Comparison",
+    "LintWarning",
+    "MemoryReport",
+    "Residual",
+    "ResidualDiff",
+    "activation_bytes",
+    "compare",
+    "compiled_memory",
+    "count_flops",
+    "diff",
+    "flop_breakdown",
+    "format_bytes",
+    "format_table",
+    "lint",
+    "live_peak_bytes",
+    "memory_report",
+    "saved_residuals",
+    "without_remat",
+]

@@ -1,0 +1,217 @@
+"""FLOPs from the jaxpr: forward, backward and recomputation, exactly.
+
+XLA's ``cost_analysis`` counts a while/scan body once, and says nothing of
+which FLOPs are recomputation. Counting from the jaxpr multiplies scan trip
+counts in and is the same on every backend. Recomputation is measured, not
+estimated: the gradient is counted as written and again with every remat
+boundary inlined (saving everything), and the difference is what remat
+recomputes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax._src import core as _core
+
+from remat_kit import _jaxpr
+
+__all__ = ["count_flops", "flop_breakdown", "with_full_remat", "without_remat"]
+
+
+# One FLOP per output element.
+_ELEMENTWISE = frozenset("""
+add sub mul div rem neg max min abs sign exp exp2 log log1p expm1 tanh logistic sin cos tan
+sqrt rsqrt cbrt pow integer_pow square erf erfc erf_inv atan2 asin acos atan sinh cosh asinh
+acosh atanh select_n clamp nextafter round floor ceil is_finite add_any
+""".split())
+# One FLOP per input element.
+_REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod argmax argmin "
+                        "cumsum cumprod cummax cummin reduce_and reduce_or".split())
+
+
+def _size(aval: Any) -> int:
+  return math.prod(getattr(aval, "shape", ()))
+
+
+def _eqn_flops(eqn: Any) -> int:
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval
+    k = math.prod(lhs.shape[d] for d in lc)
+    return 2 * _size(eqn.outvars[0].aval) * k
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval
+    dn = eqn.params["dimension_numbers"]
+    spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial...)
+    k = math.prod(rhs.shape[d] for d in spec[1:])
+    return 2 * _size(eqn.outvars[0].aval) * k
+  if name in _ELEMENTWISE:
+    return sum(_size(v.aval) for v in eqn.outvars)
+  if name in _REDUCTIONS:
+    return _size(eqn.invars[0].aval)
+  return 0
+
+
+def _jaxpr_flops(jaxpr: Any) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "scan":
+      total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+    elif name == "cond":
+      total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+    elif name == "while":
+      raise ValueError(
+          "`count_flops`: the function has a while loop, whose trip count is unknown "
+          "before it runs; use `lax.scan` (fixed length) or `lax.fori_loop` with static "
+          "bounds, which lowers to a scan.")
+    else:
+      total += _eqn_flops(eqn)
+      for sub in _jaxpr.sub_jaxprs(eqn.params):
+        total += _jaxpr_flops(sub)
+      hi = _jaxpr.inner_jaxpr_of_hi(eqn.params)
+      if hi is not None:
+        total += _jaxpr_flops(hi)
+  return total
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+  """FLOPs of ``fn`` counted from its jaxpr, scan trip counts multiplied in.
+
+  The rule: ``dot_general`` costs 2·(output size)·(contracted size), exactly;
+  a convolution 2·(output size)·(kernel size per output); an elementwise op
+  one per output element; a reduction one per input element; data movement
+  (reshape, transpose, slicing, broadcasting, casts) nothing. ``scan`` bodies
+  count once per iteration; ``cond`` counts its dearest branch.
+
+  Example:
+    >>> import jax.numpy as jnp, remat_kit as rk
+    >>> rk.report.count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 16)))
+    1024
+  """
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  return _jaxpr_flops(closed.jaxpr)
+
+
+def _is_remat(eqn: Any) -> bool:
+  if eqn.primitive.name in ("checkpoint", "remat2", "remat"):
+    return True
+  prim = eqn.params.get("_prim")
+  return prim is not None and "remat" in type(prim).__name__.lower()
+
+
+def _remat_body(eqn: Any) -> tuple[Any, list[Any]]:
+  if "jaxpr" in eqn.params and eqn.primitive.name != "call_hi_primitive":
+    j = eqn.params["jaxpr"]
+  else:
+    j = eqn.params["_prim"].params["jaxpr"]
+  if isinstance(j, _core.ClosedJaxpr):
+    return j.jaxpr, list(j.consts)
+  return j, []
+
+
+def _has_remat(jaxpr: Any) -> bool:
+  return any(_is_remat(e) for e in _jaxpr.walk(jaxpr))
+
+
+def _inline_closed(cj: Any, full: bool) -> Any:
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cj.in_avals]
+  return jax.make_jaxpr(lambda *xs: _eval(cj.jaxpr, cj.consts, *xs, full=full))(*avals)
+
+
+def _eval(jaxpr: Any, consts: Sequence[Any], *args: Any, full: bool = False) -> list[Any]:
+  """``jax.core.eval_jaxpr`` with every remat boundary inlined (its body run as is).
+
+  With ``full``, each remat boundary is kept but its policy becomes full remat.
+  """
+  env: dict[Any, Any] = {}
+  read = lambda v: v.val if isinstance(v, _jaxpr.Literal) else env[v]
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if _is_remat(eqn):
+      body, body_consts = _remat_body(eqn)
+      run = lambda *xs, body=body, c=body_consts: _eval(body, c, *xs, full=full)
+      outs = jax.checkpoint(run, policy=None)(*invals) if full else run(*invals)
+    else:
+      params = eqn.primitive.get_bind_params(eqn.params)
+      if any(_has_remat(sub) for sub in _jaxpr.sub_jaxprs(eqn.params)):
+        params = dict(params)
+        for k, val in params.items():
+          if isinstance(val, _core.ClosedJaxpr):
+            params[k] = _inline_closed(val, full)
+          elif isinstance(val, (tuple, list)) and val and isinstance(val[0], _core.ClosedJaxpr):
+            params[k] = type(val)(_inline_closed(c, full) for c in val)
+          elif isinstance(val, _core.Jaxpr) and _has_remat(val):
+            raise ValueError(
+                f"`without_remat`: cannot inline remat inside a `{eqn.primitive.name}`.")
+      outs = eqn.primitive.bind(*invals, **params)
+      if not eqn.primitive.multiple_results:
+        outs = [outs]
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def without_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with every remat boundary removed: same values, everything saved.
+
+  The reference against which recomputation is counted. Works for
+  ``jax.checkpoint`` under both remat implementations, inside scans, conds
+  and jits.
+
+  >>> import jax, jax.numpy as jnp
+  >>> f = jax.checkpoint(jnp.sin)
+  >>> g = without_remat(f)
+  >>> "remat" in str(jax.make_jaxpr(f)(1.0)), "remat" in str(jax.make_jaxpr(g)(1.0))
+  (True, False)
+  """
+
+  return _rewrite(fn, full=False)
+
+
+def with_full_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with every remat boundary kept but its policy replaced by full remat."""
+  return _rewrite(fn, full=True)
+
+
+def _rewrite(fn: Callable[..., Any], full: bool) -> Callable[..., Any]:
+  def rewritten(*args: Any, **kwargs: Any) -> Any:
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
+    leaves = jax.tree_util.tree_leaves((args, kwargs))
+    outs = _eval(closed.jaxpr, closed.consts, *leaves, full=full)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return rewritten
+
+
+def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,
+                   **kwargs: Any) -> dict[str, int | float]:
+  """Forward, backward and recomputation FLOPs of ``jax.grad(fn)``, from the jaxpr.
+
+  ``forward`` is ``fn`` alone; ``total`` is the gradient as written; the
+  gradient with remat inlined is ``forward + backward``; ``recompute`` is the
+  rest, and ``recompute_pct`` is it relative to the gradient without remat.
+
+  Example:
+    >>> import jax.numpy as jnp, remat_kit as rk
+    >>> f = rk.remat(lambda w, x: jnp.sum(jnp.tanh(x @ w) @ w), policy="full")
+    >>> fb = rk.report.flop_breakdown(f, jnp.ones((4, 4)), jnp.ones((2, 4)))
+    >>> fb["forward"], fb["recompute"]
+    (144, 72)
+  """
+  grad = jax.grad(fn, argnums=argnums)
+  total = count_flops(grad, *args, **kwargs)
+  plain = count_flops(jax.grad(without_remat(fn), argnums=argnums), *args, **kwargs)
+  forward = count_flops(fn, *args, **kwargs)
+  recompute = total - plain
+  return {"forward": forward, "backward": plain - forward, "recompute": recompute,
+          "total": total, "recompute_pct": 100.0 * recompute / plain if plain else 0.0}

@@ -1,0 +1,121 @@
+"""Warnings for remat that does nothing useful, found by measuring what it saves.
+
+* ``same-as-none``: the policies keep exactly what no remat keeps.
+* ``same-as-full``: the policies keep exactly what full remat keeps (a
+  policy that was meant to save something saves nothing).
+* ``whole-function``: one remat wraps the whole function, so the backward
+  pass recomputes everything at once and peak memory does not fall.
+* ``untagged-name``: a policy names a `checkpoint_name` that its function
+  never tags (JAX accepts it silently and saves nothing for it).
+* ``no-remat``: the function has no remat at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from remat_kit import _compat, _jaxpr
+from remat_kit.policies import SaveEverything, SaveNothing
+from remat_kit.report.core import saved_residuals
+from remat_kit.report.flops import (
+    _eval,
+    _is_remat,
+    _remat_body,
+    count_flops,
+    with_full_remat,
+    without_remat,
+)
+from remat_kit.report.summary import _policy_names, _policy_repr, policy_of
+
+__all__ = ["LintWarning", "lint"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LintWarning:
+  """One finding: a short code and a message that says what to do."""
+
+  code: str
+  message: str
+
+  def __str__(self) -> str:
+    return f"[{self.code}] {self.message}"
+
+
+def _kept(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+  return sorted((r.shape, r.dtype, r.kind) for r in saved_residuals(fn, *args)
+                if r.kind == "activation")
+
+
+def lint(fn: Callable[..., Any], *args: Any) -> list[LintWarning]:
+  """Checks the remat in scalar function ``fn`` by what it actually saves.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.ad_checkpoint import checkpoint_name
+    >>> def f(x):
+    ...   return jnp.sum(jnp.sin(checkpoint_name(jnp.sin(x), "h")))
+    >>> pol = jax.checkpoint_policies.save_only_these_names("hh")
+    >>> [w.code for w in lint(jax.checkpoint(f, policy=pol), jnp.ones(3))]
+    ['whole-function', 'untagged-name', 'same-as-full']
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  sites = [e for e in _jaxpr.walk(closed.jaxpr) if _is_remat(e)]
+  if not sites:
+    return [LintWarning("no-remat", "the function has no remat boundary; wrap its layers in "
+                        "`remat_kit.remat` or scan them with `remat_kit.remat_scan`.")]
+  out = []
+  top = [e for e in closed.jaxpr.eqns if e.primitive.name not in ("name",)]
+  forward = count_flops(fn, *args)
+  for e in closed.jaxpr.eqns:
+    if _is_remat(e) and forward and count_flops(
+        lambda *a, e=e: _eval_site(e, a), *[v.aval for v in e.invars]) >= 0.9 * forward:
+      out.append(LintWarning(
+          "whole-function",
+          f"one remat holds {len(top)} of the function's top-level ops and nearly all its "
+          "FLOPs: the backward pass recomputes everything at once, so peak memory does not "
+          "fall. Rematerialize each layer instead (remat per layer, or `remat_scan`)."))
+      break
+  policies = [policy_of(e) for e in sites]
+  for e in sites:
+    policy = policy_of(e)
+    body, _ = _remat_body(e)
+    tagged = {_compat.checkpoint_name_of(x.primitive, x.params) for x in _jaxpr.walk(body)}
+    missing = sorted(_policy_names(policy) - tagged)
+    if missing:
+      out.append(LintWarning(
+          "untagged-name",
+          f"policy {_policy_repr(policy)} names {missing}, which its function never tags "
+          f"(tags: {sorted(t for t in tagged if t) or 'none'}); JAX saves nothing for them. "
+          "Fix the spelling or tag the value with `checkpoint_name`."))
+  kept = _kept(fn, args)
+  all_none = all(_is_none(p) for p in policies)
+  all_full = all(_is_full(p) for p in policies)
+  if not all_none and kept == _kept(without_remat(fn), args):
+    out.append(LintWarning(
+        "same-as-none", "the policies keep exactly what no remat keeps: remat costs compute "
+        "here and saves no memory. Use a policy that saves less, or drop remat."))
+  elif not all_full and not all_none and kept == _kept(with_full_remat(fn), args):
+    out.append(LintWarning(
+        "same-as-full", "the policies keep exactly what full remat keeps: nothing they name "
+        "or select is saved. Check the names and primitives they refer to, or say "
+        "policy='full' to mean it."))
+  return out
+
+
+def _is_full(policy: Any) -> bool:
+  return policy is None or isinstance(policy, SaveNothing) or getattr(
+      policy, "__name__", "") == "nothing_saveable"
+
+
+def _is_none(policy: Any) -> bool:
+  return isinstance(policy, SaveEverything) or getattr(
+      policy, "__name__", "") == "everything_saveable"
+
+
+def _eval_site(eqn: Any, args: Sequence[Any]) -> Any:
+  body, consts = _remat_body(eqn)
+  return _eval(body, consts, *args)

@@ -1,0 +1,383 @@
+"""One call for what a policy costs: `memory_report`, `compare` and `diff`.
+
+A report holds XLA's compiled memory analysis of the gradient, one row per
+saved residual (name recovered inside scans, argument or activation, the rule
+that kept it), totals per name and per layer, FLOPs split into forward,
+backward and recomputation, and the live peak on GPU/TPU. It is a plain
+dataclass: ``to_dict()`` is JSON-serializable, ``str()`` is a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+
+from remat_kit import _compat, _jaxpr
+from remat_kit.report.core import Residual, compiled_memory, live_peak_bytes, saved_residuals
+from remat_kit.report.flops import _is_remat, _remat_body, flop_breakdown
+from remat_kit.report.table import format_bytes, format_table
+
+__all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
+
+
+@dataclasses.dataclass
+class MemoryReport:
+  """What the gradient of one function keeps and computes.
+
+  Attributes:
+    label: a name for the function.
+    backend: the JAX backend the numbers come from.
+    compiled: XLA's memory analysis of the compiled gradient (bytes):
+      argument/output/alias/temp/generated code sizes, the ``host_*`` fields,
+      and ``peak_bytes`` = temp + argument + output - alias.
+    residuals: one :class:`~remat_kit.report.Residual` per saved tensor.
+    flops: forward, backward, recompute, total and recompute_pct.
+    live_peak_bytes: the device's peak bytes in use while running the step,
+      or None.
+    live_peak_note: why the live peak is None, when it is.
+  """
+
+  label: str
+  backend: str
+  compiled: dict[str, Any]
+  residuals: list[Residual]
+  flops: dict[str, Any]
+  live_peak_bytes: int | None = None
+  live_peak_note: str = ""
+
+  @property
+  def activation_bytes(self) -> int:
+    """Bytes of saved activations (arguments and their views excluded)."""
+    return sum(r.bytes for r in self.residuals if r.kind == "activation")
+
+  @property
+  def device_activation_bytes(self) -> int:
+    """Activation bytes kept in device memory (offloaded ones excluded)."""
+    return sum(r.bytes for r in self.residuals
+               if r.kind == "activation" and r.memory == "device")
+
+  @property
+  def by_name(self) -> dict[str, int]:
+    """Activation bytes per label (the name, else the producing primitive)."""
+    out: dict[str, int] = {}
+    for r in self.residuals:
+      if r.kind == "activation":
+        out[r.label] = out.get(r.label, 0) + r.bytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+  @property
+  def layers(self) -> int:
+    """The largest scan trip count a residual is stacked over (1: no scan)."""
+    return max((r.layers for r in self.residuals), default=1)
+
+  @property
+  def per_layer_bytes(self) -> int:
+    """Activation bytes kept per scanned layer (residuals stacked by scans)."""
+    return sum(r.bytes // r.layers for r in self.residuals
+               if r.kind == "activation" and r.layers > 1)
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-serializable dict of everything, totals included."""
+    return {
+        "label": self.label,
+        "backend": self.backend,
+        "compiled": dict(self.compiled),
+        "residuals": [dataclasses.asdict(r) for r in self.residuals],
+        "activation_bytes": self.activation_bytes,
+        "device_activation_bytes": self.device_activation_bytes,
+        "by_name": self.by_name,
+        "layers": self.layers,
+        "per_layer_bytes": self.per_layer_bytes,
+        "flops": dict(self.flops),
+        "live_peak_bytes": self.live_peak_bytes,
+        "live_peak_note": self.live_peak_note,
+    }
+
+  def to_json(self, **kwargs: Any) -> str:
+    return json.dumps(self.to_dict(), **kwargs)
+
+  def table(self) -> str:
+    """The residual rows and the totals, as text."""
+    rows = [[r.name or "-", "x".join(map(str, r.shape)) or "()", r.dtype, format_bytes(r.bytes),
+             str(r.layers), r.primitive or "-", r.kind, r.memory, r.rule]
+            for r in self.residuals]
+    out = [f"== {self.label} ({self.backend}) ==",
+           format_table(["name", "shape", "dtype", "bytes", "layers", "primitive", "kind",
+                         "memory", "rule"], rows, align="lllrrllll")]
+    c = self.compiled
+    out.append(
+        f"activations {format_bytes(self.activation_bytes)} "
+        f"({format_bytes(self.per_layer_bytes)} per layer over {self.layers} layers); "
+        f"compiled temp {format_bytes(c.get('temp_size', 0))}, "
+        f"peak {format_bytes(c.get('peak_bytes', 0))}"
+        + (f", host temp {format_bytes(c['host_temp_size'])}" if c.get("host_temp_size") else ""))
+    f = self.flops
+    out.append(f"FLOPs: forward {f['forward']:,}, backward {f['backward']:,}, recompute "
+               f"{f['recompute']:,} (+{f['recompute_pct']:.1f}%), total {f['total']:,}")
+    live = (format_bytes(self.live_peak_bytes) if self.live_peak_bytes is not None
+            else f"n/a ({self.live_peak_note})")
+    out.append(f"live peak: {live}")
+    return "\n".join(out)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def _policy_names(policy: Any) -> frozenset[str]:
+  """The checkpoint names a policy refers to, where they can be read."""
+  from remat_kit.policies import Policy
+
+  if isinstance(policy, Policy):
+    return policy.referenced_names()
+  names: set[str] = set()
+  for attr in ("names", "saveable_names", "names_which_can_be_saved",
+               "names_which_can_be_offloaded"):
+    v = getattr(policy, attr, None)
+    if isinstance(v, (set, frozenset, tuple, list)):
+      names.update(x for x in v if isinstance(x, str))
+  for cell in getattr(policy, "__closure__", None) or ():
+    try:
+      v = cell.cell_contents
+    except ValueError:
+      continue
+    if isinstance(v, (set, frozenset, tuple, list)) and v and all(isinstance(x, str) for x in v):
+      names.update(v)
+  return frozenset(names)
+
+
+def _policy_repr(policy: Any) -> str:
+  if policy is None:
+    return "full remat (policy=None)"
+  return getattr(policy, "__name__", None) or repr(policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RematSite:
+  policy: Any
+  names: frozenset[str]
+  outputs: frozenset[tuple[str, tuple[int, ...], str]]
+  layers: int  # the product of the trip counts of the scans around it
+
+
+def _remat_sites(fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> list[_RematSite]:
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  sites = []
+
+  def visit(jaxpr: Any, layers: int) -> None:
+    for eqn in jaxpr.eqns:
+      if _is_remat(eqn):
+        sites.append(_site(eqn, layers))
+      inner = layers * eqn.params["length"] if eqn.primitive.name == "scan" else layers
+      for sub in _jaxpr.sub_jaxprs(eqn.params):
+        visit(sub, inner)
+      hi = _jaxpr.inner_jaxpr_of_hi(eqn.params)
+      if hi is not None:
+        visit(hi, inner)
+
+  visit(closed.jaxpr, 1)
+  return sites
+
+
+def policy_of(eqn: Any) -> Any:
+  """The policy a remat equation carries (classic or remat3)."""
+  if "policy" in eqn.params:
+    return eqn.params["policy"]
+  return getattr(eqn.params.get("_prim"), "params", {}).get("policy")
+
+
+def _site(eqn: Any, layers: int) -> _RematSite:
+  body, _ = _remat_body(eqn)
+  names, outs = set(), set()
+  for e in _jaxpr.walk(body):
+    n = _compat.checkpoint_name_of(e.primitive, e.params)
+    if n is not None:
+      names.add(n)
+    for v in e.outvars:
+      outs.add((e.primitive.name, tuple(getattr(v.aval, "shape", ())),
+                str(getattr(v.aval, "dtype", ""))))
+  return _RematSite(policy_of(eqn), frozenset(names), frozenset(outs), layers)
+
+
+def _rule(r: Residual, sites: list[_RematSite]) -> str:
+  if r.kind == "argument":
+    return "an input: no extra memory"
+  if r.kind == "argument_cast":
+    return "an input cast to another dtype (a copy, not an activation)"
+  if r.kind == "constant":
+    return "a constant"
+  if r.primitive == "scan carry":
+    return "the scan carry: each layer's input, kept by the scan"
+  verb = "offloaded" if r.memory == "host" else "saved"
+  sites = [site for site in sites if site.layers == r.layers]
+  for site in sites:
+    if r.name is not None and r.name in site.names:
+      return f"{verb} by policy {_policy_repr(site.policy)} (name {r.name!r})"
+  for site in sites:
+    for prim, shape, dtype in site.outputs:
+      if prim == r.primitive and dtype == r.dtype and tuple(r.shape[len(r.shape) - len(shape):]) \
+          == shape:
+        return f"{verb} by policy {_policy_repr(site.policy)} ({prim})"
+  return "kept by autodiff (made by an op's linearization, or outside any remat)"
+
+
+def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,
+                  label: str | None = None, live: bool = True, **kwargs: Any) -> MemoryReport:
+  """Bytes, residuals and FLOPs of the gradient of the scalar function ``fn``.
+
+  Args:
+    fn: a scalar loss ``fn(*args, **kwargs)``.
+    *args: example arguments (real arrays when ``live``: the step is run).
+    argnums: which arguments the gradient is taken with respect to.
+    label: a name for the report; the function's name by default.
+    live: on GPU/TPU, run the compiled gradient once and read the device's
+      peak bytes in use.
+    **kwargs: more arguments of ``fn`` (not differentiated).
+
+  Returns:
+    A :class:`MemoryReport`.
+
+  Example:
+    >>> import jax.numpy as jnp, remat_kit as rk
+    >>> def loss(w, x):
+    ...   h = rk.checkpoint_name(x @ w, "h")
+    ...   return jnp.sum(jnp.sin(h) @ w)
+    >>> rep = rk.memory_report(rk.remat(loss, policy="save:h"), jnp.ones((4, 4)),
+    ...                        jnp.ones((2, 4)), label="save h")
+    >>> rep.by_name, rep.flops["recompute"]  # sin(h) is recomputed: 8 FLOPs
+    ({'h': 32}, 8)
+  """
+  if not callable(fn):
+    raise TypeError(f"`memory_report`: `fn` must be callable, got {fn!r}.")
+  label = label or getattr(fn, "__name__", "fn")
+  grad = jax.grad(fn, argnums=argnums)
+  compiled = compiled_memory(grad, *args, **kwargs)
+  sites = _remat_sites(fn, args, kwargs)
+  residuals = [dataclasses.replace(r, rule=_rule(r, sites))
+               for r in saved_residuals(lambda *a: fn(*a, **kwargs), *args)]
+  flops = flop_breakdown(fn, *args, argnums=argnums, **kwargs)
+  peak, note = None, ""
+  if not live:
+    note = "not measured (live=False)"
+  elif live_peak_bytes() is None:
+    note = f"the {jax.default_backend()} backend reports no memory_stats()"
+  else:
+    peak, note = _measure_live_peak(grad, args, kwargs)
+  return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak, note)
+
+
+def _measure_live_peak(grad: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> tuple[int | None, str]:
+  compiled = jax.jit(grad).lower(*args, **kwargs).compile()
+  before = live_peak_bytes() or 0
+  jax.block_until_ready(compiled(*args, **kwargs))
+  after = live_peak_bytes() or 0
+  if after <= before:
+    return None, ("an earlier computation in this process peaked higher "
+                  f"({format_bytes(before)}); measure each configuration in a fresh process")
+  return after, ""
+
+
+@dataclasses.dataclass
+class Comparison:
+  """Reports for several functions, side by side."""
+
+  reports: dict[str, MemoryReport]
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: r.to_dict() for k, r in self.reports.items()}
+
+  def table(self) -> str:
+    base = next(iter(self.reports.values()))
+    rows = []
+    for label, r in self.reports.items():
+      temp = r.compiled.get("temp_size", 0)
+      rel = temp / base.compiled["temp_size"] if base.compiled.get("temp_size") else float("nan")
+      live = format_bytes(r.live_peak_bytes) if r.live_peak_bytes is not None else "n/a"
+      rows.append([label, format_bytes(r.activation_bytes), format_bytes(temp), f"{rel:.2f}",
+                   format_bytes(r.compiled.get("peak_bytes", 0)), live,
+                   f"{r.flops['recompute_pct']:.1f}"])
+    return format_table(["policy", "activations", "temp", "x temp", "peak", "live peak",
+                         "+FLOPs %"], rows, align="lrrrrrr")
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Sequence[int] = 0,
+            live: bool = True, verbose: bool = False, **kwargs: Any) -> Comparison:
+  """:func:`memory_report` for each ``{label: fn}`` on the same arguments.
+
+  The first entry is the baseline of the "x temp" column.
+  """
+  if not isinstance(fns, Mapping) or not fns:
+    raise TypeError(f"`compare`: `fns` must be a non-empty dict of label -> function, got "
+                    f"{fns!r}.")
+  reports = {}
+  for i, (label, fn) in enumerate(fns.items()):
+    if verbose:
+      print(f"[{i + 1}/{len(fns)}] {label}", flush=True)
+    reports[label] = memory_report(fn, *args, argnums=argnums, label=label, live=live, **kwargs)
+  return Comparison(reports)
+
+
+@dataclasses.dataclass
+class ResidualDiff:
+  """What one report keeps that the other does not (by label, shape and dtype)."""
+
+  a: str
+  b: str
+  only_a: list[Residual]
+  only_b: list[Residual]
+
+  @property
+  def bytes_delta(self) -> int:
+    """Activation bytes of b minus those of a."""
+    return (sum(r.bytes for r in self.only_b if r.kind == "activation")
+            - sum(r.bytes for r in self.only_a if r.kind == "activation"))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"a": self.a, "b": self.b, "bytes_delta": self.bytes_delta,
+            "only_a": [dataclasses.asdict(r) for r in self.only_a],
+            "only_b": [dataclasses.asdict(r) for r in self.only_b]}
+
+  def __str__(self) -> str:
+    rows = [[f"only {self.a}", r.label, "x".join(map(str, r.shape)), r.dtype,
+             format_bytes(r.bytes)] for r in self.only_a if r.kind == "activation"]
+    rows += [[f"only {self.b}", r.label, "x".join(map(str, r.shape)), r.dtype,
+              format_bytes(r.bytes)] for r in self.only_b if r.kind == "activation"]
+    head = (f"{self.b} keeps {format_bytes(abs(self.bytes_delta))} "
+            f"{'more' if self.bytes_delta >= 0 else 'less'} than {self.a}")
+    return head + "\n" + format_table(["kept by", "label", "shape", "dtype", "bytes"], rows,
+                                      align="lllll")
+
+
+def diff(report_a: MemoryReport, report_b: MemoryReport) -> ResidualDiff:
+  """What ``report_a`` keeps that ``report_b`` recomputes, and the reverse.
+
+  Residuals match by label (name, else primitive), shape and dtype, counted
+  with multiplicity.
+  """
+  for arg, r in (("report_a", report_a), ("report_b", report_b)):
+    if not isinstance(r, MemoryReport):
+      raise TypeError(f"`diff`: `{arg}` must be a MemoryReport, got {type(r).__name__}.")
+  key = lambda r: (r.label, r.shape, r.dtype, r.kind)
+  rest_b = [key(r) for r in report_b.residuals]
+  only_a = []
+  for r in report_a.residuals:
+    if key(r) in rest_b:
+      rest_b.remove(key(r))
+    else:
+      only_a.append(r)
+  rest_a = [key(r) for r in report_a.residuals]
+  only_b = []
+  for r in report_b.residuals:
+    if key(r) in rest_a:
+      rest_a.remove(key(r))
+    else:
+      only_b.append(r)
+  return ResidualDiff(report_a.label, report_b.label, only_a, only_b)
