@@ -1,27 +1,35 @@
-"""Remat strategies side by side: memory, FLOPs, step time, gradient check.
+"""Remat strategies side by side on the reference models: memory, FLOPs, time, gradients.
 
-Run with ``make bench`` (or ``python -m experiments.bench``). On CPU the
-default size finishes in about a minute on 2 cores; ``--size large`` is the
-default when a GPU or TPU is found. Results go to
-``experiments/results/<backend>-<device>.json``.
+Run with ``make bench`` (or ``python -m experiments.bench``). Each reference
+model (the dropout MLP, the GPT stack, the ResNet, the chunked GRU) runs
+under each strategy: no remat, full, dots, name presets, nested scans,
+offload where the backend has pinned host memory, and the automatic budget
+planner. For each it records compiler temp and peak bytes, saved activation
+bytes, recomputation FLOPs, step time (median of timed steps after warm-up,
+synchronized, with spread, timed twice to show repeatability), live peak
+bytes on GPU/TPU, and whether the gradients match those without remat.
 
-Each strategy is applied to the same model (a stack of MLP blocks with
-dropout-free residual updates, tagged with ``checkpoint_name``) laid out as a
-``lax.scan`` over layers, the layout where CPU XLA keeps remat's savings.
+On CPU the default size takes a few minutes on 2 cores; ``--size large`` is
+the default when a GPU or TPU is found, and there each strategy runs in a
+fresh process so the device's peak-bytes counter belongs to it alone.
+Results go to ``experiments/results/<backend>-<device>.json`` and a plot of
+memory against time overhead, with each model's Pareto frontier, to the
+same name with ``.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,81 +37,96 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import remat_kit as rk
-from remat_kit.report import activation_bytes, compiled_memory, count_flops, live_peak_bytes
+from remat_kit import models
+from remat_kit.flax import LayerStack
+from remat_kit.report import compiled_memory, flop_breakdown, live_peak_bytes, saved_residuals
 
 RESULTS = Path(__file__).parent / "results"
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
-SIZES = {
-    # layers, batch, width, hidden
-    "small": (16, 512, 256, 1024),
-    "large": (48, 1024, 2048, 8192),
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One reference model at one size: how to build it, its inputs, its strategies."""
+
+  name: str
+  build: Callable[..., Any]  # **strategy kwargs -> Linen module
+  inputs: Callable[[jax.Array], tuple[Any, ...]]  # key -> apply args
+  strategies: dict[str, dict[str, Any]]
+  describe: str
+
+
+def _mlp(layers: int, batch: int, width: int) -> Model:
+  def build(**kw: Any) -> Any:
+    return LayerStack(models.HiddenLayer(width, 0.1), layers, **kw)
+
+  return Model(
+      "mlp", build, lambda k: (jax.random.normal(k, (batch, width)), True),
+      {"no remat": {"policy": False}, "full": {"policy": True},
+       "save_dots": {"policy": "save_dots"}, "save dense": {"policy": "save:dense"},
+       "nested (2 levels)": {"policy": True, "groups": 2}},
+      f"dropout MLP: {layers} scanned HiddenLayers, batch {batch}, width {width}")
+
+
+def _gpt(layers: int, batch: int, seq: int, d: int, heads: int) -> Model:
+  def build(**kw: Any) -> Any:
+    return models.GPT(vocab_size=256, max_len=seq, d_model=d, num_heads=heads,
+                      num_layers=layers, **kw)
+
+  return Model(
+      "gpt", build, lambda k: (jax.random.randint(k, (batch, seq), 0, 256),),
+      {"no remat": {"policy": False}, "full": {"policy": True},
+       "save_dots": {"policy": "save_dots"}, "save_dots_no_batch": {"policy": "minimal"},
+       "save qkv, attn_out": {"policy": "save_qkv_attn_out"},
+       "save all but attn_probs": {"policy": "save_all_but_attn_probs"},
+       "nested (2 levels)": {"policy": True, "groups": 2},
+       "offload dots": {"policy": "offload_dots"}},
+      f"GPT: {layers} layers, batch {batch}, seq {seq}, d_model {d}, {heads} heads")
+
+
+def _cnn(blocks: int, batch: int, size: int, features: int) -> Model:
+  def build(**kw: Any) -> Any:
+    return models.ResNet(features=features, num_blocks=blocks, **kw)
+
+  return Model(
+      "cnn", build, lambda k: (jax.random.normal(k, (batch, size, size, 3)),),
+      {"no remat": {"policy": False}, "full": {"policy": True},
+       "save convs": {"policy": "save_dots"}, "save norm1": {"policy": "save:norm1"},
+       "nested (2 levels)": {"policy": True, "groups": 2}},
+      f"ResNet: {blocks} blocks, batch {batch}, {size}x{size}x3, {features} channels")
+
+
+def _rnn(steps: int, batch: int, hidden: int, chunk: int) -> Model:
+  def build(**kw: Any) -> Any:
+    return models.ChunkedGRU(hidden=hidden, **kw)
+
+  return Model(
+      "rnn", build, lambda k: (jax.random.normal(k, (batch, steps, 16)),),
+      {"no remat": {"chunk": None}, "remat per step": {"chunk": 1},
+       f"chunks of {chunk}": {"chunk": chunk},
+       f"chunks of {chunk}, save hidden": {"chunk": chunk, "policy": "save:hidden"}},
+      f"GRU: {steps} steps, batch {batch}, hidden {hidden}")
+
+
+SIZES: dict[str, Callable[[], list[Model]]] = {
+    "small": lambda: [_mlp(8, 1024, 256), _gpt(4, 8, 128, 128, 4), _cnn(4, 8, 16, 16),
+                      _rnn(64, 32, 64, 8)],
+    "large": lambda: [_mlp(24, 8192, 2048), _gpt(8, 8, 1024, 1024, 16),
+                      _cnn(16, 64, 64, 128), _rnn(1024, 256, 512, 32)],
 }
 
 
-def block(h: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
-  """One pre-norm MLP block with a residual; its activations are tagged."""
-  x = h - h.mean(-1, keepdims=True)
-  x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
-  up = rk.checkpoint_name(x @ p["w_in"], "mlp_in")
-  act = rk.checkpoint_name(jax.nn.gelu(up), "mlp_hidden")
-  out = rk.checkpoint_name(act @ p["w_out"], "mlp_out")
-  return h + out, None
+def _loss(model: Model, kw: dict[str, Any], inputs: tuple[Any, ...]) -> Callable[..., Any]:
+  module = model.build(**kw)
 
-
-def init(size: str, key: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
-  layers, batch, width, hidden = SIZES[size]
-  k1, k2, k3 = jax.random.split(key, 3)
-  params = {
-      "w_in": jax.random.normal(k1, (layers, width, hidden)) / np.sqrt(width),
-      "w_out": jax.random.normal(k2, (layers, hidden, width)) / np.sqrt(hidden),
-  }
-  return params, jax.random.normal(k3, (batch, width))
-
-
-# Strategy name -> (policy, groups). groups=None: flat scan.
-STRATEGIES: dict[str, tuple[Any, Any]] = {
-    "no remat": (False, None),
-    "full": ("full", None),
-    "save_dots": ("save_dots", None),
-    "minimal (dots, no batch)": ("minimal", None),
-    "save mlp_hidden": ("save:mlp_hidden", None),
-    "save all but mlp_hidden": ("except:mlp_hidden", None),
-    "save mlp_in | mlp_out": ("save:mlp_in,mlp_out", None),
-    "nested scan (2 levels)": ("full", 2),
-    "nested scan (3 levels)": ("full", 3),
-}
-
-
-def make_loss(policy: Any, groups: Any) -> Callable[..., jax.Array]:
-  def loss(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    if policy is False and groups is None:
-      h, _ = jax.lax.scan(block, x, params)
-    else:
-      h, _ = rk.remat_scan(block, x, params, policy=policy, groups=groups)
-    return jnp.mean(h * h)
+  def loss(params: Any) -> jax.Array:
+    out = module.apply({"params": params}, *inputs, rngs={"dropout": jax.random.key(2)})
+    return jnp.mean(out.astype(jnp.float32) ** 2)
 
   return loss
 
 
-@dataclass
-class Row:
-  strategy: str
-  temp_bytes: int | None
-  peak_bytes: int | None
-  activation_bytes: int | None
-  flops: int | None
-  recompute_overhead_pct: float | None
-  step_ms_median: float | None
-  step_ms_spread: float | None
-  live_peak_bytes: int | None
-  grads_match: bool | None
-  error: str | None = None
-
-
-def _time_step(step: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> list[float]:
-  jax.block_until_ready(step(*args))  # compile + warm-up
-  jax.block_until_ready(step(*args))
+def _time(step: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -112,66 +135,163 @@ def _time_step(step: Callable[..., Any], args: tuple[Any, ...], repeats: int) ->
   return times
 
 
-def run(size: str, repeats: int, only: list[str] | None) -> dict[str, Any]:
-  params, x = init(size, jax.random.key(0))
-  ref_loss = make_loss(False, None)
-  ref_grads = jax.jit(jax.grad(ref_loss))(params, x)
-  base_flops = count_flops(jax.grad(ref_loss), params, x)
-  rows: list[Row] = []
-  names = [s for s in STRATEGIES if not only or s in only]
-  progress = _progress(len(names))
-  for name in names:
-    progress(name)
-    policy, groups = STRATEGIES[name]
-    loss = make_loss(policy, groups)
+def _summary(times: list[float]) -> tuple[float, float]:
+  """Median and half the interquartile range (robust to one slow step)."""
+  q = np.percentile(times, [25, 50, 75])
+  return float(q[1]), float((q[2] - q[0]) / 2)
+
+
+def _offload_supported() -> bool:
+  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+  return "pinned_host" in kinds
+
+
+def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict[str, Any]:
+  """One row: every readout of one strategy on one model."""
+  key = jax.random.key(0)
+  inputs = model.inputs(jax.random.key(1))
+  base_kw = model.strategies["no remat"]
+  kw = dict(model.strategies[strategy]) if plan is None else plan
+  params = jax.jit(lambda k: model.build(**base_kw).init(
+      {"params": k, "dropout": jax.random.key(3)}, *inputs))(key)["params"]
+  row: dict[str, Any] = {"model": model.name, "strategy": strategy, "config": _jsonable(kw)}
+  if "offload" in strategy and not _offload_supported():
+    row["error"] = "skipped: this backend has no pinned_host memory for offloading"
+    return row
+  try:
+    loss, ref = _loss(model, kw, inputs), _loss(model, base_kw, inputs)
     grad = jax.grad(loss)
-    try:
-      mem = compiled_memory(grad, params, x)
-      flops = count_flops(grad, params, x)
-      step = jax.jit(grad)
-      times = _time_step(step, (params, x), repeats)
-      g = step(params, x)
-      match = all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in
-                  zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref_grads)))
-      rows.append(Row(
-          strategy=name,
-          temp_bytes=mem["temp_size"],
-          peak_bytes=mem["peak_bytes"],
-          activation_bytes=activation_bytes(loss, params, x),
-          flops=flops,
-          recompute_overhead_pct=100.0 * (flops - base_flops) / base_flops,
-          step_ms_median=statistics.median(times),
-          step_ms_spread=(max(times) - min(times)) / 2,
-          live_peak_bytes=live_peak_bytes(),
-          grads_match=match,
-      ))
-    except Exception as e:  # noqa: BLE001 - one failing strategy must not end the run
-      kind = "OOM" if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e) else "error"
-      rows.append(Row(name, None, None, None, None, None, None, None, None, None,
-                      error=f"{kind}: {str(e).splitlines()[0][:200]}"))
-  layers, batch, width, hidden = SIZES[size]
+    mem = compiled_memory(grad, params)
+    fb = flop_breakdown(loss, params)
+    res = saved_residuals(loss, params)
+    step = jax.jit(grad)
+    before = live_peak_bytes()
+    g = jax.block_until_ready(step(params))  # compile and warm up
+    live = live_peak_bytes()
+    for _ in range(3):  # warm-up
+      jax.block_until_ready(step(params))
+    t1, t2 = _time(step, (params,), repeats), _time(step, (params,), repeats)
+    g_ref = jax.jit(jax.grad(ref))(params)
+    leaves = zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref))
+    (m1, s1), (m2, s2) = _summary(t1), _summary(t2)
+    median, spread = _summary(t1 + t2)
+    row.update(
+        temp_bytes=mem["temp_size"], peak_bytes=mem["peak_bytes"],
+        host_temp_bytes=mem.get("host_temp_size", 0),
+        activation_bytes=sum(r.bytes for r in res if r.kind == "activation"),
+        offloaded_bytes=sum(r.bytes for r in res if r.kind == "activation"
+                            and r.memory == "host"),
+        flops=fb["total"], recompute_flops=fb["recompute"],
+        recompute_overhead_pct=fb["recompute_pct"],
+        step_ms_median=median, step_ms_spread=spread, step_ms_runs=[m1, m2],
+        repeatable=abs(m1 - m2) <= s1 + s2 + 0.02 * median,
+        live_peak_bytes=live if live is not None and (before is None or live > before) else None,
+        grads_match=all(np.allclose(a, b, rtol=2e-4, atol=1e-6) for a, b in leaves),
+        error=None)
+    if row["offloaded_bytes"] and jax.default_backend() == "cpu":
+      row["note"] = ("XLA:CPU has one memory: offloaded residuals are marked for the host "
+                     "but stay in temp")
+  except Exception as e:  # noqa: BLE001 - one failing strategy must not end the run
+    text = str(e)
+    kind = "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else "error"
+    row["error"] = f"{kind}: {text.splitlines()[0][:300] if text else type(e).__name__}"
+  return row
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x if isinstance(x, (int, float, str, bool, type(None))) else repr(x)
+
+
+def pareto(rows: list[dict[str, Any]], mem: str = "temp_bytes") -> list[str]:
+  """Strategies no other beats on both memory and step time, by memory ascending."""
+  ok = [r for r in rows if not r.get("error")]
+  front = []
+  for r in sorted(ok, key=lambda r: (r[mem], r["step_ms_median"])):
+    if not front or r["step_ms_median"] < front[-1]["step_ms_median"]:
+      front.append(r)
+  return [r["strategy"] for r in front]
+
+
+class Progress:
+  """A one-line progress bar on stderr (no dependencies: GPU images lack rich/tqdm)."""
+
+  def __init__(self, total: int) -> None:
+    self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+  def start(self, label: str) -> None:
+    width = 24
+    filled = width * self.done // max(self.total, 1)
+    elapsed = time.perf_counter() - self.t0
+    print(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+          f"{elapsed:5.0f}s  {label}", file=sys.stderr, flush=True)
+    self.done += 1
+
+
+def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] | None,
+        isolate: bool, auto_budgets: tuple[float, ...]) -> dict[str, Any]:
+  mods = [m for m in SIZES[size]() if not only_models or m.name in only_models]
+  jobs = [(m, s) for m in mods for s in m.strategies if not only or s in only]
+  if auto_budgets:
+    jobs += [(m, f"auto {int(b * 100)}%") for m in mods if m.name != "rnn" for b in auto_budgets]
+  progress = Progress(len(jobs))
+  rows = []
+  for m, s in jobs:
+    progress.start(f"{m.name} / {s}")
+    if isolate:
+      rows.append(_run_isolated(size, m.name, s, repeats))
+    else:
+      rows.append(measure_named(size, m.name, s, repeats))
+  progress.start("done")
   dev = jax.devices()[0]
-  return {
+  result = {
       "device": getattr(dev, "device_kind", str(dev)),
       "backend": jax.default_backend(),
       "jax": jax.__version__,
       "python": platform.python_version(),
       "size": size,
-      "model": {"layers": layers, "batch": batch, "width": width, "hidden": hidden},
-      "live_peak_note": ("live peak from memory_stats()" if live_peak_bytes() is not None
-                         else "live peak not available on this backend (CPU): compiler numbers only"),
-      "rows": [r.__dict__ for r in rows],
+      "repeats": repeats,
+      "models": {m.name: m.describe for m in mods},
+      "live_peak_note": ("live peak from memory_stats(), each strategy in a fresh process"
+                         if isolate else
+                         "live peak not available on this backend: compiler numbers only"
+                         if live_peak_bytes() is None else
+                         "live peak from memory_stats() in one process: only increases are "
+                         "attributable"),
+      "rows": rows,
   }
+  result["pareto"] = {m.name: pareto([r for r in rows if r["model"] == m.name]) for m in mods}
+  return result
 
 
-def _progress(total: int) -> Callable[[str], None]:
-  count = [0]
+def measure_named(size: str, model_name: str, strategy: str, repeats: int) -> dict[str, Any]:
+  model = next(m for m in SIZES[size]() if m.name == model_name)
+  if strategy.startswith("auto "):
+    from experiments.auto_plan import plan_for
 
-  def tick(name: str) -> None:
-    count[0] += 1
-    print(f"[{count[0]}/{total}] {name}", file=sys.stderr, flush=True)
+    budget = float(strategy.split()[1].rstrip("%")) / 100
+    try:
+      plan = plan_for(model, budget)
+    except ValueError as e:
+      return {"model": model_name, "strategy": strategy, "error": f"infeasible: {e}"}
+    row = measure(model, strategy, repeats, plan=plan)
+    row["budget_fraction"] = budget
+    return row
+  return measure(model, strategy, repeats)
 
-  return tick
+
+def _run_isolated(size: str, model: str, strategy: str, repeats: int) -> dict[str, Any]:
+  cmd = [sys.executable, "-m", "experiments.bench", "--worker", model, strategy,
+         "--size", size, "--repeats", str(repeats)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+  return {"model": model, "strategy": strategy, "error": f"worker failed: {tail[0][:300]}"}
 
 
 def _mib(b: int | None) -> str:
@@ -179,24 +299,71 @@ def _mib(b: int | None) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-  rows = result["rows"]
-  base = next((r for r in rows if r["strategy"] == "no remat" and r["temp_bytes"]), None)
-  head = (f"{'strategy':28s} {'temp MiB':>9s} {'peak MiB':>9s} {'act MiB':>8s} "
-          f"{'x temp':>7s} {'+FLOPs%':>8s} {'step ms':>14s} {'grads':>6s}")
   print(f"\nremat_kit bench: {result['device']} ({result['backend']}), jax {result['jax']}, "
-        f"size={result['size']} {result['model']}")
+        f"size={result['size']}")
   print(result["live_peak_note"])
-  print(head)
-  print("-" * len(head))
-  for r in rows:
-    if r["error"]:
-      print(f"{r['strategy']:28s} {r['error']}")
+  for name, desc in result["models"].items():
+    rows = [r for r in result["rows"] if r["model"] == name]
+    base = next((r for r in rows if r["strategy"] == "no remat" and not r.get("error")), None)
+    print(f"\n{desc}")
+    head = (f"{'strategy':30s} {'temp MiB':>9s} {'x temp':>7s} {'act MiB':>8s} "
+            f"{'+FLOPs%':>8s} {'step ms':>15s} {'x time':>7s} {'live MiB':>9s} {'grads':>6s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+      if r.get("error"):
+        print(f"{r['strategy']:30s} {r['error']}")
+        continue
+      xt = f"{r['temp_bytes'] / base['temp_bytes']:.2f}" if base else "-"
+      xs = f"{r['step_ms_median'] / base['step_ms_median']:.2f}" if base else "-"
+      step = f"{r['step_ms_median']:.2f}±{r['step_ms_spread']:.2f}"
+      print(f"{r['strategy']:30s} {_mib(r['temp_bytes']):>9s} {xt:>7s} "
+            f"{_mib(r['activation_bytes']):>8s} {r['recompute_overhead_pct']:>8.1f} "
+            f"{step:>15s} {xs:>7s} {_mib(r['live_peak_bytes']):>9s} "
+            f"{'ok' if r['grads_match'] else 'DIFF':>6s}")
+      if r.get("note"):
+        print(f"{'':30s} note: {r['note']}")
+    print(f"fastest at each memory level (Pareto): {' < '.join(result['pareto'][name])}")
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+  """Memory against time overhead per model, Pareto frontier drawn. False without matplotlib."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plot written (pip install matplotlib).",
+          file=sys.stderr)
+    return False
+  names = list(result["models"])
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    rows = [r for r in result["rows"] if r["model"] == name and not r.get("error")]
+    base = next((r for r in rows if r["strategy"] == "no remat"), None)
+    if not rows or base is None:
       continue
-    ratio = f"{r['temp_bytes'] / base['temp_bytes']:.2f}" if base else "-"
-    step = f"{r['step_ms_median']:.2f}±{r['step_ms_spread']:.2f}"
-    print(f"{r['strategy']:28s} {_mib(r['temp_bytes']):>9s} {_mib(r['peak_bytes']):>9s} "
-          f"{_mib(r['activation_bytes']):>8s} {ratio:>7s} {r['recompute_overhead_pct']:>8.1f} "
-          f"{step:>14s} {'ok' if r['grads_match'] else 'DIFF':>6s}")
+    mem = lambda r: r["temp_bytes"] / 2**20
+    over = lambda r: 100 * (r["step_ms_median"] / base["step_ms_median"] - 1)
+    for r in rows:
+      auto = r["strategy"].startswith("auto")
+      ax.scatter(mem(r), over(r), marker="*" if auto else "o", s=60 if auto else 30,
+                 color="tab:red" if auto else "tab:blue")
+      ax.annotate(r["strategy"], (mem(r), over(r)), fontsize=6, xytext=(3, 3),
+                  textcoords="offset points")
+    front = [next(r for r in rows if r["strategy"] == s) for s in result["pareto"][name]]
+    ax.plot([mem(r) for r in front], [over(r) for r in front], "--", color="gray", lw=1,
+            label="Pareto frontier")
+    ax.set_title(name)
+    ax.set_xlabel("compiled temp memory (MiB)")
+    ax.set_ylabel("step time vs no remat (%)")
+    ax.legend(fontsize=7)
+  fig.suptitle(f"remat_kit bench: {result['device']} ({result['backend']})", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
 
 
 def write_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -209,24 +376,47 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  accel = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+  accel = jax.default_backend() in ACCELERATORS
   ap.add_argument("--size", choices=sorted(SIZES), default="large" if accel else "small")
-  ap.add_argument("--repeats", type=int, default=10, help="timed steps after warm-up")
-  ap.add_argument("--only", nargs="*", help=f"strategies to run, from {list(STRATEGIES)}")
+  ap.add_argument("--repeats", type=int, default=10, help="timed steps per run (two runs)")
+  ap.add_argument("--models", nargs="*", help="models to run: mlp gpt cnn rnn")
+  ap.add_argument("--only", nargs="*", help="strategies to run (by label)")
+  ap.add_argument("--auto", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                  help="budgets for the auto strategy, as fractions of no-remat activations")
+  ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=accel,
+                  help="run each strategy in a fresh process (default on GPU/TPU)")
   ap.add_argument("--out", type=Path, default=None, help="results JSON path")
+  ap.add_argument("--worker", nargs=2, metavar=("MODEL", "STRATEGY"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.repeats < 1:
     ap.error(f"--repeats must be >= 1, got {args.repeats}")
-  unknown = [s for s in args.only or [] if s not in STRATEGIES]
-  if unknown:
-    ap.error(f"--only: unknown strategies {unknown}; choose from {list(STRATEGIES)}")
-  result = run(args.size, args.repeats, args.only)
+  if args.worker:
+    print(json.dumps(measure_named(args.size, *args.worker, args.repeats)))
+    return 0
+  known = {m.name: m for m in SIZES[args.size]()}
+  bad = [m for m in args.models or [] if m not in known]
+  if bad:
+    ap.error(f"--models: unknown {bad}; choose from {sorted(known)}")
+  labels = {s for m in known.values() for s in m.strategies}
+  bad = [s for s in args.only or [] if s not in labels]
+  if bad:
+    ap.error(f"--only: unknown strategies {bad}; choose from {sorted(labels)}")
+  bad = [b for b in args.auto if not 0 < b <= 1]
+  if bad:
+    ap.error(f"--auto: budgets are fractions in (0, 1], got {bad}")
+  result = run(args.size, args.repeats, args.models, args.only, args.isolate, tuple(args.auto))
   print_table(result)
   dev = result["device"].lower().replace(" ", "-")
   out = args.out or RESULTS / f"{result['backend']}-{dev}.json"
   write_atomic(out, result)
   print(f"\nwrote {out}")
-  return 0 if all(r["grads_match"] for r in result["rows"] if not r["error"]) else 1
+  if plot(result, out.with_suffix(".png")):
+    print(f"wrote {out.with_suffix('.png')}")
+  bad = [f"{r['model']}/{r['strategy']}" for r in result["rows"]
+         if not r.get("error") and not r["grads_match"]]
+  if bad:
+    print(f"gradients differ from no remat for: {bad}", file=sys.stderr)
+  return 1 if bad else 0
 
 
 if __name__ == "__main__":
