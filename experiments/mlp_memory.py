@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from remat_kit import models
 from remat_kit.flax import LayerStack
 from remat_kit.report import compiled_memory, live_peak_bytes
-
-import flax.linen as nn
 
 
 class ScannedMLP(nn.Module):
