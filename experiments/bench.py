@@ -150,7 +150,7 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict
   key = jax.random.key(0)
   inputs = model.inputs(jax.random.key(1))
   base_kw = model.strategies["no remat"]
-  kw = dict(model.strategies[strategy]) if plan is None else plan
+  kw = dict(model.strategies[strategy]) if plan is None else dict(plan)
   params = jax.jit(lambda k: model.build(**base_kw).init(
       {"params": k, "dropout": jax.random.key(3)}, *inputs))(key)["params"]
   row: dict[str, Any] = {"model": model.name, "strategy": strategy, "config": _jsonable(kw)}
@@ -235,7 +235,8 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
   mods = [m for m in SIZES[size]() if not only_models or m.name in only_models]
   jobs = [(m, s) for m in mods for s in m.strategies if not only or s in only]
   if auto_budgets:
-    jobs += [(m, f"auto {int(b * 100)}%") for m in mods if m.name != "rnn" for b in auto_budgets]
+    jobs += [(m, f"auto {int(b * 100)}%") for m in mods if m.name in ("mlp", "gpt")
+             for b in auto_budgets]
   progress = Progress(len(jobs))
   rows = []
   for m, s in jobs:
@@ -276,7 +277,9 @@ def measure_named(size: str, model_name: str, strategy: str, repeats: int) -> di
       plan = plan_for(model, budget)
     except ValueError as e:
       return {"model": model_name, "strategy": strategy, "error": f"infeasible: {e}"}
+    label = plan.pop("auto_choice")
     row = measure(model, strategy, repeats, plan=plan)
+    row["auto_choice"] = label
     row["budget_fraction"] = budget
     return row
   return measure(model, strategy, repeats)
@@ -316,7 +319,8 @@ def print_table(result: dict[str, Any]) -> None:
       xt = f"{r['temp_bytes'] / base['temp_bytes']:.2f}" if base else "-"
       xs = f"{r['step_ms_median'] / base['step_ms_median']:.2f}" if base else "-"
       step = f"{r['step_ms_median']:.2f}±{r['step_ms_spread']:.2f}"
-      print(f"{r['strategy']:30s} {_mib(r['temp_bytes']):>9s} {xt:>7s} "
+      label = r["strategy"] + (f" = {r['auto_choice']}" if r.get("auto_choice") else "")
+      print(f"{label[:30]:30s} {_mib(r['temp_bytes']):>9s} {xt:>7s} "
             f"{_mib(r['activation_bytes']):>8s} {r['recompute_overhead_pct']:>8.1f} "
             f"{step:>15s} {xs:>7s} {_mib(r['live_peak_bytes']):>9s} "
             f"{'ok' if r['grads_match'] else 'DIFF':>6s}")

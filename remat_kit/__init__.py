@@ -4,7 +4,8 @@ Pick what to save, recompute or offload; see what it costs; trust that the
 gradients do not change.
 """
 
-from remat_kit import flax, models, policies, report
+from remat_kit import flax, models, policies, report, solver
+from remat_kit.auto import auto
 from remat_kit.policies import Policy, from_config
 from remat_kit.report import compare, diff, lint, memory_report
 from remat_kit.transforms import checkpoint_name, plan_groups, remat, remat_scan, remat_sequential
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Policy",
+    "auto",
     "checkpoint_name",
     "compare",
     "diff",
@@ -27,4 +29,5 @@ __all__ = [
     "remat",
     "remat_scan",
     "remat_sequential",
+    "solver",
 ]

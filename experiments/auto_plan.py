@@ -1,0 +1,39 @@
+"""The bench's "auto" strategy: `remat_kit.auto` at a budget, one search per model.
+
+The budget is a fraction of the activation bytes the model keeps without
+remat; the plan must fit it in compiled temp bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from remat_kit.auto import Search
+
+_SEARCHES: dict[str, Search] = {}
+
+
+def _search(model: Any) -> Search:
+  if model.describe in _SEARCHES:
+    return _SEARCHES[model.describe]
+  inputs = model.inputs(jax.random.key(1))
+  module = model.build(**model.strategies["no remat"])
+  params = jax.jit(lambda k: module.init({"params": k, "dropout": jax.random.key(3)},
+                                         *inputs))(jax.random.key(0))["params"]
+  search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)})
+  _SEARCHES[model.describe] = search
+  return search
+
+
+def plan_for(model: Any, fraction: float) -> dict[str, Any]:
+  """``{"policy": ..., "groups": ...}`` for ``model`` within ``fraction`` of its activations.
+
+  Raises:
+    ValueError: if no plan fits (with the least memory reached).
+  """
+  search = _search(model)
+  result = search.solve(int(fraction * search.none.activation_bytes))
+  return {"policy": result.choice.policy, "groups": result.choice.groups,
+          "auto_choice": result.choice.label}

@@ -1,0 +1,299 @@
+"""Optimal checkpoint placement on chains: revolve for uniform chains, a DP for uneven ones.
+
+The model: a chain of ``n`` layers. Reversing (back-propagating through) a
+layer needs its input state; running a layer "with saving" keeps its
+internal residuals until its backward. A schedule decides which layer inputs
+to keep (checkpoints) and which stretches to run forward again.
+
+* Uniform chains (every layer the same): :func:`optimal_forward_steps` is
+  Griewank's binomial closed form, and :func:`revolve_schedule` builds the
+  optimal schedule in O(n) (Griewank and Walther, "Algorithm 799: revolve").
+* Uneven chains: :func:`solve_chain` is a dynamic program in the spirit of
+  Rotor (Beaumont et al., 2019) over (first layer, last layer, free memory),
+  exact on a memory grid; it costs O(n^3 M), so it is for tens of layers.
+* :func:`simulate` runs a schedule step by step, tracking live bytes and
+  compute: an independent check of both solvers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "ChainPlan",
+    "optimal_forward_steps",
+    "revolve_schedule",
+    "simulate",
+    "solve_chain",
+]
+
+
+def _beta(s: int, t: int) -> int:
+  """``binom(s + t, s)``: the most steps ``s`` slots reverse with ``t`` repetitions."""
+  if s < 0 or t < 0:
+    return 0
+  return math.comb(s + t, s)
+
+
+def _check_int(api: str, arg: str, v: Any, lo: int) -> int:
+  if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+    raise ValueError(f"`{api}`: `{arg}` must be an int >= {lo}, got {v!r}.")
+  return v
+
+
+def optimal_forward_steps(num_steps: int, num_slots: int) -> int:
+  """Least forward steps to reverse ``num_steps`` steps with ``num_slots`` stored states.
+
+  ``num_slots`` states can be stored besides the input (which is always
+  kept). Reversing a step re-runs that step itself, which is not counted;
+  every other forward step is (the first sweep included). Griewank's closed
+  form counts the input among the snapshots, so with ``s = num_slots + 1``
+  and the repetition number ``t`` such that ``beta(s, t-1) < n <= beta(s, t)``
+  the answer is ``t*n - beta(s+1, t-1)``.
+
+  >>> optimal_forward_steps(3, 1), optimal_forward_steps(10, 0), optimal_forward_steps(8, 7)
+  (2, 45, 7)
+  """
+  n = _check_int("optimal_forward_steps", "num_steps", num_steps, 1)
+  s = _check_int("optimal_forward_steps", "num_slots", num_slots, 0) + 1
+  t = 0
+  while _beta(s, t) < n:
+    t += 1
+  return t * n - _beta(s + 1, t - 1)
+
+
+def revolve_schedule(num_steps: int, num_slots: int) -> list[tuple[str, int]]:
+  """An optimal schedule for a uniform chain, as actions.
+
+  Actions: ``("advance", k)`` runs k steps forward from the current state;
+  ``("store", i)`` keeps state i in a slot; ``("restore", i)`` resumes from
+  stored state i (0 is the input); ``("reverse", i)`` back-propagates
+  through step i, re-running it; ``("free", i)`` gives state i's slot back.
+  The advances add up to :func:`optimal_forward_steps`.
+
+  >>> revolve_schedule(3, 1)  # doctest: +NORMALIZE_WHITESPACE
+  [('advance', 1), ('store', 1), ('advance', 1), ('reverse', 3), ('restore', 1),
+   ('reverse', 2), ('free', 1), ('restore', 0), ('reverse', 1)]
+  """
+  n = _check_int("revolve_schedule", "num_steps", num_steps, 1)
+  s = _check_int("revolve_schedule", "num_slots", num_slots, 0)
+  actions: list[tuple[str, int]] = []
+  current = [0]
+
+  def go(lo: int, steps: int) -> None:
+    if current[0] != lo:
+      actions.append(("restore", lo))
+    if steps:
+      actions.append(("advance", steps))
+    current[0] = lo + steps
+
+  def reverse(i: int) -> None:
+    actions.append(("reverse", i))
+    current[0] = -1
+
+  def rev(lo: int, hi: int, slots: int) -> None:
+    """Reverse steps lo+1..hi, state lo stored."""
+    if hi - lo == 1:
+      go(lo, 0)
+      reverse(hi)
+      return
+    if slots == 0:
+      for i in range(hi, lo, -1):
+        go(lo, i - 1 - lo)
+        reverse(i)
+      return
+    k = _split(hi - lo, slots)
+    go(lo, k)
+    actions.append(("store", lo + k))
+    rev(lo + k, hi, slots - 1)
+    actions.append(("free", lo + k))
+    rev(lo, lo + k, slots)
+
+  rev(0, n, s)
+  return actions
+
+
+@functools.cache
+def _uniform_table(n: int, s: int) -> tuple[int, int]:
+  """(cost, best split) of reversing n steps with s slots, by the exact recursion."""
+  if n == 1:
+    return 0, 0
+  if s == 0:
+    return n * (n - 1) // 2, 0
+  best = None
+  for k in range(1, n):
+    c = k + _uniform_table(n - k, s - 1)[0] + _uniform_table(k, s)[0]
+    if best is None or c < best[0]:
+      best = (c, k)
+  assert best is not None  # n >= 2 here  # noqa: S101 - internal invariant, not input
+  return best
+
+
+def _split(n: int, s: int) -> int:
+  """Where to place the first checkpoint in an optimal uniform schedule."""
+  if n <= 400:
+    return _uniform_table(n, s)[1]
+  # Binomial rule for long chains: the largest k whose remainder the other slots reverse
+  # as cheaply as the closed form allows.
+  target = optimal_forward_steps(n, s)
+  lo = 1
+  for k in range(n - 1, 0, -1):
+    if k + optimal_forward_steps(n - k, s - 1) + optimal_forward_steps(k, s) == target:
+      return k
+  return lo
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainPlan:
+  """The solver's answer for a chain.
+
+  Attributes:
+    cost: forward compute spent beyond one run of each layer (the
+      recomputation), in the units of ``forward_costs``.
+    peak_bytes: the schedule's peak of stored checkpoints and residuals.
+    checkpoints: layer indices (0-based) whose inputs the first forward
+      sweep keeps, ascending.
+    tree: the schedule as nested tuples ``("save", s, t)`` (run layers s..t
+      saving everything) or ``("ckpt", s, k, t, right, left)``.
+  """
+
+  cost: float
+  peak_bytes: float
+  checkpoints: tuple[int, ...]
+  tree: Any
+
+
+def _validate_chain(api: str, forward_costs: Sequence[float], act_bytes: Sequence[float],
+                    ckpt_bytes: Sequence[float]) -> int:
+  n = len(forward_costs)
+  if n == 0:
+    raise ValueError(f"`{api}`: the chain is empty.")
+  for name, seq in (("act_bytes", act_bytes), ("ckpt_bytes", ckpt_bytes)):
+    if len(seq) != n:
+      raise ValueError(f"`{api}`: `{name}` has {len(seq)} entries for {n} layers.")
+  for name, seq in (("forward_costs", forward_costs), ("act_bytes", act_bytes),
+                    ("ckpt_bytes", ckpt_bytes)):
+    bad = [x for x in seq if not isinstance(x, (int, float)) or x < 0]
+    if bad:
+      raise ValueError(f"`{api}`: `{name}` must be non-negative numbers, got {bad[:3]}.")
+  return n
+
+
+def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
+                ckpt_bytes: Sequence[float], budget: float, *, grid: int = 256) -> ChainPlan:
+  """The least-recompute schedule for an uneven chain under a memory budget.
+
+  Layer i costs ``forward_costs[i]`` to run, keeps ``act_bytes[i]`` of
+  internal residuals when run with saving, and its input is
+  ``ckpt_bytes[i]`` bytes (the chain's input, ``ckpt_bytes[0]``, is always
+  kept and not counted). Reversing a stretch s..t either runs it once with
+  saving (memory: its residuals plus the inputs of layers s+1..t) or runs
+  forward to some k, keeps layer k's input, reverses k..t in what is left,
+  then s..k-1. Memory is rounded up to a grid of ``grid`` steps of
+  ``budget / grid``, so the plan always fits; it is exact when sizes are
+  multiples of the step.
+
+  Raises:
+    ValueError: for malformed inputs, or when no schedule fits the budget
+      (the message gives the least memory that fits).
+  """
+  n = _validate_chain("solve_chain", forward_costs, act_bytes, ckpt_bytes)
+  if not budget > 0:
+    raise ValueError(f"`solve_chain`: `budget` must be > 0, got {budget!r}.")
+  unit = budget / grid
+  a = [math.ceil(x / unit - 1e-9) for x in act_bytes]
+  c = [math.ceil(x / unit - 1e-9) for x in ckpt_bytes]
+  f = list(forward_costs)
+  pre = [0.0]
+  for x in f:
+    pre.append(pre[-1] + x)
+
+  def save_mem(s: int, t: int) -> int:
+    return sum(a[s:t + 1]) + sum(c[s + 1:t + 1])
+
+  inf = float("inf")
+
+  @functools.cache
+  def opt(s: int, t: int, m: int) -> tuple[float, Any]:
+    best: tuple[float, Any] = (inf, None)
+    if save_mem(s, t) <= m:
+      best = (0.0, ("save", s, t))
+    for k in range(s + 1, t + 1):
+      if c[k] > m:
+        continue
+      right = opt(k, t, m - c[k])
+      if right[0] == inf:
+        continue
+      left = opt(s, k - 1, m)
+      cost = pre[k] - pre[s] + right[0] + left[0]
+      if cost < best[0]:
+        best = (cost, ("ckpt", s, k, t, right[1], left[1]))
+    return best
+
+  cost, tree = opt(0, n - 1, grid)
+  opt.cache_clear()
+  if tree is None:
+    least = _least_memory(f, act_bytes, ckpt_bytes)
+    raise ValueError(
+        f"`solve_chain`: no schedule fits `budget`={budget:,.0f} bytes; the least memory any "
+        f"schedule needs is {least:,.0f} bytes (each layer's residuals while it is "
+        "reversed, plus the checkpoints kept meanwhile). Raise the budget.")
+  peak, sim_cost = simulate(tree, f, act_bytes, ckpt_bytes)
+  return ChainPlan(sim_cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree)
+
+
+def _least_memory(f: Sequence[float], act_bytes: Sequence[float],
+                  ckpt_bytes: Sequence[float]) -> float:
+  # Reversing layer t needs at least its input and its residuals; running forward from the
+  # chain's input to each layer in turn needs nothing more.
+  del f
+  return max([act_bytes[0]] + [c + a for c, a in zip(ckpt_bytes[1:], act_bytes[1:])])
+
+
+def _first_sweep_ckpts(tree: Any) -> list[int]:
+  if tree[0] == "save":
+    return []
+  _, _, k, _, right, _ = tree
+  return [k] + _first_sweep_ckpts(right)
+
+
+def simulate(tree: Any, forward_costs: Sequence[float], act_bytes: Sequence[float],
+             ckpt_bytes: Sequence[float]) -> tuple[float, float]:
+  """Runs a schedule tree step by step: (peak live bytes, recompute cost).
+
+  Independent of the solvers' recursions: it tracks which inputs and
+  residuals are alive at every step.
+  """
+  live: dict[tuple[str, int], float] = {}
+  peak = [0.0]
+  cost = [0.0]
+
+  def bump() -> None:
+    peak[0] = max(peak[0], sum(live.values()))
+
+  def run(node: Any) -> None:
+    if node[0] == "save":
+      _, s, t = node
+      for i in range(s, t + 1):  # forward with saving: inputs of s+1..t and residuals
+        if i > s:
+          live[("in", i)] = ckpt_bytes[i]
+        live[("res", i)] = act_bytes[i]
+        bump()
+      for i in range(t, s - 1, -1):  # backward frees as it goes
+        live.pop(("res", i))
+        live.pop(("in", i), None)
+      return
+    _, s, k, t, right, left = node
+    cost[0] += sum(forward_costs[s:k])  # advance from input s to input k
+    live[("ckpt", k)] = ckpt_bytes[k]
+    bump()
+    run(right)
+    live.pop(("ckpt", k))
+    run(left)
+
+  run(tree)
+  return peak[0], cost[0]

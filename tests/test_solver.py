@@ -1,0 +1,109 @@
+"""Chain solvers against Griewank's closed form and exhaustive search."""
+
+import functools
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from remat_kit.solver import optimal_forward_steps, revolve_schedule, simulate, solve_chain
+
+
+@functools.cache
+def _dp(n, s):
+  """Least forward steps by plain recursion over the first checkpoint (revolve's model)."""
+  if n == 1:
+    return 0
+  if s == 0:
+    return n * (n - 1) // 2
+  return min(k + _dp(n - k, s - 1) + _dp(k, s) for k in range(1, n))
+
+
+def test_closed_form_equals_recursion_up_to_200_steps_and_10_slots():
+  bad = [(n, s) for n in range(1, 201) for s in range(0, 11)
+         if optimal_forward_steps(n, s) != _dp(n, s)]
+  assert bad == []
+
+
+def _run_schedule(actions, n, s):
+  """Executes revolve actions; returns the forward steps, checking every rule."""
+  stored, current, reversed_, steps = {0}, 0, [], 0
+  for op, i in actions:
+    if op == "advance":
+      assert current is not None and current + i <= n
+      current += i
+      steps += i
+    elif op == "store":
+      assert i == current and len(stored) - 1 < s
+      stored.add(i)
+    elif op == "restore":
+      assert i in stored
+      current = i
+    elif op == "free":
+      stored.remove(i)
+    elif op == "reverse":
+      assert current == i - 1 and i == n - len(reversed_)
+      reversed_.append(i)
+      current = None
+  assert reversed_ == list(range(n, 0, -1))
+  return steps
+
+
+@pytest.mark.parametrize(("n", "s"), [(1, 0), (5, 0), (7, 1), (20, 2), (55, 3), (200, 4),
+                                      (1000, 10)])
+def test_revolve_schedule_is_valid_and_optimal(n, s):
+  assert _run_schedule(revolve_schedule(n, s), n, s) == optimal_forward_steps(n, s)
+
+
+def _trees(s, t):
+  """Every schedule tree for reversing layers s..t."""
+  yield ("save", s, t)
+  for k in range(s + 1, t + 1):
+    for right in _trees(k, t):
+      for left in _trees(s, k - 1):
+        yield ("ckpt", s, k, t, right, left)
+
+
+chains = st.integers(1, 5).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 5), min_size=n, max_size=n),
+    st.lists(st.integers(0, 6), min_size=n, max_size=n),
+    st.lists(st.integers(1, 4), min_size=n, max_size=n),
+    st.integers(1, 40)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(chains)
+def test_uneven_dp_equals_exhaustive_search(chain):
+  f, a, c, budget = chain
+  n = len(f)
+  best = None
+  for tree in _trees(0, n - 1):
+    peak, cost = simulate(tree, f, a, c)
+    if peak <= budget and (best is None or cost < best):
+      best = cost
+  if best is None:
+    with pytest.raises(ValueError, match="no schedule fits"):
+      solve_chain(f, a, c, budget, grid=budget)
+    return
+  plan = solve_chain(f, a, c, budget, grid=budget)  # grid of 1 byte: exact
+  assert plan.cost == best
+  assert plan.peak_bytes <= budget
+
+
+def test_solve_chain_errors_and_least_memory():
+  with pytest.raises(ValueError, match=r"least memory any schedule needs is 9 bytes"):
+    solve_chain([1, 1], [4, 5], [2, 4], 8, grid=8)
+  with pytest.raises(ValueError, match=r"`act_bytes` has 1 entries for 2 layers"):
+    solve_chain([1, 1], [4], [2, 4], 8)
+  with pytest.raises(ValueError, match=r"`budget` must be > 0"):
+    solve_chain([1], [1], [1], 0)
+  with pytest.raises(ValueError, match=r"`num_slots` must be an int >= 0, got -1"):
+    optimal_forward_steps(3, -1)
+
+
+def test_more_memory_never_costs_more():
+  f, a, c = [2, 1, 3, 1, 2, 2], [4, 1, 5, 2, 3, 1], [1, 2, 1, 1, 2, 1]
+  costs = [solve_chain(f, a, c, b, grid=b).cost for b in range(9, 40)]
+  assert all(x >= y for x, y in itertools.pairwise(costs))
+  assert costs[-1] == 0  # everything fits: no recomputation
