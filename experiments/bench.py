@@ -374,6 +374,7 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     json.dump(data, f, indent=1)
+  os.chmod(tmp, 0o644)
   os.replace(tmp, path)
 
 
@@ -384,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--repeats", type=int, default=10, help="timed steps per run (two runs)")
   ap.add_argument("--models", nargs="*", help="models to run: mlp gpt cnn rnn")
   ap.add_argument("--only", nargs="*", help="strategies to run (by label)")
-  ap.add_argument("--auto", type=float, nargs="*", default=[0.25, 0.5, 0.75],
-                  help="budgets for the auto strategy, as fractions of no-remat activations")
+  ap.add_argument("--auto", type=float, nargs="*", default=[0.3, 0.5, 0.75],
+                  help="budgets for the auto strategy, as fractions of the no-remat temp bytes")
   ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=accel,
                   help="run each strategy in a fresh process (default on GPU/TPU)")
   ap.add_argument("--out", type=Path, default=None, help="results JSON path")
