@@ -5,6 +5,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSPY  ?= python3
+JOBS   ?= auto
 HAVE_DEPS := $(shell $(SYSPY) -c "import jax, flax, optax, chex" >/dev/null 2>&1 && echo yes)
 
 .PHONY: install test bench lint check clean
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VPY) -m pytest -q remat_kit tests README.md
+	$(VPY) -m pytest -q -n $(JOBS) remat_kit tests README.md
 
 ifeq ($(HAVE_DEPS)$(wildcard $(STAMP)),yes)
 bench:

@@ -25,6 +25,7 @@ from typing import Any
 
 __all__ = [
     "ChainPlan",
+    "apply_chain_plan",
     "optimal_forward_steps",
     "revolve_schedule",
     "simulate",
@@ -297,3 +298,46 @@ def simulate(tree: Any, forward_costs: Sequence[float], act_bytes: Sequence[floa
 
   run(tree)
   return peak[0], cost[0]
+
+
+def apply_chain_plan(plan: ChainPlan | Any, layers: Sequence[Any]) -> Any:
+  """The chain ``layers[0] -> ... -> layers[n-1]`` run as ``plan`` says, with ``jax.checkpoint``.
+
+  Each ``("ckpt", s, k, t, right, left)`` node becomes ``right(checkpoint(left)(x))``:
+  the first sweep keeps only layer k's input for the left stretch, whose
+  backward recomputes it (recursively, as its own subtree says); a
+  ``("save", s, t)`` leaf runs its layers plainly, keeping their residuals.
+  The recomputation JAX then performs is the plan's ``cost`` (when costs are
+  the layers' forward FLOPs): compare with
+  :func:`remat_kit.report.flop_breakdown`.
+
+  Args:
+    plan: a :class:`ChainPlan` (or its ``tree``).
+    layers: one function per layer, ``x -> x``.
+
+  Returns:
+    ``x -> output`` for the whole chain.
+  """
+  import jax
+
+  tree = plan.tree if isinstance(plan, ChainPlan) else plan
+
+  def build(node: Any) -> Any:
+    if node[0] == "save":
+      _, s, t = node
+      fns = list(layers[s:t + 1])
+
+      def run(x: Any) -> Any:
+        for f in fns:
+          x = f(x)
+        return x
+      return run
+    _, _, _, _, right, left = node
+    lhs, rhs = jax.checkpoint(build(left)), build(right)
+    return lambda x: rhs(lhs(x))
+
+  n = len(layers)
+  if tree[1] != 0 or tree[-1 if tree[0] == "save" else 3] != n - 1:
+    raise ValueError(f"`apply_chain_plan`: the plan covers layers {tree[1]}.."
+                     f"{tree[-1 if tree[0] == 'save' else 3]}, but {n} layers were given.")
+  return build(tree)

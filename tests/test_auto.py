@@ -51,16 +51,20 @@ def test_infeasible_budget_gives_the_least_memory():
 
 
 def test_auto_entry_point_and_bad_inputs():
-  small = models.GPT(vocab_size=32, max_len=16, d_model=16, num_heads=2, num_layers=2)
-  tok = TOKENS[:, :16] % 32
-  params = small.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, tok)["params"]
-  result = rk.auto(small, params, tok, budget="64MiB", roofline=Roofline(1e12, 1e11),
+  from remat_kit.flax import LayerStack
+
+  stack = LayerStack(models.HiddenLayer(32, 0.1), 4)
+  x = jax.random.normal(jax.random.key(2), (64, 32))
+  params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
+  params = params["params"]
+  result = rk.auto(stack, params, x, True, budget="64MiB", roofline=Roofline(1e12, 1e11),
                    presets=("none", "full"), max_subsets=1)
   assert result.choice.temp_bytes <= 64 * 2**20
+  assert {c.label for c in result.candidates} >= {"none", "full", "save:dense", "save:relu"}
   assert result.to_dict()["choice"]["label"] == result.choice.label
   with pytest.raises(ValueError, match=r"`budget` must be a positive number.*'4GiB'"):
     parse_bytes("4 lots")
   with pytest.raises(ValueError, match=r"`cost` must be 'auto', 'roofline' or 'measured'"):
-    auto(small, params, tok, budget=1e9, cost="guess")
+    auto(stack, params, x, True, budget=1e9, cost="guess")
   with pytest.raises(TypeError, match="has no `policy` attribute"):
-    auto(models.HiddenLayer(4), params, tok, budget=1e9)
+    auto(models.HiddenLayer(4), params, x, True, budget=1e9)

@@ -48,10 +48,16 @@ def test_scan_flops_multiply_the_trip_count():
   assert count_flops(f, _ones(8, D, D), _ones(B, D)) == 8 * body + B * D
 
 
-def test_while_loops_are_refused_with_a_fix():
+def test_while_loop_with_a_constant_counter_multiplies_its_trip_count():
+  # 3 trips: body mul (2) + add (1) per trip; the condition `lt` is a comparison (0 FLOPs)
   f = lambda x: lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 2), (0, x))[1]
-  with pytest.raises(ValueError, match="while loop.*lax.scan"):
-    count_flops(f, _ones(2))
+  assert count_flops(f, _ones(2)) == 3 * (2 + 1)
+
+
+def test_while_loops_with_unknown_trip_counts_are_refused_with_a_fix():
+  f = lambda x, n: lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] * 2), (0, x))[1]
+  with pytest.raises(ValueError, match="while loop.*not a constant counter.*lax.scan"):
+    count_flops(f, _ones(2), 3)
 
 
 def test_dense_residual_bytes_by_policy():

@@ -107,3 +107,41 @@ def test_more_memory_never_costs_more():
   costs = [solve_chain(f, a, c, b, grid=b).cost for b in range(9, 40)]
   assert all(x >= y for x, y in itertools.pairwise(costs))
   assert costs[-1] == 0  # everything fits: no recomputation
+
+
+def test_applied_plan_recomputes_what_the_plan_predicts():
+  """An uneven chain of dense layers: plan cost vs the FLOPs JAX really recomputes."""
+  import jax
+  import jax.numpy as jnp
+
+  from remat_kit.report import count_flops, flop_breakdown, saved_residuals
+  from remat_kit.solver import apply_chain_plan
+
+  widths = [16, 64, 32, 96, 32, 64, 16, 48, 32]
+  batch = 8
+  ws = [jnp.full((a, b), 0.01, jnp.float32) for a, b in itertools.pairwise(widths)]
+  layer = lambda w, x: jnp.tanh(x @ w)
+  costs, acts, ckpts = [], [], []
+  for w, a in zip(ws, widths):
+    x = jnp.ones((batch, a), jnp.float32)
+    costs.append(count_flops(layer, w, x))
+    acts.append(sum(r.bytes for r in saved_residuals(layer, w, x) if r.kind == "activation"))
+    ckpts.append(x.nbytes)
+  plain = sum(acts) + sum(ckpts[1:])
+  for frac in (0.3, 0.5, 0.8):
+    plan = solve_chain(costs, acts, ckpts, frac * plain, grid=512)
+
+    def loss(ws, x, plan=plan):
+      fns = [lambda h, w=w: layer(w, h) for w in ws]
+      return jnp.sum(apply_chain_plan(plan, fns)(x))
+
+    measured = flop_breakdown(loss, ws, jnp.ones((batch, widths[0])))["recompute"]
+    print(f"\nbudget {frac:.0%}: plan recompute {plan.cost:.0f} FLOPs, measured {measured}, "
+          f"ratio {measured / max(plan.cost, 1):.3f}; checkpoints {plan.checkpoints}")
+    assert measured == plan.cost
+    grads = jax.grad(loss)(ws, jnp.ones((batch, widths[0])))
+    ref = jax.grad(lambda ws, x: jnp.sum(
+        apply_chain_plan(("save", 0, len(ws) - 1), [lambda h, w=w: layer(w, h) for w in ws])(x)))(
+            ws, jnp.ones((batch, widths[0])))
+    for g, r in zip(grads, ref):
+      assert jnp.allclose(g, r, rtol=1e-6)

@@ -66,10 +66,16 @@ def _jaxpr_flops(jaxpr: Any) -> int:
     elif name == "cond":
       total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
     elif name == "while":
-      raise ValueError(
-          "`count_flops`: the function has a while loop, whose trip count is unknown "
-          "before it runs; use `lax.scan` (fixed length) or `lax.fori_loop` with static "
-          "bounds, which lowers to a scan.")
+      trips = _while_trips(eqn)
+      if trips is None:
+        raise ValueError(
+            "`count_flops`: the function has a while loop whose trip count is not a "
+            "constant counter (`i < n` with literal start, bound and step); it is unknown "
+            "before it runs. Use `lax.scan` (fixed length) or `lax.fori_loop` with static "
+            "bounds, which lowers to a scan.")
+      body = eqn.params["body_jaxpr"].jaxpr
+      cond = eqn.params["cond_jaxpr"].jaxpr
+      total += trips * _jaxpr_flops(body) + (trips + 1) * _jaxpr_flops(cond)
     else:
       total += _eqn_flops(eqn)
       for sub in _jaxpr.sub_jaxprs(eqn.params):
@@ -80,6 +86,40 @@ def _jaxpr_flops(jaxpr: Any) -> int:
   return total
 
 
+def _literal(v: Any) -> Any:
+  return v.val if isinstance(v, _jaxpr.Literal) else None
+
+
+def _while_trips(eqn: Any) -> int | None:
+  """Trip count of ``while i < n: i += step`` with literal start, bound and step, else None."""
+  cj, bj = eqn.params["cond_jaxpr"], eqn.params["body_jaxpr"]
+  nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+  cond, body = cj.jaxpr, bj.jaxpr
+  if len(cond.eqns) != 1 or cond.eqns[0].primitive.name not in ("lt", "le", "ne"):
+    return None
+  cmp = cond.eqns[0]
+  carries = cond.invars[nc:]
+  lhs, rhs = cmp.invars
+  if lhs not in carries:
+    return None
+  i = carries.index(lhs)
+  bound = _literal(rhs)
+  if bound is None and rhs in cond.invars[:nc]:
+    bound = _literal(eqn.invars[cond.invars.index(rhs)])
+  start = _literal(eqn.invars[nc + nb + i])
+  out = body.outvars[i]
+  inc = next((e for e in body.eqns if out in e.outvars), None)
+  if inc is None or inc.primitive.name != "add" or inc.invars[0] is not body.invars[nb + i]:
+    return None
+  step = _literal(inc.invars[1])
+  if None in (bound, start, step) or step <= 0:
+    return None
+  span = int(bound) - int(start) + (1 if cmp.primitive.name == "le" else 0)
+  if cmp.primitive.name == "ne" and span % int(step):
+    return None
+  return max(0, -(-span // int(step)))
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
   """FLOPs of ``fn`` counted from its jaxpr, scan trip counts multiplied in.
 
@@ -87,7 +127,10 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
   a convolution 2·(output size)·(kernel size per output); an elementwise op
   one per output element; a reduction one per input element; data movement
   (reshape, transpose, slicing, broadcasting, casts) nothing. ``scan`` bodies
-  count once per iteration; ``cond`` counts its dearest branch.
+  count once per iteration; ``while`` loops with a constant counter
+  (``i < n``, literal start and step) count ``trips`` bodies and ``trips + 1``
+  conditions; other while loops are refused; ``cond`` counts its dearest
+  branch.
 
   Example:
     >>> import jax.numpy as jnp, remat_kit as rk
