@@ -24,7 +24,7 @@ def _search(model: Any) -> Search:
   module = model.build(**model.strategies["no remat"])
   params = jax.jit(lambda k: module.init({"params": k, "dropout": jax.random.key(3)},
                                          *inputs))(jax.random.key(0))["params"]
-  search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)})
+  search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)}, max_subsets=2)
   _SEARCHES[model.describe] = search
   return search
 

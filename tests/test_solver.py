@@ -135,10 +135,22 @@ def test_applied_plan_recomputes_what_the_plan_predicts():
       fns = [lambda h, w=w: layer(w, h) for w in ws]
       return jnp.sum(apply_chain_plan(plan, fns)(x))
 
-    measured = flop_breakdown(loss, ws, jnp.ones((batch, widths[0])))["recompute"]
-    print(f"\nbudget {frac:.0%}: plan recompute {plan.cost:.0f} FLOPs, measured {measured}, "
-          f"ratio {measured / max(plan.cost, 1):.3f}; checkpoints {plan.checkpoints}")
+    x0 = jnp.ones((batch, widths[0]))
+    measured = flop_breakdown(loss, ws, x0)["recompute"]
+    # what the first sweep keeps: the checkpoints, and the last (right-most) saved stretch
+    node = plan.tree
+    while node[0] == "ckpt":
+      node = node[4]
+    _, s, t = node
+    predicted = sum(ckpts[k] for k in plan.checkpoints) + sum(acts[s:t + 1]) + sum(
+        ckpts[s + 1:t + 1])
+    kept = sum(r.bytes for r in saved_residuals(loss, ws, x0) if r.kind == "activation")
+    print(f"\nbudget {frac:.0%}: plan recompute {plan.cost:.0f} FLOPs, measured {measured} "
+          f"(ratio {measured / max(plan.cost, 1):.3f}); first sweep keeps {kept} B, plan "
+          f"predicts {predicted} B (ratio {kept / predicted:.3f}: a layer's output is the next "
+          f"one's input, which the model counts twice); checkpoints {plan.checkpoints}")
     assert measured == plan.cost
+    assert kept <= predicted
     grads = jax.grad(loss)(ws, jnp.ones((batch, widths[0])))
     ref = jax.grad(lambda ws, x: jnp.sum(
         apply_chain_plan(("save", 0, len(ws) - 1), [lambda h, w=w: layer(w, h) for w in ws])(x)))(
