@@ -160,12 +160,16 @@ class ChainPlan:
       sweep keeps, ascending.
     tree: the schedule as nested tuples ``("save", s, t)`` (run layers s..t
       saving everything) or ``("ckpt", s, k, t, right, left)``.
+    exact: False when the chain was solved in blocks (``max_exact``): the
+      plan is feasible and its cost is simulated, but checkpoints sit only
+      on block boundaries.
   """
 
   cost: float
   peak_bytes: float
   checkpoints: tuple[int, ...]
   tree: Any
+  exact: bool = True
 
 
 def _validate_chain(api: str, forward_costs: Sequence[float], act_bytes: Sequence[float],
@@ -185,7 +189,8 @@ def _validate_chain(api: str, forward_costs: Sequence[float], act_bytes: Sequenc
 
 
 def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
-                ckpt_bytes: Sequence[float], budget: float, *, grid: int = 256) -> ChainPlan:
+                ckpt_bytes: Sequence[float], budget: float, *, grid: int = 256,
+                max_exact: int | None = None) -> ChainPlan:
   """The least-recompute schedule for an uneven chain under a memory budget.
 
   Layer i costs ``forward_costs[i]`` to run, keeps ``act_bytes[i]`` of
@@ -198,6 +203,12 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
   ``budget / grid``, so the plan always fits; it is exact when sizes are
   multiples of the step.
 
+  The DP costs O(n^3 * grid). For longer chains pass ``max_exact``: the
+  chain is cut into that many blocks of consecutive layers with near-equal
+  compute, the block chain is solved exactly, and the plan is expanded
+  back (``exact=False``): feasible, its cost simulated layer by layer, but
+  with checkpoints only on block boundaries.
+
   Raises:
     ValueError: for malformed inputs, or when no schedule fits the budget
       (the message gives the least memory that fits).
@@ -205,6 +216,10 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
   n = _validate_chain("solve_chain", forward_costs, act_bytes, ckpt_bytes)
   if not budget > 0:
     raise ValueError(f"`solve_chain`: `budget` must be > 0, got {budget!r}.")
+  if max_exact is not None and n > max_exact:
+    if not isinstance(max_exact, int) or max_exact < 1:
+      raise ValueError(f"`solve_chain`: `max_exact` must be an int >= 1, got {max_exact!r}.")
+    return _solve_blocks(forward_costs, act_bytes, ckpt_bytes, budget, grid, max_exact)
   unit = budget / grid
   a = [math.ceil(x / unit - 1e-9) for x in act_bytes]
   c = [math.ceil(x / unit - 1e-9) for x in ckpt_bytes]
@@ -245,6 +260,32 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
         "reversed, plus the checkpoints kept meanwhile). Raise the budget.")
   peak, sim_cost = simulate(tree, f, act_bytes, ckpt_bytes)
   return ChainPlan(sim_cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree)
+
+
+def _solve_blocks(f: Sequence[float], a: Sequence[float], c: Sequence[float], budget: float,
+                  grid: int, blocks: int) -> ChainPlan:
+  n = len(f)
+  total = sum(f) or n
+  starts, acc = [0], 0.0
+  for i in range(n - 1):
+    acc += f[i] if sum(f) else 1
+    if acc >= total * len(starts) / blocks and len(starts) < blocks:
+      starts.append(i + 1)
+  ends = [s - 1 for s in starts[1:]] + [n - 1]
+  bf = [sum(f[s:e + 1]) for s, e in zip(starts, ends)]
+  ba = [sum(a[s:e + 1]) + sum(c[s + 1:e + 1]) for s, e in zip(starts, ends)]
+  bc = [c[s] for s in starts]
+  block_plan = solve_chain(bf, ba, bc, budget, grid=grid)
+
+  def expand(node: Any) -> Any:
+    if node[0] == "save":
+      return ("save", starts[node[1]], ends[node[2]])
+    _, s, k, t, right, left = node
+    return ("ckpt", starts[s], starts[k], ends[t], expand(right), expand(left))
+
+  tree = expand(block_plan.tree)
+  peak, cost = simulate(tree, f, a, c)
+  return ChainPlan(cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree, exact=False)
 
 
 def _least_memory(f: Sequence[float], act_bytes: Sequence[float],

@@ -157,3 +157,21 @@ def test_applied_plan_recomputes_what_the_plan_predicts():
             ws, jnp.ones((batch, widths[0])))
     for g, r in zip(grads, ref):
       assert jnp.allclose(g, r, rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(chains, st.integers(1, 3))
+def test_block_plans_are_feasible_and_never_beat_the_exact_plan(chain, blocks):
+  f, a, c, budget = chain
+  try:
+    exact = solve_chain(f, a, c, budget, grid=budget)
+  except ValueError:
+    return
+  try:
+    coarse = solve_chain(f, a, c, budget, grid=budget, max_exact=blocks)
+  except ValueError:
+    return  # coarser checkpoints may need more memory than the budget
+  peak, cost = simulate(coarse.tree, f, a, c)
+  assert (peak, cost) == (coarse.peak_bytes, coarse.cost)
+  assert peak <= budget and cost >= exact.cost
+  assert coarse.exact is (len(f) <= blocks)
