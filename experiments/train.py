@@ -234,13 +234,23 @@ def main(argv: list[str] | None = None) -> int:
       print(f"GPT residual activations at {jnp.dtype(dt).name} activations: "
             f"{rep.activation_bytes / 2**20:.2f} MiB")
   if offload_supported():
+    off_loss = gpt_loss(gpt_model("offload_dots", dtype))
     with jax.numpy_dtype_promotion("standard"):
-      rep = memory_report(gpt_loss(gpt_model("offload_dots", dtype)), gpt_params,
-                          jnp.asarray(data(0)), jax.random.key(0), live=False)
+      rep = memory_report(off_loss, gpt_params, jnp.asarray(data(0)), jax.random.key(0),
+                          live=False)
     host = sum(r.bytes for r in rep.residuals if r.memory == "host")
-    print(f"offload_dots: {host / 2**20:.2f} MiB of residuals marked for pinned_host; compiler "
-          f"host temp {rep.compiled.get('host_temp_size', 0) / 2**20:.2f} MiB"
-          + (" (XLA:CPU has one memory)" if jax.default_backend() == "cpu" else ""))
+    opt = optax.adamw(3e-3)
+    mem = compiled_memory(train_step(off_loss, opt), gpt_params, opt.init(gpt_params),
+                          jnp.asarray(data(0)), jax.random.key(0))
+    steps = min(args.steps, 10)
+    curve = train(off_loss, gpt_params, data, steps, "GPT, offload_dots")
+    ref = curves["GPT no remat"][:steps]
+    print(f"offload_dots train step: {host / 2**20:.2f} MiB of residuals marked for "
+          f"pinned_host; compiler host temp {mem.get('host_temp_size', 0) / 2**20:.2f} MiB, "
+          f"device temp {mem['temp_size'] / 2**20:.2f} MiB"
+          + (" (XLA:CPU has one memory)" if jax.default_backend() == "cpu" else "")
+          + f"; {steps} steps, max |loss diff| vs no remat "
+          f"{max(abs(x - y) for x, y in zip(curve, ref)):.2e}")
   else:
     print(f"offload: the {jax.default_backend()} backend has no pinned_host memory; "
           "offload policies are not run here.")
