@@ -170,7 +170,7 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict
     for _ in range(3):  # warm-up
       jax.block_until_ready(step(params))
     t1, t2 = _time(step, (params,), repeats), _time(step, (params,), repeats)
-    g_ref = jax.jit(jax.grad(ref))(params)
+    g_ref = _reference_grads(model.describe, ref, params)
     leaves = zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref))
     (m1, s1), (m2, s2) = _summary(t1), _summary(t2)
     median, spread = _summary(t1 + t2)
@@ -195,6 +195,16 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict
     kind = "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else "error"
     row["error"] = f"{kind}: {text.splitlines()[0][:300] if text else type(e).__name__}"
   return row
+
+
+_REFERENCE: dict[str, Any] = {}
+
+
+def _reference_grads(key: str, ref: Callable[..., Any], params: Any) -> Any:
+  """Gradients without remat, computed once per model (per process)."""
+  if key not in _REFERENCE:
+    _REFERENCE[key] = jax.jit(jax.grad(ref))(params)
+  return _REFERENCE[key]
 
 
 def _jsonable(x: Any) -> Any:

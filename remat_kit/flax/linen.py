@@ -52,15 +52,21 @@ def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str
     full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
     if wants_check and not self.is_initializing():
       _check_tags(self, call_orig, full, statics, pol, names_checked, cls, method)
-    policy, classic = jax_policy(pol)
-    ck = nn.checkpoint(call_orig, policy=policy, static_argnums=statics,
-                       prevent_cse=prevent_cse)
-    if classic:
-      with _compat.classic_remat():
-        return ck(*full)
-    return ck(*full)
+    return call_rematted(nn.checkpoint, call_orig, full, statics, pol, prevent_cse)
 
   return wrapped
+
+
+def call_rematted(transform: Callable[..., Any], fn: Callable[..., Any], full: list[Any],
+                  statics: tuple[int, ...], pol: Policy, prevent_cse: bool) -> Any:
+  """``transform(fn, policy=...)(*full)`` (``nn.checkpoint`` or ``nnx.remat``) under the
+  remat implementation ``pol`` needs (see :func:`remat_kit.transforms.jax_policy`)."""
+  policy, classic = jax_policy(pol)
+  ck = transform(fn, policy=policy, static_argnums=statics, prevent_cse=prevent_cse)
+  if classic:
+    with _compat.classic_remat():
+      return ck(*full)
+  return ck(*full)
 
 
 def bind_statics(sig: inspect.Signature, static_argnums: tuple[int, ...], self: Any,

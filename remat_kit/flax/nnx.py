@@ -13,10 +13,16 @@ from typing import Any
 import jax
 from flax import nnx
 
-from remat_kit import _compat, _jaxpr
-from remat_kit.flax.linen import bind_statics, method_signature, missing_tags_error, needs_tag_check
+from remat_kit import _jaxpr
+from remat_kit.flax.linen import (
+    bind_statics,
+    call_rematted,
+    method_signature,
+    missing_tags_error,
+    needs_tag_check,
+)
 from remat_kit.policies import SKIP_CHECKPOINT, Policy
-from remat_kit.transforms import jax_policy, remat_scan
+from remat_kit.transforms import remat_scan
 
 __all__ = ["LayerStack", "stack_layers", "unstack_layers", "wrap_nnx_method"]
 
@@ -38,12 +44,7 @@ def wrap_nnx_method(cls: type, method: str, pol: Policy, static_argnames: tuple[
     full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
     if wants_check:
       _check(self, full, statics, pol, checked, call_orig, cls, method)
-    policy, classic = jax_policy(pol)
-    ck = nnx.remat(call_orig, policy=policy, static_argnums=statics, prevent_cse=prevent_cse)
-    if classic:
-      with _compat.classic_remat():
-        return ck(*full)
-    return ck(*full)
+    return call_rematted(nnx.remat, call_orig, full, statics, pol, prevent_cse)
 
   return wrapped
 

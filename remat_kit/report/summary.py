@@ -356,6 +356,19 @@ class ResidualDiff:
                                       align="lllll")
 
 
+def _unmatched(xs: list[Residual], ys: list[Residual]) -> list[Residual]:
+  """Rows of ``xs`` with no counterpart in ``ys`` (by label, shape, dtype and kind)."""
+  key = lambda r: (r.label, r.shape, r.dtype, r.kind)
+  rest = [key(r) for r in ys]
+  out = []
+  for r in xs:
+    if key(r) in rest:
+      rest.remove(key(r))
+    else:
+      out.append(r)
+  return out
+
+
 def diff(report_a: MemoryReport, report_b: MemoryReport) -> ResidualDiff:
   """What ``report_a`` keeps that ``report_b`` recomputes, and the reverse.
 
@@ -365,19 +378,6 @@ def diff(report_a: MemoryReport, report_b: MemoryReport) -> ResidualDiff:
   for arg, r in (("report_a", report_a), ("report_b", report_b)):
     if not isinstance(r, MemoryReport):
       raise TypeError(f"`diff`: `{arg}` must be a MemoryReport, got {type(r).__name__}.")
-  key = lambda r: (r.label, r.shape, r.dtype, r.kind)
-  rest_b = [key(r) for r in report_b.residuals]
-  only_a = []
-  for r in report_a.residuals:
-    if key(r) in rest_b:
-      rest_b.remove(key(r))
-    else:
-      only_a.append(r)
-  rest_a = [key(r) for r in report_a.residuals]
-  only_b = []
-  for r in report_b.residuals:
-    if key(r) in rest_a:
-      rest_a.remove(key(r))
-    else:
-      only_b.append(r)
+  only_a = _unmatched(report_a.residuals, report_b.residuals)
+  only_b = _unmatched(report_b.residuals, report_a.residuals)
   return ResidualDiff(report_a.label, report_b.label, only_a, only_b)
