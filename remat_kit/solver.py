@@ -141,11 +141,10 @@ def _split(n: int, s: int) -> int:
   # Binomial rule for long chains: the largest k whose remainder the other slots reverse
   # as cheaply as the closed form allows.
   target = optimal_forward_steps(n, s)
-  lo = 1
   for k in range(n - 1, 0, -1):
     if k + optimal_forward_steps(n - k, s - 1) + optimal_forward_steps(k, s) == target:
       return k
-  return lo
+  raise RuntimeError(f"no optimal split for n={n}, s={s}: the closed form is inconsistent")
 
 
 @dataclasses.dataclass(frozen=True)
