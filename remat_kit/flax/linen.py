@@ -35,13 +35,19 @@ def needs_tag_check(pol: Policy, check_names: bool) -> bool:
       pol.referenced_names() or pol.referenced_primitives() - {"dot_general"})
 
 
-def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
-                 prevent_cse: bool, check_names: bool) -> Callable[..., Any]:
-  # nn.checkpoint counts the module itself as argument 0, as the signature does.
+def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
+                prevent_cse: bool, check_names: bool, *, transform: Callable[..., Any],
+                check: Callable[..., None]) -> Callable[..., Any]:
+  """``cls.method`` run under ``transform`` (``nn.checkpoint``/``nnx.remat``) with ``pol``.
+
+  ``check(self, call_orig, full, statics, pol, checked, cls, method)`` raises
+  if the policy names a tag the method never makes; it runs once per shapes.
+  """
+  # The transforms count the module itself as argument 0, as the signature does.
   orig, sig, static_argnums = method_signature(cls, method, static_argnames)
   if pol.native() is SKIP_CHECKPOINT:
     return orig  # no remat: saves everything, exactly as the undecorated method
-  names_checked: set[Any] = set()
+  checked: set[Any] = set()
   wants_check = needs_tag_check(pol, check_names)
 
   def call_orig(mdl: Any, *args: Any) -> Any:
@@ -50,9 +56,9 @@ def _wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str
   @functools.wraps(orig)
   def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
     full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
-    if wants_check and not self.is_initializing():
-      _check_tags(self, call_orig, full, statics, pol, names_checked, cls, method)
-    return call_rematted(nn.checkpoint, call_orig, full, statics, pol, prevent_cse)
+    if wants_check:
+      check(self, call_orig, full, statics, pol, checked, cls, method)
+    return call_rematted(transform, call_orig, full, statics, pol, prevent_cse)
 
   return wrapped
 
@@ -135,6 +141,8 @@ def _check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any],
                 static_argnums: tuple[int, ...], pol: Policy, checked: set[Any],
                 cls: type, method: str) -> None:
   """Raises if ``pol`` names a tag the method never makes (once per shapes)."""
+  if self.is_initializing():
+    return
   dyn = [(i, a) for i, a in enumerate(full) if i > 0 and i not in static_argnums]
   key = (tuple((i, full[i]) for i in static_argnums),
          tuple((i, jax.tree_util.tree_structure(a),
@@ -218,7 +226,7 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
 
       wrap = wrap_nnx_method
     elif isinstance(cls, type) and issubclass(cls, nn.Module):
-      wrap = _wrap_method
+      wrap = functools.partial(wrap_method, transform=nn.checkpoint, check=_check_tags)
     else:
       raise TypeError(
           f"`remat_policy`: expected a flax.linen.Module or flax.nnx.Module subclass, got "

@@ -6,7 +6,6 @@ streams that drive dropout are those of the undecorated class.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,14 +13,8 @@ import jax
 from flax import nnx
 
 from remat_kit import _jaxpr
-from remat_kit.flax.linen import (
-    bind_statics,
-    call_rematted,
-    method_signature,
-    missing_tags_error,
-    needs_tag_check,
-)
-from remat_kit.policies import SKIP_CHECKPOINT, Policy
+from remat_kit.flax.linen import missing_tags_error, wrap_method
+from remat_kit.policies import Policy
 from remat_kit.transforms import remat_scan
 
 __all__ = ["LayerStack", "stack_layers", "unstack_layers", "wrap_nnx_method"]
@@ -30,27 +23,12 @@ __all__ = ["LayerStack", "stack_layers", "unstack_layers", "wrap_nnx_method"]
 def wrap_nnx_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
                     prevent_cse: bool, check_names: bool) -> Callable[..., Any]:
   """``cls.method`` run under ``nnx.remat`` with ``pol``."""
-  orig, sig, static_argnums = method_signature(cls, method, static_argnames)
-  if pol.native() is SKIP_CHECKPOINT:
-    return orig
-  checked: set[Any] = set()
-  wants_check = needs_tag_check(pol, check_names)
-
-  def call_orig(mdl: Any, *args: Any) -> Any:
-    return orig(mdl, *args)
-
-  @functools.wraps(orig)
-  def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-    full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
-    if wants_check:
-      _check(self, full, statics, pol, checked, call_orig, cls, method)
-    return call_rematted(nnx.remat, call_orig, full, statics, pol, prevent_cse)
-
-  return wrapped
+  return wrap_method(cls, method, pol, static_argnames, prevent_cse, check_names,
+                     transform=nnx.remat, check=_check)
 
 
-def _check(self: Any, full: list[Any], statics: tuple[int, ...], pol: Policy,
-           checked: set[Any], call_orig: Callable[..., Any], cls: type, method: str) -> None:
+def _check(self: Any, call_orig: Callable[..., Any], full: list[Any], statics: tuple[int, ...],
+           pol: Policy, checked: set[Any], cls: type, method: str) -> None:
   dyn = [i for i in range(1, len(full)) if i not in statics]
   key = (tuple((i, full[i]) for i in statics),
          tuple(tuple(_jaxpr.aval_key(jax.typeof(x)) for x in jax.tree_util.tree_leaves(full[i]))
