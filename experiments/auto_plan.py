@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from remat_kit.auto import Search
+from remat_kit.planner import Search
 
 _SEARCHES: dict[str, Search] = {}
 

@@ -2,20 +2,40 @@
 
 Pick what to save, recompute or offload; see what it costs; trust that the
 gradients do not change.
+
+Layers, each importing only those before it: ``_jax`` (the JAX boundary) ->
+``policies`` -> ``_dispatch`` (classic remat or jax_remat3) -> ``transforms``
+-> ``flax`` -> ``models`` -> ``report`` -> ``solver``/``planner``.
 """
 
-from remat_kit import flax, models, policies, report, solver
-from remat_kit.auto import auto
-from remat_kit.policies import Policy, from_config
-from remat_kit.report import compare, diff, lint, memory_report
-from remat_kit.transforms import checkpoint_name, plan_groups, remat, remat_scan, remat_sequential
+from remat_kit import flax as flax
+from remat_kit import models as models
+from remat_kit import planner as planner
+from remat_kit import policies as policies
+from remat_kit import report as report
+from remat_kit import solver as solver
+from remat_kit.planner import auto as auto
+from remat_kit.policies import Policy as Policy
+from remat_kit.policies import from_config as from_config
+from remat_kit.report import compare as compare
+from remat_kit.report import diff as diff
+from remat_kit.report import lint as lint
+from remat_kit.report import memory_report as memory_report
+from remat_kit.transforms import checkpoint_name as checkpoint_name
+from remat_kit.transforms import classic_remat as classic_remat
+from remat_kit.transforms import plan_groups as plan_groups
+from remat_kit.transforms import remat as remat
+from remat_kit.transforms import remat_scan as remat_scan
+from remat_kit.transforms import remat_sequential as remat_sequential
+from remat_kit.transforms import to_jax_policy as to_jax_policy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Policy",
     "auto",
     "checkpoint_name",
+    "classic_remat",
     "compare",
     "diff",
     "flax",
@@ -23,6 +43,7 @@ __all__ = [
     "lint",
     "memory_report",
     "models",
+    "planner",
     "plan_groups",
     "policies",
     "report",
@@ -30,4 +51,5 @@ __all__ = [
     "remat_scan",
     "remat_sequential",
     "solver",
+    "to_jax_policy",
 ]

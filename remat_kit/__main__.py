@@ -1,4 +1,4 @@
-"""Command line: ``python -m remat_kit {report,lint,policies}``.
+"""Command line: ``python -m remat_kit {report,lint,policies,versions}``.
 
 ``report FILE.py:NAME`` imports ``FILE.py`` and calls ``NAME()``, which must
 return ``(loss_fn, args)`` (one report) or ``({label: loss_fn, ...}, args)``
@@ -63,7 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   lnt = sub.add_parser("lint", help="warn about remat that saves nothing useful")
   lnt.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
   sub.add_parser("policies", help="list the preset policy names")
+  sub.add_parser("versions", help="what remat_kit found in the installed JAX")
   args = parser.parse_args(argv)
+
+  if args.command == "versions":
+    from remat_kit import _jax
+
+    for key, value in _jax.version_report().items():
+      print(f"{key:64s} {value}")
+    return 0
 
   if args.command == "policies":
     for name, desc in sorted(policies.registered().items()):

@@ -18,15 +18,26 @@ import jax
 from jax import ad_checkpoint as _ad_checkpoint
 from jax import lax
 
-from remat_kit import _compat, _jaxpr
-from remat_kit.policies import FULL_REMAT, SKIP_CHECKPOINT, Policy, from_config
+from remat_kit import _dispatch, _jax, _jaxpr
+from remat_kit._dispatch import to_jax_policy
+from remat_kit.policies import Policy, from_config
 
-__all__ = ["checkpoint_name", "jax_policy", "plan_groups", "remat", "remat_scan",
-           "remat_sequential"]
+__all__ = ["checkpoint_name", "classic_remat", "plan_groups", "remat", "remat_scan",
+           "remat_sequential", "to_jax_policy"]
 
 checkpoint_name = _ad_checkpoint.checkpoint_name
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def classic_remat() -> Any:
+  """Context manager: ``jax.checkpoint`` wrappers built inside it use JAX's classic remat.
+
+  Under ``jax_remat3`` JAX ignores callable policies; a wrapper built (for
+  Flax: applied) inside this context binds the classic implementation, which
+  consults them. A no-op on JAX versions without ``jax_remat3``.
+  """
+  return _jax.remat3(False)
 
 
 def _as_tuple(x: Any, api: str, arg: str, kind: type) -> tuple[Any, ...]:
@@ -36,35 +47,6 @@ def _as_tuple(x: Any, api: str, arg: str, kind: type) -> tuple[Any, ...]:
                                           for i in x):
     return tuple(x)
   raise TypeError(f"`{api}`: `{arg}` must be a {kind.__name__} or a tuple of them, got {x!r}.")
-
-
-def jax_policy(policy: Policy) -> tuple[Any, bool]:
-  """``policy`` as the active remat implementation should receive it.
-
-  Returns ``(policy_for_jax, use_classic)``. Under ``jax_remat3``, JAX honours
-  only its own policy classes and treats any other callable as "save nothing",
-  so a policy with no native form is built on JAX's classic implementation
-  (``use_classic``), which consults it. Full remat maps to ``policy=None``.
-  Callers handle ``SKIP_CHECKPOINT`` (save everything) by not checkpointing.
-  """
-  if not _compat.remat3_enabled():
-    return policy, False
-  native = policy.native()
-  if native is FULL_REMAT:
-    return None, False
-  if native is not None and native is not SKIP_CHECKPOINT and not policy.excluded_names():
-    return native, False
-  return policy, True
-
-
-def _checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: bool) -> Callable[..., Any]:
-  """``jax.checkpoint`` with ``policy``, under whichever remat JAX is using."""
-  if _compat.remat3_enabled() and policy.native() is SKIP_CHECKPOINT:
-    return fn
-  pol, classic = jax_policy(policy)
-  if classic:
-    return _compat.classic_checkpoint(fn, policy=pol, prevent_cse=prevent_cse)
-  return jax.checkpoint(fn, policy=pol, prevent_cse=prevent_cse)
 
 
 def _check_names(api: str, policy: Policy, closed: Any) -> None:
@@ -159,70 +141,99 @@ def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
   else:
     name_pos = ()
 
-  @functools.lru_cache(maxsize=64)
-  def make_dyn_fn(statics: tuple[tuple[int, Any], ...],
-                  kw_statics: tuple[tuple[str, Any], ...],
-                  nargs: int, kw_dyn: tuple[str, ...]) -> Callable[..., Any]:
-    static_pos = dict(statics)
-    n_pos = nargs - len(static_pos)
-
-    def dyn_fn(*dyn: Any) -> Any:
-      it = iter(dyn[:n_pos])
-      full = [static_pos[i] if i in static_pos else next(it) for i in range(nargs)]
-      kwargs = dict(zip(kw_dyn, dyn[n_pos:]))
-      kwargs.update(kw_statics)
-      return fn(*full, **kwargs)
-
-    return dyn_fn
-
-  @functools.lru_cache(maxsize=64)
-  def build(dyn_fn: Callable[..., Any], resolved: Policy, remat3: bool) -> Callable[..., Any]:
-    del remat3  # part of the cache key only: the flag picks the implementation
-    return _checkpoint(dyn_fn, resolved, prevent_cse)
-
-  resolved_for: dict[Any, Policy] = {}
   needs_trace = bool(pol.excluded_names()) or (
       check_names and bool(pol.referenced_names() or pol.referenced_primitives()))
+  static_set = bool(argnums or name_pos or argnames)
 
   @functools.wraps(fn)
   def wrapper(*args: Any, **kwargs: Any) -> Any:
-    nargs = len(args)
-    for i in argnums:
-      if not -nargs <= i < nargs:
-        raise ValueError(
-            f"`remat`: `static_argnums` contains {i}, but {getattr(fn, '__name__', fn)} "
-            f"was called with {nargs} positional arguments.")
-    pos = sorted({i % nargs for i in argnums} | {i for i in name_pos if i < nargs})
-    statics = []
-    for i in pos:
-      _require_hashable(args[i], f"static argument {i}")
-      statics.append((i, args[i]))
-    kw_statics = []
-    for k in sorted(kwargs):
-      if k in argnames:
-        _require_hashable(kwargs[k], f"static argument {k!r}")
-        kw_statics.append((k, kwargs[k]))
-    static_kw = {k for k, _ in kw_statics}
-    kw_dyn = tuple(k for k in kwargs if k not in static_kw)
-    dyn = tuple(a for i, a in enumerate(args) if i not in set(pos))
-    dyn = dyn + tuple(kwargs[k] for k in kw_dyn)
-    dyn_fn = make_dyn_fn(tuple(statics), tuple(kw_statics), nargs, kw_dyn)
+    if not static_set and not kwargs:
+      dyn_fn, dyn = fn, args  # the common case: JAX's trace cache sees `fn` itself
+    else:
+      dyn_fn, dyn = _split_statics(fn, argnums, name_pos, argnames, args, kwargs)
     resolved = pol
     if needs_trace:
-      key = (dyn_fn, jax.tree_util.tree_structure(dyn),
-             tuple(_jaxpr.aval_key(jax.typeof(x)) for x in jax.tree_util.tree_leaves(dyn)))
-      if key not in resolved_for:
-        closed = jax.make_jaxpr(dyn_fn)(*dyn)
-        if check_names:
-          _check_names("remat", pol, closed)
-        excluded = pol.excluded_names()
-        resolved_for[key] = (pol.with_producers(_jaxpr.producer_signatures(closed, excluded))
-                             if excluded else pol)
-      resolved = resolved_for[key]
-    return build(dyn_fn, resolved, _compat.remat3_enabled())(*dyn)
+      leaves, tree = jax.tree_util.tree_flatten(dyn)
+      resolved = _resolve(dyn_fn, pol, check_names, tree,
+                          tuple(_jaxpr.aval_key(jax.typeof(x)) for x in leaves), dyn)
+    return _built(dyn_fn, resolved, prevent_cse, _jax.remat3_enabled())(*dyn)
 
   wrapper.policy = pol  # type: ignore[attr-defined]
   return wrapper
+
+
+def _split_statics(fn: Callable[..., Any], argnums: tuple[int, ...], name_pos: tuple[int, ...],
+                   argnames: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """The function of the dynamic arguments alone (cached per statics), and those arguments."""
+  nargs = len(args)
+  for i in argnums:
+    if not -nargs <= i < nargs:
+      raise ValueError(
+          f"`remat`: `static_argnums` contains {i}, but {getattr(fn, '__name__', fn)} "
+          f"was called with {nargs} positional arguments.")
+  pos = sorted({i % nargs for i in argnums} | {i for i in name_pos if i < nargs})
+  statics = []
+  for i in pos:
+    _require_hashable(args[i], f"static argument {i}")
+    statics.append((i, args[i]))
+  kw_statics = []
+  for k in sorted(kwargs):
+    if k in argnames:
+      _require_hashable(kwargs[k], f"static argument {k!r}")
+      kw_statics.append((k, kwargs[k]))
+  static_kw = {k for k, _ in kw_statics}
+  kw_dyn = tuple(k for k in kwargs if k not in static_kw)
+  skip = set(pos)
+  dyn = tuple(a for i, a in enumerate(args) if i not in skip) + tuple(kwargs[k] for k in kw_dyn)
+  return _dyn_fn(fn, tuple(statics), tuple(kw_statics), nargs, kw_dyn), dyn
+
+
+@functools.lru_cache(maxsize=256)
+def _dyn_fn(fn: Callable[..., Any], statics: tuple[tuple[int, Any], ...],
+            kw_statics: tuple[tuple[str, Any], ...], nargs: int,
+            kw_dyn: tuple[str, ...]) -> Callable[..., Any]:
+  """One function object per (fn, statics): JAX's trace cache keys on it."""
+  static_pos = dict(statics)
+  n_pos = nargs - len(static_pos)
+
+  def dyn_fn(*dyn: Any) -> Any:
+    it = iter(dyn[:n_pos])
+    full = [static_pos[i] if i in static_pos else next(it) for i in range(nargs)]
+    kwargs = dict(zip(kw_dyn, dyn[n_pos:]))
+    kwargs.update(kw_statics)
+    return fn(*full, **kwargs)
+
+  return dyn_fn
+
+
+@functools.lru_cache(maxsize=256)
+def _built(fn: Callable[..., Any], policy: Policy, prevent_cse: bool,
+           remat3: bool) -> Callable[..., Any]:
+  del remat3  # part of the cache key only: the flag picks the implementation
+  return _dispatch.checkpoint(fn, policy, prevent_cse)
+
+
+_RESOLVED: dict[Any, Policy] = {}
+
+
+def _resolve(fn: Callable[..., Any], pol: Policy, check_names: bool, tree: Any,
+             avals: tuple[Any, ...], dyn: tuple[Any, ...]) -> Policy:
+  """Checks ``pol``'s names against ``fn`` and fills in excluded producers, once per
+  function, policy and argument shapes (the trace is the costly part)."""
+  key = (fn, pol, check_names, tree, avals)
+  hit = _RESOLVED.get(key)
+  if hit is not None:
+    return hit
+  closed = jax.make_jaxpr(fn)(*dyn)
+  if check_names:
+    _check_names("remat", pol, closed)
+  excluded = pol.excluded_names()
+  out = pol.with_producers(_jaxpr.producer_signatures(closed, excluded)) if excluded else pol
+  if len(_RESOLVED) > 1024:
+    _RESOLVED.clear()
+  _RESOLVED[key] = out
+  return out
 
 
 def _require_hashable(value: Any, what: str) -> None:

@@ -2,7 +2,9 @@
 
 import dataclasses
 
+import chex
 import jax
+import jax.numpy as jnp
 import pytest
 
 import remat_kit as rk
@@ -33,7 +35,24 @@ def test_policies_are_frozen_hashable_values(policy):
   with pytest.raises(dataclasses.FrozenInstanceError):
     policy.names = ("changed",)
   assert type(policy).__name__ in repr(policy)
-  jax.checkpoint(lambda x: x, policy=policy)  # accepted as a jax.checkpoint policy
+
+
+@pytest.mark.parametrize("policy", ALL, ids=repr)
+def test_policies_run_in_jax_checkpoint_with_unchanged_gradients(policy):
+  """Each policy handed straight to ``jax.checkpoint`` (classic remat) runs and keeps
+  the gradient; offloading ones are exercised where the backend has host memory."""
+  if "Offload" in repr(policy) or "offload" in repr(policy):
+    pytest.skip("offload needs a backend with pinned_host memory in a jitted step")
+
+  def f(x):
+    a = rk.checkpoint_name(jnp.sin(x @ x), "a")
+    b = rk.checkpoint_name(jnp.cos(a), "b")
+    return jnp.sum(b * a)
+
+  x = jnp.linspace(0.1, 1.0, 16).reshape(4, 4)
+  with rk.classic_remat():
+    ck = jax.checkpoint(f, policy=policy)
+  chex.assert_trees_all_close(jax.grad(ck)(x), jax.grad(f)(x), rtol=1e-6)
 
 
 def test_names_are_sorted_and_deduplicated():

@@ -109,7 +109,7 @@ def test_except_really_drops_the_tensor(remat_impl):
       "act"))
   theirs_saved = {lbl for lbl, _ in _activations(theirs, *args)}
   if remat_impl == "classic":
-    assert "act" in theirs_saved
+    assert theirs_saved & {"act", "tanh"}  # the same tensor, named or not by JAX version
   else:
     assert theirs_saved == set()
 

@@ -2,13 +2,31 @@
 
 * :func:`remat_policy`: class decorator for Linen and NNX modules.
 * :class:`LayerStack`: Linen scan over layers with remat (flat or nested),
-  with :func:`stack_params` / :func:`unstack_params`.
+  with :func:`~remat_kit.flax.linen.stack_layers` /
+  :func:`~remat_kit.flax.linen.unstack_layers` for its parameters.
 * :class:`remat_kit.flax.nnx.LayerStack`: the NNX twin, with
-  :func:`remat_kit.flax.nnx.stack_layers` / ``unstack_layers``.
+  :func:`remat_kit.flax.nnx.stack_layers` / ``unstack_layers`` for its modules.
+
+Each framework's module (:mod:`remat_kit.flax.linen`,
+:mod:`remat_kit.flax.nnx`) holds its `LayerStack` and the same two helper names.
 """
 
-from remat_kit.flax import nnx
-from remat_kit.flax.layers import LayerStack, stack_params, unstack_params
-from remat_kit.flax.linen import remat_policy  # Linen and NNX
+from remat_kit.flax import linen as linen
+from remat_kit.flax import nnx as nnx
+from remat_kit.flax.decorator import remat_policy as remat_policy
+from remat_kit.flax.linen import LayerStack as LayerStack
+from remat_kit.flax.linen import stack_layers as stack_layers
+from remat_kit.flax.linen import stack_params as stack_params
+from remat_kit.flax.linen import unstack_layers as unstack_layers
+from remat_kit.flax.linen import unstack_params as unstack_params
 
-__all__ = ["LayerStack", "nnx", "remat_policy", "stack_params", "unstack_params"]
+__all__ = [
+    "LayerStack",
+    "linen",
+    "nnx",
+    "remat_policy",
+    "stack_layers",
+    "stack_params",
+    "unstack_layers",
+    "unstack_params",
+]

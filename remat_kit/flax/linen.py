@@ -1,143 +1,45 @@
-"""`@remat_policy` for Flax Linen modules: a switch that changes memory only.
+"""Linen: the decorator's method wrapper, and `LayerStack` with stacked/unrolled params.
 
-``nn.remat(Block)`` makes a new class, ``CheckpointBlock``, so auto-generated
-names change (``CheckpointBlock_0`` for ``Block_0``): the parameter tree, its
-initial values and the dropout streams all differ with remat on. Its
-``static_argnums`` also count ``self``.
+Scan over a stack of Linen layers with remat: `LayerStack`, and stacked/unrolled params.
 
-``remat_policy`` instead rematerializes the module's *methods* in place (with
-``nn.checkpoint`` applied to the method function), so the class keeps its
-name and its parameter paths. Static arguments are given by name.
+``nn.scan(nn.remat(Block))`` renames modules, and nesting it for sqrt(L)
+memory nests the parameter axes, so a checkpoint taken with one layout does
+not load into another. `LayerStack` keeps one layout for every choice: the
+stacked parameters live under ``"layers"`` with the layer index as leading
+axis, whatever the grouping, and :func:`unstack_layers` turns them into the
+``layers_0 ... layers_{L-1}`` tree of the unrolled stack (``scan=False``).
+
+Each layer gets its own dropout key: the stack draws one key per stream and
+splits it into one per layer, in scanned and unrolled form alike, so the
+scanned stack with remat gives the gradients of the unrolled stack without.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 
-from remat_kit import _compat, _jaxpr
-from remat_kit.policies import SKIP_CHECKPOINT, Policy, from_config
-from remat_kit.transforms import jax_policy
+from remat_kit import _jaxpr
+from remat_kit.flax._methods import missing_tags_error, wrap_method
+from remat_kit.policies import Policy
+from remat_kit.transforms import remat, remat_scan
 
-__all__ = ["remat_policy"]
-
-M = TypeVar("M", bound=type)
-
-
-def needs_tag_check(pol: Policy, check_names: bool) -> bool:
-  """Whether applying ``pol`` calls for the trace-time tag check."""
-  return check_names and bool(
-      pol.referenced_names() or pol.referenced_primitives() - {"dot_general"})
+__all__ = ["LayerStack", "stack_layers", "stack_params", "unstack_layers", "unstack_params",
+           "wrap_linen_method"]
 
 
-def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
-                prevent_cse: bool, check_names: bool, *, transform: Callable[..., Any],
-                check: Callable[..., None]) -> Callable[..., Any]:
-  """``cls.method`` run under ``transform`` (``nn.checkpoint``/``nnx.remat``) with ``pol``.
-
-  ``check(self, call_orig, full, statics, pol, checked, cls, method)`` raises
-  if the policy names a tag the method never makes; it runs once per shapes.
-  """
-  # The transforms count the module itself as argument 0, as the signature does.
-  orig, sig, static_argnums = method_signature(cls, method, static_argnames)
-  if pol.native() is SKIP_CHECKPOINT:
-    return orig  # no remat: saves everything, exactly as the undecorated method
-  checked: set[Any] = set()
-  wants_check = needs_tag_check(pol, check_names)
-
-  def call_orig(mdl: Any, *args: Any) -> Any:
-    return orig(mdl, *args)
-
-  @functools.wraps(orig)
-  def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-    full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
-    if wants_check:
-      check(self, call_orig, full, statics, pol, checked, cls, method)
-    return call_rematted(transform, call_orig, full, statics, pol, prevent_cse)
-
-  return wrapped
+def wrap_linen_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
+                      prevent_cse: bool, check_names: bool) -> Callable[..., Any]:
+  """``cls.method`` run under ``nn.checkpoint`` with ``pol``."""
+  return wrap_method(cls, method, pol, static_argnames, prevent_cse, check_names,
+                     transform=nn.checkpoint, check=check_tags)
 
 
-def call_rematted(transform: Callable[..., Any], fn: Callable[..., Any], full: list[Any],
-                  statics: tuple[int, ...], pol: Policy, prevent_cse: bool) -> Any:
-  """``transform(fn, policy=...)(*full)`` (``nn.checkpoint`` or ``nnx.remat``) under the
-  remat implementation ``pol`` needs (see :func:`remat_kit.transforms.jax_policy`)."""
-  policy, classic = jax_policy(pol)
-  ck = transform(fn, policy=policy, static_argnums=statics, prevent_cse=prevent_cse)
-  if classic:
-    with _compat.classic_remat():
-      return ck(*full)
-  return ck(*full)
-
-
-def bind_statics(sig: inspect.Signature, static_argnums: tuple[int, ...], self: Any,
-                 args: tuple[Any, ...], kwargs: dict[str, Any], cls: type, method: str
-                 ) -> tuple[list[Any], tuple[int, ...]]:
-  """All arguments positionally (self first), and which of them are static.
-
-  Python flags (bool, str, None) cannot be traced: they are always static.
-  """
-  bound = sig.bind(self, *args, **kwargs)
-  bound.apply_defaults()
-  full = list(bound.arguments.values())
-  names = list(sig.parameters)
-  statics = tuple(sorted(set(static_argnums) | {
-      i for i, a in enumerate(full) if i > 0 and (a is None or isinstance(a, (bool, str)))}))
-  for i in statics:
-    try:
-      hash(full[i])
-    except TypeError:
-      raise TypeError(
-          f"`remat_policy`: static argument `{names[i]}` of {cls.__name__}.{method} "
-          f"is {type(full[i]).__name__} {full[i]!r}, which is not hashable; pass a "
-          "hashable value (a tuple, not a list).") from None
-  return full, statics
-
-
-def method_signature(cls: type, method: str, static_argnames: tuple[str, ...]
-                     ) -> tuple[Callable[..., Any], inspect.Signature, tuple[int, ...]]:
-  """The method, its signature, and the positions (self = 0) of its static args."""
-  orig = getattr(cls, method)
-  if not callable(orig):
-    raise TypeError(f"`remat_policy`: `{cls.__name__}.{method}` is not a method.")
-  sig = inspect.signature(orig)
-  params = list(sig.parameters.values())
-  kinds = {p.kind for p in params}
-  unknown = [n for n in static_argnames if n not in sig.parameters]
-  if unknown:
-    raise ValueError(
-        f"`remat_policy`: `static_argnames` {unknown} are not parameters of "
-        f"{cls.__name__}.{method}{sig}. Valid names: {[p.name for p in params[1:]]}.")
-  if inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds:
-    raise TypeError(
-        f"`remat_policy`: {cls.__name__}.{method} takes *args or **kwargs; name its "
-        "arguments explicitly so static ones can be told from arrays.")
-  return orig, sig, tuple(i for i, p in enumerate(params) if p.name in static_argnames)
-
-
-def missing_tags_error(pol: Policy, closed: Any, cls: type, method: str) -> None:
-  """Raises if ``pol`` names tags or primitives that ``closed`` never has."""
-  have, have_prims = _jaxpr.tags_and_primitives(closed)
-  missing = sorted(pol.referenced_names() - have)
-  if missing:
-    raise ValueError(
-        f"`remat_policy`: policy {pol!r} on {cls.__name__}.{method} refers to checkpoint "
-        f"names {missing} that the method never tags. Names it tags: "
-        f"{sorted(have) or 'none'}. Fix the spelling, or tag the value with "
-        "`remat_kit.checkpoint_name(x, name)`.")
-  missing_p = sorted(pol.referenced_primitives() - {"dot_general"} - have_prims)
-  if missing_p:
-    raise ValueError(
-        f"`remat_policy`: policy {pol!r} on {cls.__name__}.{method} refers to primitives "
-        f"{missing_p} that the method never uses.")
-
-
-def _check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any],
+def check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any],
                 static_argnums: tuple[int, ...], pol: Policy, checked: set[Any],
                 cls: type, method: str) -> None:
   """Raises if ``pol`` names a tag the method never makes (once per shapes)."""
@@ -165,82 +67,162 @@ def _check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any],
   checked.add(key)
 
 
-@overload
-def remat_policy(policy: M) -> M: ...
-@overload
-def remat_policy(policy: Any = ..., *, static_argnames: str | Sequence[str] = ...,
-                 methods: str | Sequence[str] = ..., prevent_cse: bool = ...,
-                 check_names: bool = ...) -> Callable[[M], M]: ...
-def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (),
-                 methods: str | Sequence[str] = ("__call__",), prevent_cse: bool = True,
-                 check_names: bool = True) -> Any:
-  """Class decorator: rematerialize a Linen or NNX module's methods under ``policy``.
 
-  The decorated class keeps its name, so parameter paths, initial values and
-  dropout streams are those of the undecorated class: switching remat on
-  changes memory and nothing else.
 
-  Args:
-    policy: anything :func:`remat_kit.policies.from_config` accepts; full
-      remat by default. When the decorator is used bare, this is the class.
-    static_argnames: names of Python-valued arguments such as ``"train"`` or
-      ``"deterministic"`` (not positions, so no ``self`` off-by-one). Values
-      that are a Python ``bool``, ``str`` or ``None`` are static anyway.
-    methods: the methods to rematerialize.
-    prevent_cse: as in ``jax.checkpoint``; use False for modules in a scan.
-    check_names: raise at apply time if the policy names a tag the method
-      never makes.
+class LayerStack(nn.Module):
+  """``length`` copies of ``block``, scanned with remat (or unrolled, for reference).
 
-  Returns:
-    A subclass with the same name whose methods are rematerialized.
+  Memory: a flat scan keeps one carry per layer plus what ``policy`` saves
+  inside each layer (grows like L). ``groups=d`` nests the scan d levels deep
+  and fully rematerializes each group, so about ``d * L ** (1/d)`` carries
+  are kept, for ``d - 1`` extra forward passes (see
+  :func:`remat_kit.remat_scan`).
+
+  Attributes:
+    block: one layer, an unbound Linen module mapping the carry to a carry of
+      the same shape. Its only variables must be ``params`` (use LayerNorm or
+      GroupNorm, not BatchNorm).
+    length: the number of layers.
+    policy: the remat policy inside each layer (anything
+      :func:`remat_kit.from_config` accepts); ``False`` for no remat.
+    groups: None for a flat scan; an int d >= 2 for d nested levels; or a
+      tuple of level lengths whose product is ``length``.
+    scan: False runs the layers in a Python loop with parameters
+      ``layers_0 ...``, each layer rematerialized under ``policy``; with
+      ``policy=False`` this is the unrolled reference. ``groups`` needs a scan.
+      (XLA:CPU undoes remat in Python loops; XLA:GPU keeps it.)
+    rng_streams: RNG streams split per layer when present (``"dropout"``).
+  """
+
+  block: nn.Module
+  length: int
+  policy: Any = True
+  groups: int | tuple[int, ...] | None = None
+  scan: bool = True
+  rng_streams: tuple[str, ...] = ("dropout",)
+
+  def _validate(self) -> None:
+    if not isinstance(self.block, nn.Module):
+      raise TypeError(
+          f"`LayerStack`: `block` must be an (unbound) flax.linen.Module instance, got "
+          f"{self.block!r}. Pass `Block(...)`, not the class.")
+    if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
+      raise ValueError(f"`LayerStack`: `length` must be an int >= 1, got {self.length!r}.")
+    if not self.scan and self.groups is not None:
+      raise ValueError(
+          f"`LayerStack`: `groups`={self.groups!r} nests a scan, but `scan=False`. Use "
+          "`scan=True`, or leave `groups` unset.")
+
+  @nn.compact
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs the layers on carry ``x``; ``args``/``kwargs`` go to every layer."""
+    self._validate()
+    block = self.block.clone(parent=None, name=None)
+    n = self.length
+    streams = [s for s in self.rng_streams if self.has_rng(s)]
+    keys = {s: jax.random.split(self.make_rng(s), n) for s in streams}
+    if self.is_initializing():
+      stacked = self._init_stacked(block, x, args, kwargs, keys)
+    else:
+      stacked = None
+
+    def apply(h: Any, params: Any, rngs: Mapping[str, jax.Array]) -> Any:
+      return block.apply({"params": params}, h, *args, rngs=dict(rngs), **kwargs)
+
+    if not self.scan:
+      layer = remat(apply, policy=self.policy)
+      for i in range(n):
+        take = lambda a, i=i: a[i]
+        p = self.param(f"layers_{i}", lambda _, i=i: jax.tree_util.tree_map(take, stacked))
+        x = layer(x, p, jax.tree_util.tree_map(take, keys))
+      return x
+    params = self.param("layers", lambda _: stacked)
+
+    def body(h: Any, xs: Any) -> tuple[Any, None]:
+      p, r = xs
+      return apply(h, p, r), None
+
+    x, _ = remat_scan(body, x, (params, keys), policy=self.policy, groups=self.groups)
+    return x
+
+  def _init_stacked(self, block: nn.Module, x: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any], keys: Mapping[str, jax.Array]) -> Any:
+    """Initial parameters of every layer, stacked: the same in scanned and unrolled form."""
+    base = self.make_rng("params")
+
+    def init_one(k: jax.Array, r: Mapping[str, jax.Array]) -> Any:
+      variables = block.init({"params": k, **r}, x, *args, **kwargs)
+      extra = sorted(set(variables) - {"params"})
+      if extra:
+        raise ValueError(
+            f"`LayerStack`: block {type(block).__name__} has variable collections {extra} "
+            "besides `params`; a scanned stack carries no mutable state. Use LayerNorm or "
+            "GroupNorm instead of BatchNorm.")
+      return variables["params"]
+
+    return jax.vmap(init_one)(jax.random.split(base, self.length), dict(keys))
+
+
+_LAYER = re.compile(r"^(?P<prefix>.+)_(?P<index>\d+)$")
+
+
+def unstack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict[str, Any]:
+  """Turns every stacked ``prefix`` entry into ``prefix_0 ... prefix_{L-1}``.
+
+  The scanned `LayerStack`'s parameters become those of the unrolled one
+  (``scan=False``), at any depth of the tree.
+
+  >>> import jax.numpy as jnp
+  >>> tree = {"stack": {"layers": {"w": jnp.zeros((3, 2))}}}
+  >>> sorted(unstack_layers(tree)["stack"])
+  ['layers_0', 'layers_1', 'layers_2']
+  """
+  out: dict[str, Any] = {}
+  for k, v in params.items():
+    if k == prefix:
+      leaves = jax.tree_util.tree_leaves(v)
+      if not leaves:
+        raise ValueError(f"`unstack_layers`: `{prefix}` holds no arrays.")
+      n = leaves[0].shape[0]
+      for i in range(n):
+        out[f"{prefix}_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], v)
+    elif isinstance(v, Mapping):
+      out[k] = unstack_layers(v, prefix=prefix)
+    else:
+      out[k] = v
+  return out
+
+
+def stack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict[str, Any]:
+  """The inverse of :func:`unstack_layers`: ``prefix_i`` entries stacked into ``prefix``.
 
   Raises:
-    TypeError: if the target is not a Linen Module class.
-    ValueError: for a static argument name the method does not have, or (at
-      apply time) a policy name that the module never tags.
-
-  Example:
-    >>> import flax.linen as nn, jax, jax.numpy as jnp
-    >>> from remat_kit.flax import remat_policy
-    >>> @remat_policy("save_dots", static_argnames="train")
-    ... class Block(nn.Module):
-    ...   @nn.compact
-    ...   def __call__(self, x, train: bool):
-    ...     return nn.Dropout(0.1, deterministic=not train)(nn.relu(nn.Dense(4)(x)))
-    >>> Block.__name__
-    'Block'
+    ValueError: if the layer indices are not ``0 ... L-1`` or the layers'
+      trees differ.
   """
-  if isinstance(policy, type):
-    return remat_policy()(policy)
-  pol = from_config(policy)
-  names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
-  meths = (methods,) if isinstance(methods, str) else tuple(methods)
-  if not meths:
-    raise ValueError("`remat_policy`: `methods` is empty; name at least one method.")
-
-  def decorate(cls: M) -> M:
-    from flax import nnx
-
-    if isinstance(cls, type) and issubclass(cls, nnx.Module):
-      from remat_kit.flax.nnx import wrap_nnx_method
-
-      wrap = wrap_nnx_method
-    elif isinstance(cls, type) and issubclass(cls, nn.Module):
-      wrap = functools.partial(wrap_method, transform=nn.checkpoint, check=_check_tags)
+  out: dict[str, Any] = {}
+  layers: dict[int, Any] = {}
+  for k, v in params.items():
+    m = _LAYER.match(k)
+    if m and m["prefix"] == prefix:
+      layers[int(m["index"])] = v
+    elif isinstance(v, Mapping):
+      out[k] = stack_layers(v, prefix=prefix)
     else:
-      raise TypeError(
-          f"`remat_policy`: expected a flax.linen.Module or flax.nnx.Module subclass, got "
-          f"{cls!r}. Decorate "
-          "the class (not an instance or a function); for plain functions use "
-          "`remat_kit.remat`.")
-    missing = [m for m in meths if not hasattr(cls, m)]
-    if missing:
-      raise ValueError(f"`remat_policy`: {cls.__name__} has no methods {missing}.")
-    body = {m: wrap(cls, m, pol, names, prevent_cse, check_names) for m in meths}
-    body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
-    new = type(cls.__name__, (cls,), body)
-    # Set after creation: Flax wraps callable class attributes (policies are) as methods.
-    new.__remat_policy__ = pol
-    return new  # type: ignore[return-value]
+      out[k] = v
+  if layers:
+    if sorted(layers) != list(range(len(layers))):
+      raise ValueError(
+          f"`stack_layers`: layer indices {sorted(layers)} under `{prefix}_i` are not "
+          f"0..{len(layers) - 1}.")
+    seq: Sequence[Any] = [layers[i] for i in range(len(layers))]
+    structs = {jax.tree_util.tree_structure(t) for t in seq}
+    if len(structs) > 1:
+      raise ValueError(f"`stack_layers`: the `{prefix}_i` trees differ in structure.")
+    out[prefix] = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *seq)
+  return out
 
-  return decorate
+
+# The names of remat_kit 0.1, kept for existing code.
+stack_params = stack_layers
+unstack_params = unstack_layers

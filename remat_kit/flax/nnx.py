@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from remat_kit import _jaxpr
-from remat_kit.flax.linen import missing_tags_error, wrap_method
+from remat_kit.flax._methods import missing_tags_error, wrap_method
 from remat_kit.policies import Policy
 from remat_kit.transforms import remat_scan
 
@@ -24,10 +24,10 @@ def wrap_nnx_method(cls: type, method: str, pol: Policy, static_argnames: tuple[
                     prevent_cse: bool, check_names: bool) -> Callable[..., Any]:
   """``cls.method`` run under ``nnx.remat`` with ``pol``."""
   return wrap_method(cls, method, pol, static_argnames, prevent_cse, check_names,
-                     transform=nnx.remat, check=_check)
+                     transform=nnx.remat, check=check_tags)
 
 
-def _check(self: Any, call_orig: Callable[..., Any], full: list[Any], statics: tuple[int, ...],
+def check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any], statics: tuple[int, ...],
            pol: Policy, checked: set[Any], cls: type, method: str) -> None:
   dyn = [i for i in range(1, len(full)) if i not in statics]
   key = (tuple((i, full[i]) for i in statics),

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from remat_kit.flax.layers import LayerStack
+from remat_kit.flax.linen import LayerStack
 from remat_kit.transforms import checkpoint_name
 
 __all__ = ["ResBlock", "ResNet"]

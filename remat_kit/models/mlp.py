@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from remat_kit.flax.linen import remat_policy
+from remat_kit.flax.decorator import remat_policy
 from remat_kit.transforms import checkpoint_name
 
 __all__ = ["CheckpointedMLP", "HiddenLayer"]

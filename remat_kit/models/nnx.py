@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from remat_kit.flax.linen import remat_policy
+from remat_kit.flax.decorator import remat_policy
 from remat_kit.flax.nnx import LayerStack
 from remat_kit.models.gpt import causal_attention
 from remat_kit.models.rnn import chunked_time_scan

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax._src import core as _core
 
 from remat_kit import _jaxpr
 
@@ -141,69 +140,6 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
   return _jaxpr_flops(closed.jaxpr)
 
 
-def _is_remat(eqn: Any) -> bool:
-  if eqn.primitive.name in ("checkpoint", "remat2", "remat"):
-    return True
-  prim = eqn.params.get("_prim")
-  return prim is not None and "remat" in type(prim).__name__.lower()
-
-
-def _remat_body(eqn: Any) -> tuple[Any, list[Any]]:
-  if "jaxpr" in eqn.params and eqn.primitive.name != "call_hi_primitive":
-    j = eqn.params["jaxpr"]
-  else:
-    j = eqn.params["_prim"].params["jaxpr"]
-  if isinstance(j, _core.ClosedJaxpr):
-    return j.jaxpr, list(j.consts)
-  return j, []
-
-
-def _has_remat(jaxpr: Any) -> bool:
-  return any(_is_remat(e) for e in _jaxpr.walk(jaxpr))
-
-
-def _inline_closed(cj: Any, full: bool) -> Any:
-  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cj.in_avals]
-  return jax.make_jaxpr(lambda *xs: _eval(cj.jaxpr, cj.consts, *xs, full=full))(*avals)
-
-
-def _eval(jaxpr: Any, consts: Sequence[Any], *args: Any, full: bool = False) -> list[Any]:
-  """``jax.core.eval_jaxpr`` with every remat boundary inlined (its body run as is).
-
-  With ``full``, each remat boundary is kept but its policy becomes full remat.
-  """
-  env: dict[Any, Any] = {}
-  read = lambda v: v.val if isinstance(v, _jaxpr.Literal) else env[v]
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    if _is_remat(eqn):
-      body, body_consts = _remat_body(eqn)
-      run = lambda *xs, body=body, c=body_consts: _eval(body, c, *xs, full=full)
-      outs = jax.checkpoint(run, policy=None)(*invals) if full else run(*invals)
-    else:
-      params = eqn.primitive.get_bind_params(eqn.params)
-      if any(_has_remat(sub) for sub in _jaxpr.sub_jaxprs(eqn.params)):
-        params = dict(params)
-        for k, val in params.items():
-          if isinstance(val, _core.ClosedJaxpr):
-            params[k] = _inline_closed(val, full)
-          elif isinstance(val, (tuple, list)) and val and isinstance(val[0], _core.ClosedJaxpr):
-            params[k] = type(val)(_inline_closed(c, full) for c in val)
-          elif isinstance(val, _core.Jaxpr) and _has_remat(val):
-            raise ValueError(
-                f"`without_remat`: cannot inline remat inside a `{eqn.primitive.name}`.")
-      outs = eqn.primitive.bind(*invals, **params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-    for v, x in zip(eqn.outvars, outs):
-      env[v] = x
-  return [read(v) for v in jaxpr.outvars]
-
-
 def without_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
   """``fn`` with every remat boundary removed: same values, everything saved.
 
@@ -230,7 +166,7 @@ def _rewrite(fn: Callable[..., Any], full: bool) -> Callable[..., Any]:
   def rewritten(*args: Any, **kwargs: Any) -> Any:
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
     leaves = jax.tree_util.tree_leaves((args, kwargs))
-    outs = _eval(closed.jaxpr, closed.consts, *leaves, full=full)
+    outs = _jaxpr.eval_inlined(closed.jaxpr, closed.consts, *leaves, full=full)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return rewritten

@@ -18,18 +18,11 @@ from typing import Any
 
 import jax
 
-from remat_kit import _compat, _jaxpr
+from remat_kit import _jax, _jaxpr
 from remat_kit.policies import SaveEverything, SaveNothing
 from remat_kit.report.core import saved_residuals
-from remat_kit.report.flops import (
-    _eval,
-    _is_remat,
-    _remat_body,
-    count_flops,
-    with_full_remat,
-    without_remat,
-)
-from remat_kit.report.summary import _policy_names, _policy_repr, policy_of
+from remat_kit.report.explain import policy_names, policy_repr
+from remat_kit.report.flops import count_flops, with_full_remat, without_remat
 
 __all__ = ["LintWarning", "lint"]
 
@@ -63,7 +56,7 @@ def lint(fn: Callable[..., Any], *args: Any) -> list[LintWarning]:
     ['whole-function', 'untagged-name', 'same-as-full']
   """
   closed = jax.make_jaxpr(fn)(*args)
-  sites = [e for e in _jaxpr.walk(closed.jaxpr) if _is_remat(e)]
+  sites = [e for e in _jaxpr.walk(closed.jaxpr) if _jaxpr.is_remat(e)]
   if not sites:
     return [LintWarning("no-remat", "the function has no remat boundary; wrap its layers in "
                         "`remat_kit.remat` or scan them with `remat_kit.remat_scan`.")]
@@ -71,7 +64,7 @@ def lint(fn: Callable[..., Any], *args: Any) -> list[LintWarning]:
   top = [e for e in closed.jaxpr.eqns if e.primitive.name not in ("name",)]
   forward = count_flops(fn, *args)
   for e in closed.jaxpr.eqns:
-    if _is_remat(e) and forward and count_flops(
+    if _jaxpr.is_remat(e) and forward and count_flops(
         lambda *a, e=e: _eval_site(e, a), *[v.aval for v in e.invars]) >= 0.9 * forward:
       out.append(LintWarning(
           "whole-function",
@@ -79,16 +72,16 @@ def lint(fn: Callable[..., Any], *args: Any) -> list[LintWarning]:
           "FLOPs: the backward pass recomputes everything at once, so peak memory does not "
           "fall. Rematerialize each layer instead (remat per layer, or `remat_scan`)."))
       break
-  policies = [policy_of(e) for e in sites]
+  policies = [_jaxpr.policy_of(e) for e in sites]
   for e in sites:
-    policy = policy_of(e)
-    body, _ = _remat_body(e)
-    tagged = {_compat.checkpoint_name_of(x.primitive, x.params) for x in _jaxpr.walk(body)}
-    missing = sorted(_policy_names(policy) - tagged)
+    policy = _jaxpr.policy_of(e)
+    body, _ = _jaxpr.remat_body(e)
+    tagged = {_jax.checkpoint_name_of(x.primitive, x.params) for x in _jaxpr.walk(body)}
+    missing = sorted(policy_names(policy) - tagged)
     if missing:
       out.append(LintWarning(
           "untagged-name",
-          f"policy {_policy_repr(policy)} names {missing}, which its function never tags "
+          f"policy {policy_repr(policy)} names {missing}, which its function never tags "
           f"(tags: {sorted(t for t in tagged if t) or 'none'}); JAX saves nothing for them. "
           "Fix the spelling or tag the value with `checkpoint_name`."))
   kept = _kept(fn, args)
@@ -117,5 +110,5 @@ def _is_none(policy: Any) -> bool:
 
 
 def _eval_site(eqn: Any, args: Sequence[Any]) -> Any:
-  body, consts = _remat_body(eqn)
-  return _eval(body, consts, *args)
+  body, consts = _jaxpr.remat_body(eqn)
+  return _jaxpr.eval_inlined(body, consts, *args)

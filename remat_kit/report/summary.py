@@ -16,9 +16,11 @@ from typing import Any
 
 import jax
 
-from remat_kit import _compat, _jaxpr
+from remat_kit import targets
 from remat_kit.report.core import Residual, compiled_memory, live_peak_bytes, saved_residuals
-from remat_kit.report.flops import _is_remat, _remat_body, flop_breakdown
+from remat_kit.report.estimate import estimate_seconds
+from remat_kit.report.explain import remat_sites, rule_for
+from remat_kit.report.flops import flop_breakdown
 from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
@@ -39,6 +41,10 @@ class MemoryReport:
     live_peak_bytes: the device's peak bytes in use while running the step,
       or None.
     live_peak_note: why the live peak is None, when it is.
+    target: where it was compiled (``"cpu"``, ``"tpu:v5e:2x2"``, ``"gpu:h100"``).
+    estimated_seconds: the step time on an accelerator target (see
+      :mod:`remat_kit.report.estimate`), None on the local backend.
+    estimate_source: how ``estimated_seconds`` was obtained.
   """
 
   label: str
@@ -48,6 +54,9 @@ class MemoryReport:
   flops: dict[str, Any]
   live_peak_bytes: int | None = None
   live_peak_note: str = ""
+  target: str = "cpu"
+  estimated_seconds: float | None = None
+  estimate_source: str = ""
 
   @property
   def activation_bytes(self) -> int:
@@ -85,6 +94,9 @@ class MemoryReport:
     return {
         "label": self.label,
         "backend": self.backend,
+        "target": self.target,
+        "estimated_seconds": self.estimated_seconds,
+        "estimate_source": self.estimate_source,
         "compiled": dict(self.compiled),
         "residuals": [dataclasses.asdict(r) for r in self.residuals],
         "activation_bytes": self.activation_bytes,
@@ -105,7 +117,7 @@ class MemoryReport:
     rows = [[r.name or "-", "x".join(map(str, r.shape)) or "()", r.dtype, format_bytes(r.bytes),
              str(r.layers), r.primitive or "-", r.kind, r.memory, r.rule]
             for r in self.residuals]
-    out = [f"== {self.label} ({self.backend}) ==",
+    out = [f"== {self.label} ({self.target}) ==",
            format_table(["name", "shape", "dtype", "bytes", "layers", "primitive", "kind",
                          "memory", "rule"], rows, align="lllrrllll")]
     c = self.compiled
@@ -121,112 +133,18 @@ class MemoryReport:
     live = (format_bytes(self.live_peak_bytes) if self.live_peak_bytes is not None
             else f"n/a ({self.live_peak_note})")
     out.append(f"live peak: {live}")
+    if self.estimated_seconds is not None:
+      out.append(f"estimated step on {self.target}: {self.estimated_seconds * 1e3:.3f} ms "
+                 f"({self.estimate_source})")
     return "\n".join(out)
 
   def __str__(self) -> str:
     return self.table()
 
 
-def _policy_names(policy: Any) -> frozenset[str]:
-  """The checkpoint names a policy refers to, where they can be read."""
-  from remat_kit.policies import Policy
-
-  if isinstance(policy, Policy):
-    return policy.referenced_names()
-  names: set[str] = set()
-  for attr in ("names", "saveable_names", "names_which_can_be_saved",
-               "names_which_can_be_offloaded"):
-    v = getattr(policy, attr, None)
-    if isinstance(v, (set, frozenset, tuple, list)):
-      names.update(x for x in v if isinstance(x, str))
-  for cell in getattr(policy, "__closure__", None) or ():
-    try:
-      v = cell.cell_contents
-    except ValueError:
-      continue
-    if isinstance(v, (set, frozenset, tuple, list)) and v and all(isinstance(x, str) for x in v):
-      names.update(v)
-  return frozenset(names)
-
-
-def _policy_repr(policy: Any) -> str:
-  if policy is None:
-    return "full remat (policy=None)"
-  return getattr(policy, "__name__", None) or repr(policy)
-
-
-@dataclasses.dataclass(frozen=True)
-class _RematSite:
-  policy: Any
-  names: frozenset[str]
-  outputs: frozenset[tuple[str, tuple[int, ...], str]]
-  layers: int  # the product of the trip counts of the scans around it
-
-
-def _remat_sites(fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> list[_RematSite]:
-  closed = jax.make_jaxpr(fn)(*args, **kwargs)
-  sites = []
-
-  def visit(jaxpr: Any, layers: int) -> None:
-    for eqn in jaxpr.eqns:
-      if _is_remat(eqn):
-        sites.append(_site(eqn, layers))
-      inner = layers * eqn.params["length"] if eqn.primitive.name == "scan" else layers
-      for sub in _jaxpr.sub_jaxprs(eqn.params):
-        visit(sub, inner)
-      hi = _jaxpr.inner_jaxpr_of_hi(eqn.params)
-      if hi is not None:
-        visit(hi, inner)
-
-  visit(closed.jaxpr, 1)
-  return sites
-
-
-def policy_of(eqn: Any) -> Any:
-  """The policy a remat equation carries (classic or remat3)."""
-  if "policy" in eqn.params:
-    return eqn.params["policy"]
-  return getattr(eqn.params.get("_prim"), "params", {}).get("policy")
-
-
-def _site(eqn: Any, layers: int) -> _RematSite:
-  body, _ = _remat_body(eqn)
-  names, outs = set(), set()
-  for e in _jaxpr.walk(body):
-    n = _compat.checkpoint_name_of(e.primitive, e.params)
-    if n is not None:
-      names.add(n)
-    for v in e.outvars:
-      outs.add((e.primitive.name, tuple(getattr(v.aval, "shape", ())),
-                str(getattr(v.aval, "dtype", ""))))
-  return _RematSite(policy_of(eqn), frozenset(names), frozenset(outs), layers)
-
-
-def _rule(r: Residual, sites: list[_RematSite]) -> str:
-  if r.kind == "argument":
-    return "an input: no extra memory"
-  if r.kind == "argument_cast":
-    return "an input cast to another dtype (a copy, not an activation)"
-  if r.kind == "constant":
-    return "a constant"
-  if r.primitive == "scan carry":
-    return "the scan carry: each layer's input, kept by the scan"
-  verb = "offloaded" if r.memory == "host" else "saved"
-  sites = [site for site in sites if site.layers == r.layers]
-  for site in sites:
-    if r.name is not None and r.name in site.names:
-      return f"{verb} by policy {_policy_repr(site.policy)} (name {r.name!r})"
-  for site in sites:
-    for prim, shape, dtype in site.outputs:
-      if prim == r.primitive and dtype == r.dtype and tuple(r.shape[len(r.shape) - len(shape):]) \
-          == shape:
-        return f"{verb} by policy {_policy_repr(site.policy)} ({prim})"
-  return "kept by autodiff (made by an op's linearization, or outside any remat)"
-
-
 def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,
-                  label: str | None = None, live: bool = True, **kwargs: Any) -> MemoryReport:
+                  label: str | None = None, live: bool = True, target: Any = None,
+                  **kwargs: Any) -> MemoryReport:
   """Bytes, residuals and FLOPs of the gradient of the scalar function ``fn``.
 
   Args:
@@ -236,6 +154,10 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
     label: a name for the report; the function's name by default.
     live: on GPU/TPU, run the compiled gradient once and read the device's
       peak bytes in use.
+    target: where to compile: None for the local backend, or an accelerator
+      that need not be here, e.g. ``"tpu:v5e:2x2"`` or ``"gpu:h100"`` (see
+      :mod:`remat_kit.targets`); arguments may then be ShapeDtypeStructs.
+      An accelerator target adds ``estimated_seconds``.
     **kwargs: more arguments of ``fn`` (not differentiated).
 
   Returns:
@@ -254,20 +176,25 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   if not callable(fn):
     raise TypeError(f"`memory_report`: `fn` must be callable, got {fn!r}.")
   label = label or getattr(fn, "__name__", "fn")
+  t = targets.parse_target(target)
   grad = jax.grad(fn, argnums=argnums)
-  compiled = compiled_memory(grad, *args, **kwargs)
-  sites = _remat_sites(fn, args, kwargs)
-  residuals = [dataclasses.replace(r, rule=_rule(r, sites))
+  compiled = compiled_memory(grad, *args, target=t, **kwargs)
+  sites = remat_sites(fn, args, kwargs)
+  residuals = [dataclasses.replace(r, rule=rule_for(r, sites))
                for r in saved_residuals(lambda *a: fn(*a, **kwargs), *args)]
   flops = flop_breakdown(fn, *args, argnums=argnums, **kwargs)
   peak, note = None, ""
-  if not live:
+  seconds, source = estimate_seconds(flops["total"], compiled, t)
+  if not t.is_local:
+    note = f"nothing runs for target {t.name!r}: see the compiled peak"
+  elif not live:
     note = "not measured (live=False)"
   elif live_peak_bytes() is None:
     note = f"the {jax.default_backend()} backend reports no memory_stats()"
   else:
     peak, note = _measure_live_peak(grad, args, kwargs)
-  return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak, note)
+  return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak, note,
+                      t.name, seconds, source)
 
 
 def _measure_live_peak(grad: Callable[..., Any], args: tuple[Any, ...],
@@ -298,18 +225,20 @@ class Comparison:
       temp = r.compiled.get("temp_size", 0)
       rel = temp / base.compiled["temp_size"] if base.compiled.get("temp_size") else float("nan")
       live = format_bytes(r.live_peak_bytes) if r.live_peak_bytes is not None else "n/a"
+      est = f"{r.estimated_seconds * 1e3:.3f}" if r.estimated_seconds is not None else "n/a"
       rows.append([label, format_bytes(r.activation_bytes), format_bytes(temp), f"{rel:.2f}",
                    format_bytes(r.compiled.get("peak_bytes", 0)), live,
-                   f"{r.flops['recompute_pct']:.1f}"])
+                   f"{r.flops['recompute_pct']:.1f}", est])
     return format_table(["policy", "activations", "temp", "x temp", "peak", "live peak",
-                         "+FLOPs %"], rows, align="lrrrrrr")
+                         "+FLOPs %", f"est. ms ({base.target})"], rows, align="lrrrrrrr")
 
   def __str__(self) -> str:
     return self.table()
 
 
 def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Sequence[int] = 0,
-            live: bool = True, verbose: bool = False, **kwargs: Any) -> Comparison:
+            live: bool = True, verbose: bool = False, target: Any = None,
+            **kwargs: Any) -> Comparison:
   """:func:`memory_report` for each ``{label: fn}`` on the same arguments.
 
   The first entry is the baseline of the "x temp" column.
@@ -321,7 +250,8 @@ def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Se
   for i, (label, fn) in enumerate(fns.items()):
     if verbose:
       print(f"[{i + 1}/{len(fns)}] {label}", flush=True)
-    reports[label] = memory_report(fn, *args, argnums=argnums, label=label, live=live, **kwargs)
+    reports[label] = memory_report(fn, *args, argnums=argnums, label=label, live=live,
+                                   target=target, **kwargs)
   return Comparison(reports)
 
 

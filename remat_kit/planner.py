@@ -1,4 +1,4 @@
-"""Give a byte budget, get the cheapest remat plan that fits: `auto`, `search_policies`.
+"""Give a byte budget, get the cheapest remat plan that fits: `auto` and its `Search`.
 
 Cost is time, not FLOPs. On a GPU or TPU each candidate's step is timed
 (``cost="measured"``); without one, cost is a roofline estimate: FLOPs at

@@ -89,8 +89,9 @@ def test_compiled_memory_fields():
   assert m["backend"] == jax.default_backend()
   assert m["argument_size"] == (D * H + H + B * D) * 4
   assert m["output_size"] == D * H * 4
-  assert m["peak_bytes"] == m["temp_size"] + m["argument_size"] + m["output_size"] - m[
-      "alias_size"]
+  # The gradient holds at least its arguments and its output at once.
+  assert m["peak_bytes"] >= m["argument_size"] + m["output_size"] - m["alias_size"]
+  assert m["peak_bytes"] >= m["temp_size"] > 0
 
 
 def test_live_peak_is_none_on_cpu():

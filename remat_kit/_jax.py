@@ -1,0 +1,288 @@
+"""The JAX boundary: every fact remat_kit needs from JAX beyond its stable API.
+
+No other module of remat_kit imports ``jax._src`` or ``jax.interpreters``.
+Each fact comes from JAX's public API where the installed version has it
+(``jax.ad_checkpoint``, ``jax.checkpoint_policies``, ``jax.extend.core``,
+``jax.config``); where it has none, it is *discovered* from public calls (the
+primitive a traced ``checkpoint_name`` binds, the type of a public policy
+object) rather than imported from a private path. One private import is left,
+gated by feature detection: ``jax._src.config``'s thread-local ``jax_remat3``
+override, with a public ``jax.config.update`` fallback.
+
+Versions: JAX 0.10.0 and later. JAX 0.10.0 has no ``jax_remat3`` and its
+policies are plain functions (no policy classes); from 0.10.2 on, the policy
+objects are frozen dataclasses, which ``jax_remat3`` recognises by type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.extend.core as _xcore
+from jax import ad_checkpoint as _ad
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+MIN_JAX = (0, 10, 0)
+
+if JAX_VERSION < MIN_JAX:  # pragma: no cover - refused by pyproject's bound
+  raise ImportError(
+      f"remat_kit needs JAX >= {'.'.join(map(str, MIN_JAX))}; found jax {jax.__version__}. "
+      "Upgrade with `pip install -U jax jaxlib`.")
+
+# --------------------------------------------------------------------------
+# Jaxpr types and remat decisions: public in every admitted version.
+# --------------------------------------------------------------------------
+Jaxpr = _xcore.Jaxpr
+ClosedJaxpr = _xcore.ClosedJaxpr
+Literal = _xcore.Literal
+Var = _xcore.Var
+Primitive = _xcore.Primitive
+
+Saveable = _ad.Saveable
+Recompute = _ad.Recompute
+Offloadable = _ad.Offloadable
+checkpoint_name = _ad.checkpoint_name
+
+
+def ensure_decision(value: Any) -> Any:
+  """A policy's return value as ``Saveable``, ``Recompute`` or an ``Offloadable``."""
+  if value is True:
+    return Saveable
+  if value is False:
+    return Recompute
+  if value is Saveable or value is Recompute or isinstance(value, Offloadable):
+    return value
+  raise TypeError(
+      f"a remat policy returned {value!r} of type {type(value).__name__}; it must return "
+      "a bool, `jax.ad_checkpoint.Saveable`, `Recompute` or an `Offloadable(src=, dst=)`.")
+
+
+# --------------------------------------------------------------------------
+# JAX's policy classes (the only policies jax_remat3 honours), found by type.
+# --------------------------------------------------------------------------
+def _policy_class(public_name: str, example: Any) -> type | None:
+  """JAX's class ``public_name`` from ``jax.checkpoint_policies``, else the type of
+  a public example object when that object is a (dataclass) policy, else None."""
+  cp = jax.checkpoint_policies
+  cls = getattr(cp, public_name, None)
+  if isinstance(cls, type):
+    return cls
+  try:
+    obj = example(cp)
+  except Exception:  # noqa: BLE001 - a factory this version lacks
+    return None
+  t = type(obj)
+  return None if t.__name__ == "function" or not hasattr(t, "__dataclass_fields__") else t
+
+
+JaxSaveOnlyTheseNames = _policy_class(
+    "SaveOnlyTheseNames", lambda cp: cp.save_only_these_names("n"))
+JaxSaveAnyNamesButThese = _policy_class(
+    "SaveAnyNamesButThese", lambda cp: cp.save_any_names_but_these("n"))
+JaxSaveAndOffloadOnlyTheseNames = _policy_class(
+    "SaveAndOffloadOnlyTheseNames", lambda cp: cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("n",),
+        offload_src="device", offload_dst="pinned_host"))
+JaxDotsSaveable = _policy_class("DotsSaveable", lambda cp: cp.dots_saveable)
+JaxOffloadDotWithNoBatchDims = _policy_class(
+    "OffloadDotWithNoBatchDims",
+    lambda cp: cp.offload_dot_with_no_batch_dims("device", "pinned_host"))
+everything_saveable = jax.checkpoint_policies.everything_saveable
+dots_saveable = jax.checkpoint_policies.dots_saveable
+dots_with_no_batch_dims_saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+nothing_saveable = jax.checkpoint_policies.nothing_saveable
+
+
+# --------------------------------------------------------------------------
+# The jax_remat3 flag.
+# --------------------------------------------------------------------------
+def has_remat3() -> bool:
+  """Whether the installed JAX has the ``jax_remat3`` flag (0.10.2 and later)."""
+  return "jax_remat3" in jax.config.values
+
+
+def remat3_enabled() -> bool:
+  """Whether ``jax_remat3`` is on right now (thread-local overrides included)."""
+  if not has_remat3():
+    return False
+  state = _remat3_state()
+  if state is not None:
+    return bool(state.value)
+  return bool(jax.config.values["jax_remat3"])
+
+
+@functools.cache
+def _remat3_state() -> Any:
+  """JAX's private thread-local ``jax_remat3`` state, or None where it moved."""
+  try:
+    from jax._src import config as _config  # the one private import
+
+    state = getattr(_config, "remat3", None)
+  except ImportError:  # pragma: no cover - a JAX that moved it
+    return None
+  if state is None or not hasattr(state, "value") or not callable(state):
+    return None  # pragma: no cover
+  return state
+
+
+@contextlib.contextmanager
+def remat3(enabled: bool) -> Iterator[None]:
+  """Runs the block with ``jax_remat3`` set to ``enabled`` (a no-op where JAX lacks it).
+
+  ``jax.checkpoint`` picks its implementation when it wraps (or, in Flax,
+  applies) a function, so a wrapper built inside ``remat3(False)`` binds the
+  classic ``remat`` primitive, whose partial evaluation consults any callable
+  policy. Uses JAX's thread-local override where it exists, else a global
+  ``jax.config.update`` restored on exit.
+  """
+  if not has_remat3():
+    yield
+    return
+  state = _remat3_state()
+  if state is not None:
+    with state(enabled):
+      yield
+    return
+  old = jax.config.values["jax_remat3"]  # pragma: no cover - fallback
+  jax.config.update("jax_remat3", enabled)  # pragma: no cover
+  try:  # pragma: no cover
+    yield
+  finally:  # pragma: no cover
+    jax.config.update("jax_remat3", old)
+
+
+# --------------------------------------------------------------------------
+# What remat looks like in a jaxpr, discovered by tracing public calls.
+# --------------------------------------------------------------------------
+class Markers(NamedTuple):
+  """How one remat implementation shows up in a jaxpr."""
+
+  name_primitive: Any  # the primitive `checkpoint_name` binds
+  name_class: type | None  # remat3: the hi-primitive class carried in `_prim`
+  remat_primitive: Any  # the primitive `jax.checkpoint` binds
+  remat_class: type | None  # remat3: the hi-primitive class carried in `_prim`
+
+
+def _single_eqn(fn: Any) -> Any:
+  closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((2,), "float32"))
+  if len(closed.jaxpr.eqns) != 1:  # pragma: no cover - a JAX that lowers these otherwise
+    raise RuntimeError(
+        f"remat_kit cannot recognise remat in jax {jax.__version__}: tracing a single "
+        f"`{getattr(fn, '__name__', fn)}` gave {len(closed.jaxpr.eqns)} equations. "
+        "Please report this with your JAX version.")
+  return closed.jaxpr.eqns[0]
+
+
+@functools.cache
+def markers(remat3_on: bool) -> Markers:
+  """The primitives (and remat3 hi-primitive classes) of each implementation."""
+  with remat3(remat3_on):
+    name_eqn = _single_eqn(lambda x: checkpoint_name(x, "probe"))
+    remat_eqn = _single_eqn(jax.checkpoint(lambda x: x * 2.0))
+  name_cls = type(name_eqn.params["_prim"]) if "_prim" in name_eqn.params else None
+  remat_cls = type(remat_eqn.params["_prim"]) if "_prim" in remat_eqn.params else None
+  return Markers(name_eqn.primitive, name_cls, remat_eqn.primitive, remat_cls)
+
+
+def _all_markers() -> list[Markers]:
+  return [markers(False), markers(True)] if has_remat3() else [markers(False)]
+
+
+def checkpoint_name_of(prim: Any, params: dict[str, Any]) -> str | None:
+  """The ``checkpoint_name`` tag an equation carries, under either implementation."""
+  for m in _all_markers():
+    if prim is m.name_primitive:
+      if m.name_class is None:
+        return params.get("name")
+      inner = params.get("_prim")
+      if isinstance(inner, m.name_class):
+        return inner.name
+  return None
+
+
+def is_remat(eqn: Any) -> bool:
+  """Whether ``eqn`` is a remat boundary (``jax.checkpoint``), either implementation."""
+  for m in _all_markers():
+    if eqn.primitive is m.remat_primitive:
+      return m.remat_class is None or isinstance(eqn.params.get("_prim"), m.remat_class)
+  return False
+
+
+def remat_params(eqn: Any) -> dict[str, Any]:
+  """A remat equation's parameters (``jaxpr``, ``policy``, ...), either implementation."""
+  inner = eqn.params.get("_prim")
+  if inner is not None and isinstance(getattr(inner, "params", None), dict):
+    return inner.params
+  return eqn.params
+
+
+def hi_inner_jaxpr(params: dict[str, Any]) -> Jaxpr | None:
+  """The jaxpr carried inside a remat3 hi-primitive's parameters, if any."""
+  inner = getattr(params.get("_prim"), "params", None)
+  if isinstance(inner, dict):
+    j = inner.get("jaxpr")
+    if isinstance(j, ClosedJaxpr):
+      return j.jaxpr
+    if isinstance(j, Jaxpr):
+      return j
+  return None
+
+
+def jax_policy_names(policy: Any) -> frozenset[str]:
+  """The checkpoint names one of JAX's own policies refers to, where they can be read.
+
+  JAX's policy classes carry them as fields. Where a JAX version returns a
+  plain function instead (``save_and_offload_only_these_names`` before the
+  class existed, every name policy in JAX 0.10.0), the names are read from
+  the function's closure: an implementation detail, so a miss returns fewer
+  names, never an error.
+  """
+  names: set[str] = set()
+  for attr in ("names", "saveable_names", "names_which_can_be_saved",
+               "names_which_can_be_offloaded"):
+    v = getattr(policy, attr, None)
+    if isinstance(v, (set, frozenset, tuple, list)):
+      names.update(x for x in v if isinstance(x, str))
+  for cell in getattr(policy, "__closure__", None) or ():
+    try:
+      v = cell.cell_contents
+    except ValueError:
+      continue
+    if isinstance(v, (set, frozenset, tuple, list)) and v and all(isinstance(x, str) for x in v):
+      names.update(v)
+  return frozenset(names)
+
+
+def closure_policy_kind(policy: Any) -> str | None:
+  """Which of JAX's policy *factories* made ``policy``, where that JAX returns closures.
+
+  JAX 0.10.0 returns plain functions from ``save_only_these_names`` and
+  ``save_any_names_but_these`` (later versions return classes). Returns
+  ``"save_only_these_names"``, ``"save_any_names_but_these"`` or None.
+  """
+  module = getattr(policy, "__module__", "") or ""
+  qual = getattr(policy, "__qualname__", "") or ""
+  if not module.startswith("jax.") or "<locals>" not in qual:
+    return None
+  factory = qual.split(".<locals>", 1)[0]
+  return factory if factory in ("save_only_these_names", "save_any_names_but_these") else None
+
+
+def version_report() -> dict[str, Any]:
+  """What this module found in the installed JAX (shown by ``python -m remat_kit``)."""
+  return {
+      "jax": jax.__version__,
+      "jax_remat3 flag": has_remat3(),
+      "remat3 thread-local override (private jax._src.config.remat3)":
+          _remat3_state() is not None if has_remat3() else None,
+      **{f"policy class {n}": c is not None for n, c in [
+          ("SaveOnlyTheseNames", JaxSaveOnlyTheseNames),
+          ("SaveAnyNamesButThese", JaxSaveAnyNamesButThese),
+          ("SaveAndOffloadOnlyTheseNames", JaxSaveAndOffloadOnlyTheseNames),
+          ("DotsSaveable", JaxDotsSaveable),
+          ("OffloadDotWithNoBatchDims", JaxOffloadDotWithNoBatchDims)]},
+  }

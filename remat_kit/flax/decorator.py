@@ -1,0 +1,104 @@
+"""`@remat_policy`: a class decorator that rematerializes Linen or NNX modules in place.
+
+``nn.remat(Block)`` makes a new class, ``CheckpointBlock``, so auto-generated
+names change (``CheckpointBlock_0`` for ``Block_0``): the parameter tree, its
+initial values and the dropout streams all differ with remat on. Its
+``static_argnums`` also count ``self``.
+
+``remat_policy`` instead rematerializes the module's *methods* in place
+(``nn.checkpoint`` for Linen, ``nnx.remat`` for NNX, applied to the method
+function), so the class keeps its name and its parameter paths. Static
+arguments are given by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
+
+import flax.linen as flax_linen
+from flax import nnx as flax_nnx
+
+from remat_kit.flax import linen, nnx
+from remat_kit.policies import from_config
+
+__all__ = ["remat_policy"]
+
+M = TypeVar("M", bound=type)
+
+
+@overload
+def remat_policy(policy: M) -> M: ...
+@overload
+def remat_policy(policy: Any = ..., *, static_argnames: str | Sequence[str] = ...,
+                 methods: str | Sequence[str] = ..., prevent_cse: bool = ...,
+                 check_names: bool = ...) -> Callable[[M], M]: ...
+def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (),
+                 methods: str | Sequence[str] = ("__call__",), prevent_cse: bool = True,
+                 check_names: bool = True) -> Any:
+  """Class decorator: rematerialize a Linen or NNX module's methods under ``policy``.
+
+  The decorated class keeps its name, so parameter paths, initial values and
+  dropout streams are those of the undecorated class: switching remat on
+  changes memory and nothing else.
+
+  Args:
+    policy: anything :func:`remat_kit.policies.from_config` accepts; full
+      remat by default. When the decorator is used bare, this is the class.
+    static_argnames: names of Python-valued arguments such as ``"train"`` or
+      ``"deterministic"`` (not positions, so no ``self`` off-by-one). Values
+      that are a Python ``bool``, ``str`` or ``None`` are static anyway.
+    methods: the methods to rematerialize.
+    prevent_cse: as in ``jax.checkpoint``; use False for modules in a scan.
+    check_names: raise at apply time if the policy names a tag the method
+      never makes.
+
+  Returns:
+    A subclass with the same name whose methods are rematerialized.
+
+  Raises:
+    TypeError: if the target is not a Linen Module class.
+    ValueError: for a static argument name the method does not have, or (at
+      apply time) a policy name that the module never tags.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from remat_kit.flax import remat_policy
+    >>> @remat_policy("save_dots", static_argnames="train")
+    ... class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     return nn.Dropout(0.1, deterministic=not train)(nn.relu(nn.Dense(4)(x)))
+    >>> Block.__name__
+    'Block'
+  """
+  if isinstance(policy, type):
+    return remat_policy()(policy)
+  pol = from_config(policy)
+  names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+  meths = (methods,) if isinstance(methods, str) else tuple(methods)
+  if not meths:
+    raise ValueError("`remat_policy`: `methods` is empty; name at least one method.")
+
+  def decorate(cls: M) -> M:
+    if isinstance(cls, type) and issubclass(cls, flax_nnx.Module):
+      wrap = nnx.wrap_nnx_method
+    elif isinstance(cls, type) and issubclass(cls, flax_linen.Module):
+      wrap = linen.wrap_linen_method
+    else:
+      raise TypeError(
+          f"`remat_policy`: expected a flax.linen.Module or flax.nnx.Module subclass, got "
+          f"{cls!r}. Decorate "
+          "the class (not an instance or a function); for plain functions use "
+          "`remat_kit.remat`.")
+    missing = [m for m in meths if not hasattr(cls, m)]
+    if missing:
+      raise ValueError(f"`remat_policy`: {cls.__name__} has no methods {missing}.")
+    body = {m: wrap(cls, m, pol, names, prevent_cse, check_names) for m in meths}
+    body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
+    new = type(cls.__name__, (cls,), body)
+    # Set after creation: Flax wraps callable class attributes (policies are) as methods.
+    new.__remat_policy__ = pol
+    return new  # type: ignore[return-value]
+
+  return decorate

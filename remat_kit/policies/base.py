@@ -1,0 +1,189 @@
+"""The policy protocol and its combinators: `Policy`, `Union`, `Intersection`, `Offload`.
+
+A policy decides, for each intermediate value of a checkpointed function,
+whether the forward pass **saves** it, **offloads** it to host memory, or lets
+the backward pass **recompute** it. Calling a policy as ``jax.checkpoint``
+does (primitive, input avals, equation parameters) returns ``True``/``False``
+or JAX's ``Offloadable``, so every policy is a valid ``jax.checkpoint`` policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from remat_kit import _jax
+
+__all__ = ["Intersection", "Offload", "Policy", "Union", "DEFAULT_OFFLOAD_DST",
+           "DEFAULT_OFFLOAD_SRC"]
+
+Decision = Any  # _jax.Saveable | _jax.Recompute | _jax.Offloadable
+DEFAULT_OFFLOAD_SRC = "device"
+DEFAULT_OFFLOAD_DST = "pinned_host"
+
+# Turns a config value into a policy for `|` and `&`; `config` installs
+# `from_config` here when it is imported (it sits above this module).
+_coerce: Callable[[Any], Policy] | None = None
+
+
+def as_policy(value: Any) -> Policy:
+  """``value`` as a policy: itself if it is one, else through ``from_config``."""
+  if isinstance(value, Policy):
+    return value
+  if _coerce is None:  # pragma: no cover - remat_kit.policies imports config
+    raise TypeError(f"expected a remat_kit Policy, got {value!r}.")
+  return _coerce(value)
+
+
+def names_arg(names: Iterable[str], api: str) -> tuple[str, ...]:
+  """Validates and sorts a collection of `checkpoint_name` tags."""
+  if isinstance(names, str):
+    names = (names,)
+  out = []
+  for n in names:
+    if not isinstance(n, str) or not n:
+      raise TypeError(
+          f"`{api}`: every name must be a non-empty str, got {n!r}. "
+          "Pass the strings you gave to `checkpoint_name`.")
+    out.append(n)
+  return tuple(sorted(set(out)))
+
+
+class Policy:
+  """Base class of remat_kit policies.
+
+  Subclasses implement :meth:`decide`. Composite policies list their parts in
+  :meth:`children`; the introspection methods then combine the parts' answers,
+  so a combinator is written once.
+  """
+
+  def decide(self, prim: Any, avals: tuple[Any, ...], params: dict[str, Any]) -> Decision:
+    raise NotImplementedError
+
+  def __call__(self, prim: Any, *avals: Any, **params: Any) -> Any:
+    d = self.decide(prim, avals, params)
+    if d is _jax.Saveable:
+      return True
+    if d is _jax.Recompute:
+      return False
+    return d  # Offloadable
+
+  # Composition -------------------------------------------------------------
+  def __or__(self, other: Any) -> Union:
+    return Union.of(self, as_policy(other))
+
+  def __ror__(self, other: Any) -> Union:
+    return Union.of(as_policy(other), self)
+
+  def __and__(self, other: Any) -> Intersection:
+    return Intersection.of(self, as_policy(other))
+
+  def __rand__(self, other: Any) -> Intersection:
+    return Intersection.of(as_policy(other), self)
+
+  # Introspection -----------------------------------------------------------
+  def children(self) -> tuple[Policy, ...]:
+    """The policies this one is built from (none for a leaf)."""
+    return ()
+
+  def own_names(self) -> frozenset[str]:
+    """The `checkpoint_name` tags this policy itself (not its parts) refers to."""
+    return frozenset()
+
+  def referenced_names(self) -> frozenset[str]:
+    """The `checkpoint_name` tags this policy refers to."""
+    return self.own_names().union(*(c.referenced_names() for c in self.children()))
+
+  def referenced_primitives(self) -> frozenset[str]:
+    """The primitive names this policy refers to."""
+    return frozenset().union(*(c.referenced_primitives() for c in self.children()))
+
+  def excluded_names(self) -> frozenset[str]:
+    """Names whose producers must be recomputed (see `SaveAnythingExcept`)."""
+    return frozenset().union(*(c.excluded_names() for c in self.children()))
+
+  def with_producers(self, producers: frozenset[tuple[Any, ...]]) -> Policy:
+    """This policy with the producers of its excluded names filled in."""
+    kids = self.children()
+    if not kids:
+      return self
+    return self.with_children(tuple(c.with_producers(producers) for c in kids))
+
+  def with_children(self, children: tuple[Policy, ...]) -> Policy:
+    """This composite with its parts replaced."""
+    raise NotImplementedError  # pragma: no cover - leaves have no children
+
+
+@dataclasses.dataclass(frozen=True)
+class Offload(Policy):
+  """Offloads to host what ``policy`` would save, instead of keeping it."""
+
+  policy: Policy
+  src: str = DEFAULT_OFFLOAD_SRC
+  dst: str = DEFAULT_OFFLOAD_DST
+
+  def decide(self, prim, avals, params):
+    d = self.policy.decide(prim, avals, params)
+    if d is _jax.Recompute:
+      return d
+    return _jax.Offloadable(src=self.src, dst=self.dst)
+
+  def children(self):
+    return (self.policy,)
+
+  def with_children(self, children):
+    return dataclasses.replace(self, policy=children[0])
+
+
+def _flatten(kind: type, policies: Iterable[Policy]) -> tuple[Policy, ...]:
+  out: list[Policy] = []
+  for p in policies:
+    out.extend(p.policies if isinstance(p, kind) else (p,))
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Combination(Policy):
+  policies: tuple[Policy, ...]
+
+  @classmethod
+  def of(cls, *policies: Policy) -> Any:
+    """The combination of ``policies``, nested combinations of the same kind flattened."""
+    return cls(_flatten(cls, policies))
+
+  def children(self):
+    return self.policies
+
+  def with_children(self, children):
+    return dataclasses.replace(self, policies=children)
+
+
+@dataclasses.dataclass(frozen=True)
+class Union(_Combination):
+  """Saves a value if any policy saves it; else offloads if any offloads it."""
+
+  def decide(self, prim, avals, params):
+    offload = None
+    for p in self.policies:
+      d = p.decide(prim, avals, params)
+      if d is _jax.Saveable:
+        return d
+      if offload is None and isinstance(d, _jax.Offloadable):
+        offload = d
+    return offload if offload is not None else _jax.Recompute
+
+
+@dataclasses.dataclass(frozen=True)
+class Intersection(_Combination):
+  """Keeps a value only if every policy keeps it (offloads if any offloads)."""
+
+  def decide(self, prim, avals, params):
+    offload = None
+    for p in self.policies:
+      d = p.decide(prim, avals, params)
+      if d is _jax.Recompute:
+        return d
+      if offload is None and isinstance(d, _jax.Offloadable):
+        offload = d
+    return offload if offload is not None else _jax.Saveable

@@ -1,0 +1,274 @@
+"""Config in, policy out: the preset registry, the string/dict parser and `from_config`.
+
+>>> from remat_kit.policies import from_config
+>>> from_config("save_dots_no_batch | save:qkv")
+Union(policies=(SaveDots(no_batch_dims=True), SaveNames(names=('qkv',))))
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from remat_kit import _jax
+from remat_kit.policies import base
+from remat_kit.policies.base import (
+    DEFAULT_OFFLOAD_DST,
+    DEFAULT_OFFLOAD_SRC,
+    Intersection,
+    Offload,
+    Policy,
+    Union,
+)
+from remat_kit.policies.library import (
+    CallablePolicy,
+    NamePlan,
+    OffloadNames,
+    SaveAnyNamesBut,
+    SaveAnythingExcept,
+    SaveDots,
+    SaveEverything,
+    SaveNames,
+    SaveNothing,
+    SavePrimitives,
+)
+
+__all__ = ["from_config", "offload", "register", "registered", "save_from_all_policies",
+           "save_from_both_policies", "save_if_all_policies_save"]
+
+_ACTIONS = ("save", "offload", "recompute")
+
+
+def offload(policy: Any, *, src: str = DEFAULT_OFFLOAD_SRC,
+            dst: str = DEFAULT_OFFLOAD_DST) -> Offload:
+  """Offload to host what ``policy`` would save."""
+  return Offload(from_config(policy), src, dst)
+
+
+def save_from_both_policies(policy_1: Any, policy_2: Any) -> Union:
+  """Logical OR of two policies (JAX's name for it)."""
+  return save_from_all_policies(policy_1, policy_2)
+
+
+def save_from_all_policies(*policies: Any) -> Union:
+  """Save a value if any of the policies saves it."""
+  if not policies:
+    raise ValueError("`save_from_all_policies` needs at least one policy.")
+  return Union.of(*[from_config(p) for p in policies])
+
+
+def save_if_all_policies_save(*policies: Any) -> Intersection:
+  """Save a value only if every policy saves it."""
+  if not policies:
+    raise ValueError("`save_if_all_policies_save` needs at least one policy.")
+  return Intersection.of(*[from_config(p) for p in policies])
+
+
+_REGISTRY: dict[str, Callable[[], Policy]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, factory: Callable[[], Policy], description: str = "") -> None:
+  """Adds a preset to the registry that :func:`from_config` reads.
+
+  Args:
+    name: the config string, e.g. ``"save_qkv"``.
+    factory: a zero-argument callable returning a policy.
+    description: one line on what it saves, shown by :func:`registered`.
+
+  Raises:
+    ValueError: if ``name`` is taken or not a valid preset name.
+  """
+  if not isinstance(name, str) or not name or any(c in name for c in "|&:,* "):
+    raise ValueError(
+        f"`register`: `name` must be a non-empty str without '|&:,* ', got {name!r}.")
+  if name in _REGISTRY:
+    raise ValueError(f"`register`: preset {name!r} already exists; pick another name.")
+  _REGISTRY[name] = factory
+  _DESCRIPTIONS[name] = description
+
+
+def registered() -> dict[str, str]:
+  """The preset names and what each saves."""
+  return dict(_DESCRIPTIONS)
+
+
+_T = "transformer names: qkv, attn_scores, attn_probs, attn_out, mlp_hidden, mlp_out"
+
+for _name, _factory, _desc in [
+    ("full", SaveNothing, "full remat: save only inputs, recompute everything"),
+    ("nothing_saveable", SaveNothing, "alias of 'full'"),
+    ("none", SaveEverything, "no remat: save every intermediate"),
+    ("everything_saveable", SaveEverything, "alias of 'none'"),
+    ("save_dots", lambda: SaveDots(False), "save matmul/conv outputs"),
+    ("dots_saveable", lambda: SaveDots(False), "alias of 'save_dots'"),
+    ("save_dots_no_batch", lambda: SaveDots(True),
+     "save matmuls without batch dims (projections, not attention scores)"),
+    ("dots_with_no_batch_dims_saveable", lambda: SaveDots(True), "alias of 'save_dots_no_batch'"),
+    ("minimal", lambda: SaveDots(True), "MaxText's 'minimal': alias of 'save_dots_no_batch'"),
+    ("save_qkv", lambda: SaveNames(("qkv",)), f"save the qkv projection ({_T})"),
+    ("save_attn_out", lambda: SaveNames(("attn_out",)), "save the attention output"),
+    ("save_qkv_attn_out", lambda: SaveNames(("qkv", "attn_out")),
+     "save qkv and attention output"),
+    ("save_attn_probs", lambda: SaveNames(("attn_probs",)), "save the attention probabilities"),
+    ("save_mlp_hidden", lambda: SaveNames(("mlp_hidden",)), "save the MLP hidden activation"),
+    ("save_block_io", lambda: SaveNames(("attn_out", "mlp_out")),
+     "save the attention and MLP outputs"),
+    ("save_all_but_attn_probs", lambda: SaveAnythingExcept(("attn_probs",)),
+     "save everything except the attention probabilities"),
+    ("offload_dots", lambda: Offload(SaveDots(True)),
+     "offload matmuls without batch dims to pinned host memory"),
+    ("offload_qkv", lambda: OffloadNames(("qkv",)), "offload qkv to pinned host memory"),
+]:
+  register(_name, _factory, _desc)
+
+_PREFIXES: dict[str, Callable[[tuple[str, ...]], Policy]] = {
+    "save": lambda ns: SaveNames(ns),
+    "offload": lambda ns: OffloadNames(ns),
+    "except": lambda ns: SaveAnythingExcept(ns),
+    "names_but": lambda ns: SaveAnyNamesBut(ns),
+    "prims": lambda ns: SavePrimitives(ns),
+}
+
+
+def _choices() -> str:
+  presets = ", ".join(repr(n) for n in sorted(_REGISTRY))
+  prefixes = ", ".join(f"'{p}:<name>,...'" for p in _PREFIXES)
+  return (f"presets: {presets}; forms: {prefixes}; combine with '|' (union) or "
+          "'&' (intersection); a bool; None; a dict of name -> "
+          "'save'|'offload'|'recompute'; or a Policy")
+
+
+def _from_string(s: str) -> Policy:
+  text = s.strip()
+  if "|" in text:
+    return save_from_all_policies(*[_from_string(t) for t in text.split("|")])
+  if "&" in text:
+    return save_if_all_policies_save(*[_from_string(t) for t in text.split("&")])
+  if ":" in text:
+    prefix, _, rest = text.partition(":")
+    prefix = prefix.strip()
+    names = tuple(n.strip() for n in rest.split(",") if n.strip())
+    if prefix not in _PREFIXES:
+      raise ValueError(
+          f"`from_config`: unknown prefix {prefix!r} in {s!r}. Valid: {_choices()}.")
+    if not names:
+      raise ValueError(f"`from_config`: {s!r} names no tensors after '{prefix}:'.")
+    return _PREFIXES[prefix](names)
+  if text in _REGISTRY:
+    return _REGISTRY[text]()
+  close = difflib.get_close_matches(text, list(_REGISTRY), n=3)
+  hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+  raise ValueError(f"`from_config`: unknown policy {s!r}.{hint} Valid: {_choices()}.")
+
+
+def _from_dict(d: Mapping[Any, Any]) -> Policy:
+  save, off, rec = [], [], []
+  default = "recompute"
+  for k, v in d.items():
+    if not isinstance(k, str):
+      raise TypeError(f"`from_config`: dict keys must be tensor names (str), got {k!r}.")
+    if v not in _ACTIONS:
+      raise ValueError(
+          f"`from_config`: {k!r} maps to {v!r}; each value must be one of "
+          f"{list(_ACTIONS)}.")
+    if k == "*":
+      default = v
+      continue
+    {"save": save, "offload": off, "recompute": rec}[v].append(k)
+  if default == "recompute":
+    return NamePlan(tuple(save), tuple(off))
+  if default == "save":
+    if not rec and not off:
+      return SaveEverything()
+    p: Policy = SaveAnythingExcept(tuple(rec + off))
+    return Union((p, OffloadNames(tuple(off)))) if off else p
+  raise ValueError(
+      "`from_config`: '*': 'offload' would offload every intermediate; name the "
+      "tensors to offload instead, with '*': 'recompute' or 'save'.")
+
+
+def from_config(value: Any) -> Policy:
+  """Builds a policy from a config value.
+
+  Args:
+    value: one of
+      * a :class:`Policy` (returned as is), or one of JAX's policy functions
+        and classes (translated);
+      * ``True`` or ``None``: full remat; ``False``: no remat;
+      * a preset name (see :func:`registered`), a form such as
+        ``"save:qkv,attn_out"``, ``"offload:mlp_hidden"``, ``"except:attn_probs"``,
+        ``"prims:dot_general,exp"``, or any of these joined with ``|`` / ``&``;
+      * a dict mapping tensor names to ``"save"``, ``"offload"`` or
+        ``"recompute"``, with ``"*"`` for everything else.
+
+  Returns:
+    A hashable policy, valid for ``jax.checkpoint``.
+
+  Raises:
+    ValueError: for an unknown string or action; the message lists the choices.
+    TypeError: for a value of an unsupported type.
+
+  Example:
+    >>> from remat_kit.policies import from_config
+    >>> from_config({"attn_out": "save", "mlp_hidden": "offload", "*": "recompute"})
+    NamePlan(save=('attn_out',), offload=('mlp_hidden',), src='device', dst='pinned_host')
+    >>> from_config("save_dots_no_batch | save:qkv")
+    Union(policies=(SaveDots(no_batch_dims=True), SaveNames(names=('qkv',))))
+  """
+  if isinstance(value, Policy):
+    return value
+  if value is None or value is True:
+    return SaveNothing()
+  if value is False:
+    return SaveEverything()
+  if isinstance(value, str):
+    return _from_string(value)
+  if isinstance(value, Mapping):
+    return _from_dict(value)
+  jax_policy = _from_jax_policy(value)
+  if jax_policy is not None:
+    return jax_policy
+  if callable(value):
+    try:
+      hash(value)
+    except TypeError:
+      raise TypeError(
+          f"`from_config`: callable policy {value!r} is not hashable; jit caches "
+          "by policy, so define it as a module-level function or frozen dataclass."
+      ) from None
+    return CallablePolicy(value)
+  raise TypeError(f"`from_config`: cannot build a policy from {value!r}. Valid: {_choices()}.")
+
+
+def _from_jax_policy(value: Any) -> Policy | None:
+  """Translates JAX's own policy objects, so they behave under remat3 too."""
+  if value is _jax.everything_saveable:
+    return SaveEverything()
+  if value is _jax.nothing_saveable:
+    return SaveNothing()
+  if value is _jax.dots_saveable:
+    return SaveDots(False)
+  if value is _jax.dots_with_no_batch_dims_saveable:
+    return SaveDots(True)
+  kind = _jax.closure_policy_kind(value)
+  if kind == "save_only_these_names":
+    return SaveNames(tuple(_jax.jax_policy_names(value)))
+  if kind == "save_any_names_but_these":
+    return SaveAnyNamesBut(tuple(_jax.jax_policy_names(value)))
+  if _jax.JaxDotsSaveable is not None and isinstance(value, _jax.JaxDotsSaveable):
+    return SaveDots(value.only_if_no_batch_dims)
+  if _jax.JaxSaveOnlyTheseNames is not None and isinstance(value, _jax.JaxSaveOnlyTheseNames):
+    return SaveNames(tuple(value.saveable_names))
+  if (_jax.JaxSaveAndOffloadOnlyTheseNames is not None
+      and isinstance(value, _jax.JaxSaveAndOffloadOnlyTheseNames)):
+    return NamePlan(tuple(value.names_which_can_be_saved),
+                    tuple(value.names_which_can_be_offloaded),
+                    value.offload_src, value.offload_dst)
+  if _jax.JaxSaveAnyNamesButThese is not None and isinstance(value, _jax.JaxSaveAnyNamesButThese):
+    return SaveAnyNamesBut(tuple(value.names))
+  return None
+
+
+base._coerce = from_config

@@ -1,0 +1,389 @@
+"""Leaf policies (what to save, by name, primitive or size) and JAX-named factories.
+
+Each policy is a frozen, hashable dataclass with a readable ``repr``; each
+says what it saves and what it costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from remat_kit import _jax
+from remat_kit.policies.base import DEFAULT_OFFLOAD_DST, DEFAULT_OFFLOAD_SRC, Policy, names_arg
+
+__all__ = [
+    "CallablePolicy",
+    "NamePlan",
+    "OffloadNames",
+    "SaveAnyNamesBut",
+    "SaveAnythingExcept",
+    "SaveBySize",
+    "SaveDots",
+    "SaveEverything",
+    "SaveNames",
+    "SaveNothing",
+    "SavePrimitives",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+    "nothing_saveable",
+    "offload_these_names",
+    "save_any_names_but_these",
+    "save_anything_except_these_names",
+    "save_by_size",
+    "save_only_these_names",
+    "save_these_primitives",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveEverything(Policy):
+  """Saves every intermediate: the same memory and compute as no remat."""
+
+  def decide(self, prim, avals, params):
+    return _jax.Saveable
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveNothing(Policy):
+  """Full remat: saves only the inputs; the backward pass reruns the forward.
+
+  Memory: the function's inputs only. Compute: one extra forward pass.
+  """
+
+  def decide(self, prim, avals, params):
+    return _jax.Recompute
+
+
+def _is_dot(prim: Any, params: dict[str, Any], no_batch_dims: bool) -> bool:
+  name = getattr(prim, "name", "")
+  if name == "dot_general":
+    if not no_batch_dims:
+      return True
+    (_, _), (lhs_b, rhs_b) = params["dimension_numbers"]
+    return not lhs_b and not rhs_b
+  return name == "conv_general_dilated" and not no_batch_dims
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveDots(Policy):
+  """Saves the outputs of matrix multiplies (and convolutions).
+
+  Everything elementwise (activations, norms, dropout masks) is recomputed.
+  Memory: one tensor per matmul. Compute: the cheap, memory-bound ops again.
+
+  Attributes:
+    no_batch_dims: if True, save only `dot_general`s without batch dimensions
+      (projections, not attention's batched ``q @ k``), and no convolutions.
+  """
+
+  no_batch_dims: bool = False
+
+  def decide(self, prim, avals, params):
+    return _jax.Saveable if _is_dot(prim, params, self.no_batch_dims) else _jax.Recompute
+
+  def referenced_primitives(self):
+    return frozenset({"dot_general"})
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveNames(Policy):
+  """Saves the values tagged with these `checkpoint_name`s; recomputes the rest.
+
+  Attributes:
+    names: the `checkpoint_name` tags to save.
+  """
+
+  names: tuple[str, ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, "names", names_arg(self.names, "SaveNames(names=...)"))
+
+  def decide(self, prim, avals, params):
+    n = _jax.checkpoint_name_of(prim, params)
+    return _jax.Saveable if n is not None and n in self.names else _jax.Recompute
+
+  def own_names(self):
+    return frozenset(self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadNames(Policy):
+  """Moves the values with these names to host memory; recomputes the rest.
+
+  Memory: device memory as full remat for these tensors, host memory for
+  them instead. Compute: a device-to-host copy forward and back.
+
+  Attributes:
+    names: the `checkpoint_name` tags to offload.
+    src: memory kind the values live in (``"device"``).
+    dst: memory kind to offload to (``"pinned_host"``).
+  """
+
+  names: tuple[str, ...]
+  src: str = DEFAULT_OFFLOAD_SRC
+  dst: str = DEFAULT_OFFLOAD_DST
+
+  def __post_init__(self):
+    object.__setattr__(self, "names", names_arg(self.names, "OffloadNames(names=...)"))
+
+  def decide(self, prim, avals, params):
+    n = _jax.checkpoint_name_of(prim, params)
+    if n is not None and n in self.names:
+      return _jax.Offloadable(src=self.src, dst=self.dst)
+    return _jax.Recompute
+
+  def own_names(self):
+    return frozenset(self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class NamePlan(Policy):
+  """A per-name plan: save some names, offload others, recompute the rest.
+
+  Built from a dict by :func:`from_config`, e.g.
+  ``{"attn_out": "save", "mlp_hidden": "offload", "*": "recompute"}``.
+
+  Attributes:
+    save: names to keep on device.
+    offload: names to move to host memory.
+    src: memory kind of offloaded values.
+    dst: memory kind to offload to.
+  """
+
+  save: tuple[str, ...] = ()
+  offload: tuple[str, ...] = ()
+  src: str = DEFAULT_OFFLOAD_SRC
+  dst: str = DEFAULT_OFFLOAD_DST
+
+  def __post_init__(self):
+    save = names_arg(self.save, "NamePlan(save=...)")
+    off = names_arg(self.offload, "NamePlan(offload=...)")
+    both = sorted(set(save) & set(off))
+    if both:
+      raise ValueError(
+          f"`NamePlan`: names {both} are both saved and offloaded. Give each "
+          "name one action: 'save', 'offload' or 'recompute'.")
+    object.__setattr__(self, "save", save)
+    object.__setattr__(self, "offload", off)
+
+  def decide(self, prim, avals, params):
+    n = _jax.checkpoint_name_of(prim, params)
+    if n is None:
+      return _jax.Recompute
+    if n in self.save:
+      return _jax.Saveable
+    if n in self.offload:
+      return _jax.Offloadable(src=self.src, dst=self.dst)
+    return _jax.Recompute
+
+  def own_names(self):
+    return frozenset(self.save) | frozenset(self.offload)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveAnyNamesBut(Policy):
+  """Saves every named value except these names; recomputes unnamed values."""
+
+  names: tuple[str, ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, "names", names_arg(self.names, "SaveAnyNamesBut(names=...)"))
+
+  def decide(self, prim, avals, params):
+    n = _jax.checkpoint_name_of(prim, params)
+    return _jax.Saveable if n is not None and n not in self.names else _jax.Recompute
+
+  def own_names(self):
+    return frozenset(self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveAnythingExcept(Policy):
+  """Saves everything except the values with these names.
+
+  JAX's ``save_anything_except_these_names`` saves everything: refusing to
+  save a named value only makes JAX save the unnamed value just before the
+  tag, the same tensor. This policy really drops them: under
+  :func:`remat_kit.remat`, the operation that produces each excluded value is
+  recomputed from its own inputs on the backward pass.
+
+  Handed straight to ``jax.checkpoint`` it can only refuse the tag itself, as
+  JAX's does; apply it with :func:`remat_kit.remat`, which finds each excluded
+  tensor's producer at trace time (``producers``). A producer is recognised by
+  its primitive and input shapes, so an identical op elsewhere in the function
+  is recomputed too: more compute, never more memory than promised.
+
+  Memory: as no remat, less the excluded tensors (plus the producer's inputs
+  where nothing else keeps them). Compute: one op per excluded tensor.
+  """
+
+  names: tuple[str, ...]
+  producers: frozenset[tuple[Any, ...]] = dataclasses.field(default=frozenset(), repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "names", names_arg(self.names, "SaveAnythingExcept(names=...)"))
+    object.__setattr__(self, "producers", frozenset(self.producers))
+
+  def decide(self, prim, avals, params):
+    n = _jax.checkpoint_name_of(prim, params)
+    if n is not None:
+      return _jax.Recompute if n in self.names else _jax.Saveable
+    if self.producers:
+      sig = (prim.name, tuple((tuple(getattr(a, "shape", ())), str(getattr(a, "dtype", "")))
+                              for a in avals))
+      if sig in self.producers:
+        return _jax.Recompute
+    return _jax.Saveable
+
+  def own_names(self):
+    return frozenset(self.names)
+
+  def excluded_names(self):
+    return frozenset(self.names)
+
+  def with_producers(self, producers):
+    return dataclasses.replace(self, producers=frozenset(producers))
+
+
+@dataclasses.dataclass(frozen=True)
+class SavePrimitives(Policy):
+  """Saves the outputs of the named primitives, e.g. ``("dot_general", "exp")``."""
+
+  primitives: tuple[str, ...]
+
+  def __post_init__(self):
+    object.__setattr__(
+        self, "primitives", names_arg(self.primitives, "SavePrimitives(primitives=...)"))
+
+  def decide(self, prim, avals, params):
+    return _jax.Saveable if getattr(prim, "name", None) in self.primitives else _jax.Recompute
+
+  def referenced_primitives(self):
+    return frozenset(self.primitives)
+
+
+def _out_bytes(prim: Any, avals: tuple[Any, ...], params: dict[str, Any]) -> int:
+  """Bytes of an equation's outputs, from the primitive's abstract evaluation."""
+  out = prim.abstract_eval(*avals, **params)
+  if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (set, frozenset)):
+    out = out[0]  # (avals, effects)
+  outs = out if isinstance(out, (list, tuple)) else [out]
+  total = 0
+  for a in outs:
+    shape = getattr(a, "shape", None)
+    dtype = getattr(a, "dtype", None)
+    if shape is None or dtype is None:
+      continue
+    total += math.prod(shape) * np.dtype(dtype).itemsize
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveBySize(Policy):
+  """Saves every op output whose size in bytes lies in ``[min_bytes, max_bytes]``.
+
+  Small tensors (per-token statistics, norms) are cheap to keep and can be
+  expensive to recompute through; large ones are where remat pays. Combine
+  with ``&``, e.g. ``dots_saveable() & save_by_size(max_bytes=2**20)``.
+
+  Attributes:
+    min_bytes: smallest output to save.
+    max_bytes: largest output to save; None for no limit.
+  """
+
+  min_bytes: int = 0
+  max_bytes: int | None = None
+
+  def __post_init__(self):
+    for field in ("min_bytes", "max_bytes"):
+      v = getattr(self, field)
+      if v is None and field == "max_bytes":
+        continue
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"`SaveBySize`: `{field}` must be an int >= 0, got {v!r}.")
+    if self.max_bytes is not None and self.max_bytes < self.min_bytes:
+      raise ValueError(
+          f"`SaveBySize`: `max_bytes`={self.max_bytes} is below "
+          f"`min_bytes`={self.min_bytes}; swap them.")
+
+  def decide(self, prim, avals, params):
+    if _jax.checkpoint_name_of(prim, params) is not None:
+      return _jax.Recompute  # the tag's input is judged instead
+    try:
+      n = _out_bytes(prim, avals, params)
+    except Exception:  # noqa: BLE001 - a primitive we cannot size is not saved
+      return _jax.Recompute
+    if n < self.min_bytes or (self.max_bytes is not None and n > self.max_bytes):
+      return _jax.Recompute
+    return _jax.Saveable
+
+
+@dataclasses.dataclass(frozen=True)
+class CallablePolicy(Policy):
+  """Wraps a plain ``policy(prim, *avals, **params)`` function.
+
+  `jax_remat3` ignores plain callables; wrapped, it still applies (through
+  JAX's classic remat). The function must be hashable (a module-level def).
+  """
+
+  fn: Callable[..., Any]
+
+  def decide(self, prim, avals, params):
+    return _jax.ensure_decision(self.fn(prim, *avals, **params))
+
+
+def everything_saveable() -> SaveEverything:
+  """Save everything: no remat."""
+  return SaveEverything()
+
+
+def nothing_saveable() -> SaveNothing:
+  """Save nothing: full remat."""
+  return SaveNothing()
+
+
+def dots_saveable() -> SaveDots:
+  """Save matmul and convolution outputs; recompute the rest."""
+  return SaveDots(no_batch_dims=False)
+
+
+def dots_with_no_batch_dims_saveable() -> SaveDots:
+  """Save matmuls without batch dimensions (projections); recompute the rest."""
+  return SaveDots(no_batch_dims=True)
+
+
+def save_only_these_names(*names: str) -> SaveNames:
+  """Save only the values tagged with these names."""
+  return SaveNames(names)
+
+
+def offload_these_names(*names: str, src: str = DEFAULT_OFFLOAD_SRC,
+                        dst: str = DEFAULT_OFFLOAD_DST) -> OffloadNames:
+  """Offload the values tagged with these names to host memory."""
+  return OffloadNames(names, src, dst)
+
+
+def save_any_names_but_these(*names: str) -> SaveAnyNamesBut:
+  """Save every named value except these names; recompute unnamed values."""
+  return SaveAnyNamesBut(names)
+
+
+def save_anything_except_these_names(*names: str) -> SaveAnythingExcept:
+  """Save everything except the values tagged with these names."""
+  return SaveAnythingExcept(names)
+
+
+def save_these_primitives(*primitives: str) -> SavePrimitives:
+  """Save the outputs of these primitives (by name, e.g. ``"dot_general"``)."""
+  return SavePrimitives(primitives)
+
+
+def save_by_size(*, min_bytes: int = 0, max_bytes: int | None = None) -> SaveBySize:
+  """Save op outputs whose size in bytes lies in ``[min_bytes, max_bytes]``."""
+  return SaveBySize(min_bytes, max_bytes)

@@ -1,0 +1,82 @@
+"""Why each residual is kept: remat sites, their policies, and the rule behind a row.
+
+Separate from the report dataclasses (:mod:`remat_kit.report.summary`), so
+`lint` and `memory_report` share one explainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from remat_kit import _jax, _jaxpr
+from remat_kit.policies import Policy
+from remat_kit.report.core import Residual
+
+__all__ = ["RematSite", "policy_names", "policy_repr", "remat_sites", "rule_for"]
+
+
+def policy_names(policy: Any) -> frozenset[str]:
+  """The checkpoint names a policy refers to, where they can be read."""
+  if isinstance(policy, Policy):
+    return policy.referenced_names()
+  return _jax.jax_policy_names(policy)
+
+
+def policy_repr(policy: Any) -> str:
+  if policy is None:
+    return "full remat (policy=None)"
+  return getattr(policy, "__name__", None) or repr(policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class RematSite:
+  policy: Any
+  names: frozenset[str]
+  outputs: frozenset[tuple[str, tuple[int, ...], str]]
+  layers: int  # the product of the trip counts of the scans around it
+
+
+def remat_sites(fn: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> list[RematSite]:
+  """Every remat boundary in ``fn``: its policy, the names and outputs made inside it."""
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  return [_site(eqn, layers) for eqn, layers in _jaxpr.remat_sites(closed.jaxpr)]
+
+
+def _site(eqn: Any, layers: int) -> RematSite:
+  body, _ = _jaxpr.remat_body(eqn)
+  names, outs = set(), set()
+  for e in _jaxpr.walk(body):
+    n = _jax.checkpoint_name_of(e.primitive, e.params)
+    if n is not None:
+      names.add(n)
+    for v in e.outvars:
+      outs.add((e.primitive.name, tuple(getattr(v.aval, "shape", ())),
+                str(getattr(v.aval, "dtype", ""))))
+  return RematSite(_jaxpr.policy_of(eqn), frozenset(names), frozenset(outs), layers)
+
+
+def rule_for(r: Residual, sites: list[RematSite]) -> str:
+  if r.kind == "argument":
+    return "an input: no extra memory"
+  if r.kind == "argument_cast":
+    return "an input cast to another dtype (a copy, not an activation)"
+  if r.kind == "constant":
+    return "a constant"
+  if r.primitive == "scan carry":
+    return "the scan carry: each layer's input, kept by the scan"
+  verb = "offloaded" if r.memory == "host" else "saved"
+  sites = [site for site in sites if site.layers == r.layers]
+  for site in sites:
+    if r.name is not None and r.name in site.names:
+      return f"{verb} by policy {policy_repr(site.policy)} (name {r.name!r})"
+  for site in sites:
+    for prim, shape, dtype in site.outputs:
+      if prim == r.primitive and dtype == r.dtype and tuple(r.shape[len(r.shape) - len(shape):]) \
+          == shape:
+        return f"{verb} by policy {policy_repr(site.policy)} ({prim})"
+  return "kept by autodiff (made by an op's linearization, or outside any remat)"

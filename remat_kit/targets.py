@@ -1,0 +1,351 @@
+"""Where a compile happens: the local backend, or a TPU or GPU that is not here.
+
+JAX compiles for accelerators it does not have: with ``libtpu`` installed,
+``jax.experimental.topologies`` gives compile-only TPU devices; with the
+``jax-cuda12-plugin`` and a GPU target config, compile-only GPU devices. The
+real compiler then assigns buffers, so its memory figures are the target's,
+not the local CPU's (XLA:CPU undoes remat in Python loops; TPU and GPU keep
+it). Nothing runs there: arguments may be ``jax.ShapeDtypeStruct``s of any size.
+
+Target strings:
+
+* ``None`` / ``"cpu"`` / ``"local"``: the local default backend.
+* ``"tpu:<generation>:<topology>"`` as libtpu names them, e.g. ``"tpu:v5e:2x2"``,
+  ``"tpu:v6e:2x2"``, ``"tpu:v5e:16x16"``, ``"tpu:v4:2x2x1"``, ``"tpu:v5p:2x2x1"``.
+* ``"gpu:h100"``, ``"gpu:a100"``: one GPU of that model, from the published
+  facts in :data:`GPU_SPECS`. Deviceless GPU compiles skip GEMM autotuning,
+  so temp may differ a little from a real card's.
+
+Install: ``pip install "jax[tpu]==<your jax version>"`` for TPU targets,
+``pip install "jax-cuda12-plugin==<your jax version>"`` for GPU targets
+(``make test`` and ``make bench`` do both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+__all__ = ["CHIPS", "GPU_SPECS", "Target", "compile_for", "hbm_bytes_moved", "parse_target",
+           "place"]
+
+EXAMPLES = ("cpu", "tpu:v5e:2x2", "tpu:v6e:2x2", "tpu:v5e:16x16", "tpu:v4:2x2x1",
+            "tpu:v5p:2x2x1", "gpu:h100", "gpu:a100")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published peak rates of one chip, used by the step-time estimate.
+
+  Attributes:
+    peak_flops: dense bf16 matrix FLOP/s.
+    hbm_bandwidth: HBM bytes/s.
+    hbm_bytes: HBM capacity per chip.
+    source: where the figures come from.
+  """
+
+  peak_flops: float
+  hbm_bandwidth: float
+  hbm_bytes: int
+  source: str
+
+
+# Vendor datasheets (Google Cloud TPU system architecture pages; NVIDIA H100/A100 SXM).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip(275e12, 1228e9, 32 * 2**30, "Cloud TPU v4: 275 TFLOP/s bf16, 1228 GB/s, 32 GiB"),
+    "v5e": Chip(197e12, 819e9, 16 * 2**30, "Cloud TPU v5e: 197 TFLOP/s bf16, 819 GB/s, 16 GiB"),
+    "v5p": Chip(459e12, 2765e9, 95 * 2**30, "Cloud TPU v5p: 459 TFLOP/s bf16, 2765 GB/s, 95 GiB"),
+    "v6e": Chip(918e12, 1640e9, 32 * 2**30, "Cloud TPU v6e: 918 TFLOP/s bf16, 1640 GB/s, 32 GiB"),
+    "h100": Chip(989e12, 3350e9, 80 * 10**9,
+                 "NVIDIA H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB"),
+    "a100": Chip(312e12, 2039e9, 80 * 10**9,
+                 "NVIDIA A100 SXM 80GB: 312 TFLOP/s dense bf16, 2.039 TB/s HBM2e, 80 GB"),
+}
+
+# stream_executor.GpuTargetConfigProto text, written from each GPU's published
+# facts (SM count, shared memory and registers per SM, L2, HBM bandwidth and
+# size, boost clock, compute capability). Fields JAX 0.10 rejects are left out.
+_GPU_TEMPLATE = """
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_per_sm}
+  threads_per_core_limit: 2048
+  core_count: {sms}
+  fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: {l2}
+  clock_rate_ghz: {clock}
+  device_memory_size: {memory}
+  shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {cc_major} minor: {cc_minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 1 patch: 0 }}
+device_description_str: "{name}"
+"""
+
+GPU_SPECS: dict[str, dict[str, Any]] = {
+    "h100": dict(name="NVIDIA H100 80GB HBM3", sms=132, fpus=128, smem_per_sm=233472,
+                 smem_optin=232448, bandwidth=3352320000000, l2=52428800, clock=1.98,
+                 memory=85520809984, cc_major=9, cc_minor=0),
+    "a100": dict(name="NVIDIA A100-SXM4-80GB", sms=108, fpus=64, smem_per_sm=167936,
+                 smem_optin=166912, bandwidth=2039040000000, l2=41943040, clock=1.41,
+                 memory=85100068864, cc_major=8, cc_minor=0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A compile target.
+
+  Attributes:
+    name: the canonical string (``"cpu"``, ``"tpu:v5e:2x2"``, ``"gpu:h100"``).
+    platform: ``"local"``, ``"tpu"`` or ``"gpu"``.
+    generation: TPU generation or GPU model (``"v5e"``, ``"h100"``); "" locally.
+    topology: libtpu topology name (``"v5e:2x2"``) or ``"1x1x1"`` for a GPU.
+  """
+
+  name: str
+  platform: str
+  generation: str = ""
+  topology: str = ""
+
+  @property
+  def is_local(self) -> bool:
+    return self.platform == "local"
+
+  @property
+  def chip(self) -> Chip | None:
+    return CHIPS.get(self.generation)
+
+  def devices(self) -> list[Any]:
+    """The target's (compile-only) devices, or the local ones."""
+    if self.is_local:
+      return jax.devices()
+    return list(_topology(self).devices)
+
+  def mesh(self, shape: tuple[int, ...] | None = None, axes: tuple[str, ...] = ("x",)) -> Any:
+    """A mesh over the target's devices (all of them in one axis by default)."""
+    devs = self.devices()
+    shape = shape or (len(devs),)
+    import numpy as np
+
+    return jax.sharding.Mesh(np.array(devs[: int(np.prod(shape))]).reshape(shape), axes)
+
+
+def _bad(value: Any, why: str) -> ValueError:
+  return ValueError(
+      f"`target`: {why}, got {value!r}. Working examples: {', '.join(map(repr, EXAMPLES))}.")
+
+
+def parse_target(value: Any) -> Target:
+  """``value`` (a string, a Target or None) as a :class:`Target`.
+
+  >>> parse_target("tpu:v5e:2x2")
+  Target(name='tpu:v5e:2x2', platform='tpu', generation='v5e', topology='v5e:2x2')
+  >>> parse_target(None).platform
+  'local'
+  """
+  if isinstance(value, Target):
+    return value
+  if value is None or value in ("cpu", "local"):
+    return Target("cpu" if value is None else value, "local")
+  if not isinstance(value, str):
+    raise _bad(value, "must be a str such as 'tpu:v5e:2x2'")
+  parts = value.strip().lower().split(":")
+  if parts[0] == "tpu":
+    if len(parts) != 3 or not re.fullmatch(r"\d+(x\d+)+", parts[2]):
+      raise _bad(value, "a TPU target is 'tpu:<generation>:<topology>'")
+    if parts[1] not in CHIPS or parts[1] in GPU_SPECS:
+      raise _bad(value, f"unknown TPU generation {parts[1]!r} (known: v4, v5e, v5p, v6e)")
+    return Target(value, "tpu", parts[1], f"{parts[1]}:{parts[2]}")
+  if parts[0] == "gpu":
+    if len(parts) != 2 or parts[1] not in GPU_SPECS:
+      raise _bad(value, f"a GPU target is 'gpu:<model>' with model in {sorted(GPU_SPECS)}")
+    return Target(value, "gpu", parts[1], "1x1x1")
+  raise _bad(value, "unknown target")
+
+
+@functools.cache
+def _topology(target: Target) -> Any:
+  from jax.experimental import topologies
+
+  if target.platform == "tpu":
+    try:
+      import libtpu  # noqa: F401
+    except ImportError:
+      raise RuntimeError(
+          f"`target`={target.name!r} needs libtpu to compile for a TPU without one. "
+          f'Install it with: pip install "jax[tpu]=={jax.__version__}"') from None
+    try:
+      return topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
+    except Exception as e:  # noqa: BLE001 - libtpu's error, made readable
+      raise ValueError(
+          f"`target`: libtpu refused topology {target.topology!r} ({e}). Topologies known to "
+          "work: v5e:2x2, v5e:4x4, v5e:16x16, v4:2x2x1, v5p:2x2x1, v6e:2x2 (not v5e:1x1).") from e
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401
+  except ImportError:
+    raise RuntimeError(
+        f"`target`={target.name!r} needs the CUDA plugin to compile for a GPU without one. "
+        f'Install it with: pip install "jax-cuda12-plugin=={jax.__version__}"') from None
+  config = _GPU_TEMPLATE.format(**GPU_SPECS[target.generation])
+  return topologies.get_topology_desc(platform="cuda", target_config=config,
+                                      topology=target.topology)
+
+
+def _sharding(target: Target) -> Any:
+  dev = target.devices()[0]
+  if target.platform == "gpu":
+    return jax.sharding.NamedSharding(target.mesh((1,)), jax.sharding.PartitionSpec())
+  return jax.sharding.SingleDeviceSharding(dev)
+
+
+def place(args: Any, target: Target) -> Any:
+  """``args`` as ShapeDtypeStructs on the target's first chip (arrays or structs in).
+
+  Leaves that already carry a sharding on the target's devices (a mesh's
+  ``NamedSharding``, for a sharded step) keep it.
+  """
+  if target.is_local:
+    return args
+  default = _sharding(target)
+  mine = set(target.devices())
+
+  def one(x: Any) -> Any:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      return x
+    sh = getattr(x, "sharding", None)
+    if sh is not None and getattr(sh, "device_set", None) and set(sh.device_set) <= mine:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+
+  return jax.tree_util.tree_map(one, args)
+
+
+def compile_for(fn: Callable[..., Any], target: Any, *args: Any, **kwargs: Any) -> Any:
+  """``jax.jit(fn)`` lowered and compiled for ``target`` (nothing runs)."""
+  t = parse_target(target)
+  if t.is_local:
+    return jax.jit(fn).lower(*args, **kwargs).compile()
+  return jax.jit(fn).lower(*place(args, t), **place(kwargs, t)).compile()
+
+
+# --------------------------------------------------------------------------
+# HBM bytes the compiled program moves.
+# --------------------------------------------------------------------------
+_ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+             "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+# Ops whose operands and result cross HBM: fused kernels, library calls, copies.
+_MOVING = ("fusion", "custom-call", "convolution", "dot", "copy", "copy-start", "all-gather",
+           "all-reduce", "reduce-scatter", "dynamic-update-slice", "dynamic-slice", "scatter",
+           "gather", "reduce", "transpose", "sort")
+
+
+def _shape_bytes(text: str) -> int:
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+      continue
+    n = 1
+    for d in dims.split(","):
+      if d:
+        n *= int(d)
+    total += n * size
+  return total
+
+
+def _operands(args: str) -> list[str]:
+  """The ``%name`` operands of an instruction's argument text (up to its closing paren)."""
+  depth, end = 1, len(args)
+  for i, ch in enumerate(args):
+    depth += ch == "("
+    depth -= ch == ")"
+    if depth == 0:
+      end = i
+      break
+  return re.findall(r"%([\w.\-]+)", args[:end])
+
+
+def hbm_bytes_moved(hlo_text: str) -> int:
+  """Bytes read and written by the top-level kernels of a compiled HLO module.
+
+  Each fusion, library call (custom-call), convolution, copy or collective
+  of the entry computation counts its operand and result bytes once; the
+  body of a ``while`` counts ``known_trip_count`` times (once where the
+  compiler gives none), and ``call``/``conditional`` bodies count as inlined.
+  What happens inside a fusion stays on chip and is not counted. Dynamic
+  (update-)slices in loops, which XLA does in place, count the slice only.
+  """
+  text = re.sub(r"/\*.*?\*/", "", hlo_text)
+  comps: dict[str, list[str]] = {}
+  shapes: dict[str, dict[str, str]] = {}
+  entry, cur = None, None
+  for line in text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{") and " = " not in line:
+      m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->", line)
+      if m is None:
+        continue
+      cur = m.group(2)
+      comps[cur], shapes[cur] = [], {}
+      for pname, ptype in re.findall(r"([\w.\-]+):\s*(\([^)]*\)|[^,()]+)", m.group(3)):
+        shapes[cur][pname] = ptype
+      if m.group(1):
+        entry = cur
+      continue
+    ins = line.strip()
+    if cur is None or " = " not in ins:
+      continue
+    ins = ins.removeprefix("ROOT ")
+    name, rhs = ins.split(" = ", 1)
+    op_m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\(", rhs)
+    if op_m is None:
+      continue
+    shapes[cur][name.lstrip("%")] = op_m.group(1)
+    comps[cur].append(rhs)
+
+  @functools.cache
+  def cost(name: str) -> int:
+    total = 0
+    table = shapes.get(name, {})
+    for rhs in comps.get(name, ()):
+      op_m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\(", rhs)
+      op = op_m.group(2)
+      if op == "while":
+        body = re.search(r"body=%?([\w.\-]+)", rhs)
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rhs)
+        n = int(trips.group(1)) if trips else 1
+        if body:
+          total += n * cost(body.group(1))
+      elif op in ("call", "conditional"):
+        for callee in re.findall(r"(?:to_apply|branch_computations|calls)=\{?%?([\w.\-]+)", rhs):
+          total += cost(callee)
+      elif op in _MOVING:
+        sizes = [_shape_bytes(table.get(o, "")) for o in _operands(rhs[op_m.end():])]
+        out = _shape_bytes(op_m.group(1))
+        if "dynamic_update_slice" in rhs or op == "dynamic-update-slice":
+          # In place: the big buffer is neither read nor rewritten, only the update.
+          total += 2 * (sum(sizes) - max(sizes, default=0))
+        elif "dynamic_slice" in rhs or op == "dynamic-slice":
+          total += 2 * out  # reads the slice, writes it
+        else:
+          total += out + sum(sizes)
+    return total
+
+  return cost(entry) if entry else 0

@@ -1,0 +1,105 @@
+"""remat_kit.targets: deviceless TPU and GPU compiles through the readouts."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import remat_kit as rk
+from remat_kit import targets
+
+try:
+  import libtpu  # noqa: F401
+
+  HAVE_TPU = True
+except ImportError:
+  HAVE_TPU = False
+try:
+  import jax_plugins.xla_cuda12  # noqa: F401
+
+  HAVE_GPU = True
+except ImportError:
+  HAVE_GPU = False
+
+# The size of the targets issue: 8 layers of 1024 x 1024 at batch 4096, never allocated.
+WS = [jax.ShapeDtypeStruct((1024, 1024), jnp.float32)] * 8
+X = jax.ShapeDtypeStruct((4096, 1024), jnp.float32)
+
+
+def _layer(w, x):
+  h = jnp.tanh(x @ w)
+  h = jnp.sin(h @ w)
+  return jnp.cos(h @ w)
+
+
+def _loss(policy):
+  step = _layer if policy is None else rk.remat(_layer, policy=policy)
+
+  def loss(ws, x):
+    for w in ws:
+      x = step(w, x)
+    return jnp.sum(x)
+
+  return loss
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("tpu:v5e:2x2", marks=pytest.mark.skipif(not HAVE_TPU, reason="no libtpu")),
+    pytest.param("gpu:h100", marks=pytest.mark.skipif(not HAVE_GPU, reason="no CUDA plugin")),
+])
+def test_report_matches_a_direct_deviceless_compile(target):
+  none = rk.memory_report(_loss(None), WS, X, target=target, label="none")
+  full = rk.memory_report(_loss("full"), WS, X, target=target, label="full")
+  # The same gradient compiled by hand on the same compile-only device.
+  t = targets.parse_target(target)
+  direct = jax.jit(jax.grad(_loss("full"))).lower(*targets.place((WS, X), t)).compile()
+  ma = direct.memory_analysis()
+  assert full.compiled["temp_size"] == pytest.approx(ma.temp_size_in_bytes, rel=0.01)
+  assert full.to_dict()["target"] == target and full.backend == t.platform
+  # The accelerator keeps loop remat, which the local CPU compiler would undo.
+  assert full.compiled["temp_size"] < 0.5 * none.compiled["temp_size"]
+  for rep in (none, full):
+    assert isinstance(rep.estimated_seconds, float) and rep.estimated_seconds > 0
+    assert rep.to_dict()["estimated_seconds"] == rep.estimated_seconds
+    assert "roofline" in rep.estimate_source
+  assert full.estimated_seconds > none.estimated_seconds  # recompute costs time
+  assert full.live_peak_bytes is None and "nothing runs" in full.live_peak_note
+
+
+def test_local_target_is_todays_behaviour():
+  rep = rk.memory_report(_loss("full"), [jnp.eye(8)] * 2, jnp.ones((4, 8)), target="cpu")
+  assert rep.target == "cpu" and rep.estimated_seconds is None
+  assert "timed, not estimated" in rep.estimate_source
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("tpu:v9z:2x2", "unknown TPU generation"),
+    ("tpu:v5e", r"'tpu:<generation>:<topology>'"),
+    ("gpu:rtx", "a GPU target is 'gpu:<model>'"),
+    ("npu", "unknown target"),
+    (3, "must be a str"),
+])
+def test_bad_targets_list_working_examples(bad, match):
+  with pytest.raises(ValueError, match=match) as e:
+    targets.parse_target(bad)
+  assert "'tpu:v5e:2x2'" in str(e.value) and "'gpu:h100'" in str(e.value)
+
+
+def test_hbm_bytes_count_loop_bodies_per_trip():
+  hlo = """HloModule m
+
+%body (p: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %p = (s32[], f32[4,4]) parameter(0)
+  %g = f32[4,4]{1,0} get-tuple-element(%p), index=1
+  %f = f32[4,4]{1,0} fusion(%g), kind=kLoop, calls=%fc
+  ROOT %t = (s32[], f32[4,4]) tuple(%i, %f)
+}
+
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %c = f32[4,4]{1,0} copy(%a)
+  %w = (s32[], f32[4,4]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %r = f32[4,4]{1,0} get-tuple-element(%w), index=1
+}
+"""
+  # copy: 64 in + 64 out; loop fusion: (64 in + 64 out) x 5 trips.
+  assert targets.hbm_bytes_moved(hlo) == 128 + 5 * 128
