@@ -57,14 +57,17 @@ def _stack(block: type, layers: int) -> type:
   return Stack
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-  fn()  # warm caches that both sides share (primitive rules, imports)
-  times = []
+def _paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float]:
+  """Median times of ``a`` and ``b``, interleaved (a, b, a, b, ...) so that load on a
+  shared machine falls on both alike."""
+  a(), b()  # warm caches that both sides share (primitive rules, imports)
+  ta, tb = [], []
   for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for fn, out in ((a, ta), (b, tb)):
+      t = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - t)
+  return statistics.median(ta), statistics.median(tb)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -105,7 +108,7 @@ def _measure(a: argparse.Namespace) -> dict[str, float]:
       ck = rk.remat(layer, policy=label)
       return jax.make_jaxpr(jax.grad(_loss(ck, n)))(ws, x)
 
-    tj, tr = _time(trace_jax, a.repeats), _time(trace_rk, a.repeats)
+    tj, tr = _paired(trace_jax, trace_rk, a.repeats)
     ratios[f"remat {label}"] = tr / tj
     print(f"  rk.remat       {label:9s} jax {tj * 1e3:7.1f} ms  rk {tr * 1e3:7.1f} ms  "
           f"rk/jax {tr / tj:.2f}")
@@ -122,7 +125,7 @@ def _measure(a: argparse.Namespace) -> dict[str, float]:
     def trace_deco(m: Any = deco, p: Any = params_d) -> Any:
       return jax.make_jaxpr(jax.grad(lambda p: jnp.sum(m.apply(p, x))))(p)
 
-    tj, tr = _time(trace_nn, a.repeats), _time(trace_deco, a.repeats)
+    tj, tr = _paired(trace_nn, trace_deco, a.repeats)
     ratios[f"remat_policy {label}"] = tr / tj
     print(f"  remat_policy   {label:9s} nn  {tj * 1e3:7.1f} ms  rk {tr * 1e3:7.1f} ms  "
           f"rk/nn.remat {tr / tj:.2f}")

@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   rep.add_argument("--json", help="also write the report to this JSON file")
   rep.add_argument("--argnums", type=int, nargs="+", default=[0],
                    help="arguments to differentiate (default: 0)")
+  rep.add_argument("--target", dest="compile_target", default=None,
+                   help="compile for this target instead of the local backend, e.g. "
+                        "tpu:v5e:2x2 or gpu:h100 (deviceless; see remat_kit.targets)")
   lnt = sub.add_parser("lint", help="warn about remat that saves nothing useful")
   lnt.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
   sub.add_parser("policies", help="list the preset policy names")
@@ -90,11 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if found else 0
   argnums = args.argnums[0] if len(args.argnums) == 1 else tuple(args.argnums)
   if isinstance(fn, dict):
-    result: Any = report.compare(fn, *fn_args, argnums=argnums, verbose=True)
+    result: Any = report.compare(fn, *fn_args, argnums=argnums, verbose=True,
+                                 target=args.compile_target)
     for r in result.reports.values():
       print(r.table(), end="\n\n")
   else:
-    result = report.memory_report(fn, *fn_args, argnums=argnums, label=args.target)
+    result = report.memory_report(fn, *fn_args, argnums=argnums, label=args.target,
+                                  target=args.compile_target)
   print(result.table())
   if args.json:
     Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))

@@ -220,16 +220,19 @@ class Comparison:
 
   def table(self) -> str:
     base = next(iter(self.reports.values()))
+    # TPU compiles often put everything in the peak and report temp 0: compare peaks then.
+    key = "temp_size" if base.compiled.get("temp_size") else "peak_bytes"
     rows = []
     for label, r in self.reports.items():
       temp = r.compiled.get("temp_size", 0)
-      rel = temp / base.compiled["temp_size"] if base.compiled.get("temp_size") else float("nan")
+      rel = r.compiled.get(key, 0) / base.compiled[key] if base.compiled.get(key) else float("nan")
       live = format_bytes(r.live_peak_bytes) if r.live_peak_bytes is not None else "n/a"
       est = f"{r.estimated_seconds * 1e3:.3f}" if r.estimated_seconds is not None else "n/a"
       rows.append([label, format_bytes(r.activation_bytes), format_bytes(temp), f"{rel:.2f}",
                    format_bytes(r.compiled.get("peak_bytes", 0)), live,
                    f"{r.flops['recompute_pct']:.1f}", est])
-    return format_table(["policy", "activations", "temp", "x temp", "peak", "live peak",
+    return format_table(["policy", "activations", "temp", "x " + key.split("_")[0], "peak",
+                         "live peak",
                          "+FLOPs %", f"est. ms ({base.target})"], rows, align="lrrrrrrr")
 
   def __str__(self) -> str:
