@@ -392,6 +392,16 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
+def _default_also_target() -> str:
+  if jax.default_backend() in ACCELERATORS:
+    return "none"
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    return "none"
+  return "tpu:v5e:2x2"
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   accel = jax.default_backend() in ACCELERATORS
@@ -406,7 +416,19 @@ def main(argv: list[str] | None = None) -> int:
                   help="run each strategy in a fresh process (default on GPU/TPU)")
   ap.add_argument("--out", type=Path, default=None, help="results JSON path")
   ap.add_argument("--worker", nargs=2, metavar=("MODEL", "STRATEGY"), help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
+  ap.add_argument("--target", default=None,
+                  help="compile for an accelerator that is not here instead (tpu:v5e:2x2, "
+                       "gpu:h100, ...): see experiments.target_bench")
+  ap.add_argument("--also-target", default=_default_also_target(),
+                  help="after the local run, also compile the GPT for this target "
+                       "(default tpu:v5e:2x2 on a CPU-only machine with libtpu; 'none' to skip)")
+  args, rest = ap.parse_known_args(argv)
+  if args.target:
+    from experiments import target_bench
+
+    return target_bench.main(["--target", args.target, *rest])
+  if rest:
+    ap.error(f"unrecognized arguments: {' '.join(rest)}")
   if args.repeats < 1:
     ap.error(f"--repeats must be >= 1, got {args.repeats}")
   if args.worker:
@@ -431,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
   print(f"\nwrote {out}")
   if plot(result, out.with_suffix(".png")):
     print(f"wrote {out.with_suffix('.png')}")
+  if args.also_target and args.also_target != "none" and not args.worker:
+    from experiments import target_bench
+
+    print(f"\n== the same GPT family at a TPU training size, compiled for {args.also_target} "
+          "(deviceless: compiler figures and estimated time, nothing ran) ==")
+    target_bench.main(["--target", args.also_target, "--models", "gpt"])
   bad = [f"{r['model']}/{r['strategy']}" for r in result["rows"]
          if not r.get("error") and not r["grads_match"]]
   if bad:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -189,6 +190,9 @@ def _topology(target: Target) -> Any:
       raise RuntimeError(
           f"`target`={target.name!r} needs libtpu to compile for a TPU without one. "
           f'Install it with: pip install "jax[tpu]=={jax.__version__}"') from None
+    # libtpu guards a real TPU with a process lock file; a deviceless compile has no TPU
+    # to guard, and parallel test workers or benches would otherwise refuse each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
       return topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
     except Exception as e:  # noqa: BLE001 - libtpu's error, made readable

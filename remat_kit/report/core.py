@@ -271,7 +271,7 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     ``compiled.memory_analysis()`` (``temp_size``, ``argument_size``, ...,
     and ``peak_memory`` where the compiler reports one), ``peak_bytes``, the
     ``backend`` and ``target``, and ``hbm_bytes_moved`` (see
-    :func:`remat_kit.targets.hbm_bytes_moved`) for accelerator targets.
+    :func:`remat_kit.targets.hbm_bytes_moved`).
     ``peak_bytes`` is the compiler's own peak on TPU and GPU targets;
     locally it is temp + argument + output - alias (which matched the live
     peak on an H100 within 0.01 MiB).
@@ -287,10 +287,9 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
       out[f.removesuffix("_in_bytes")] = int(v)
   out["peak_bytes"] = (out.get("temp_size", 0) + out.get("argument_size", 0)
                        + out.get("output_size", 0) - out.get("alias_size", 0))
-  if not t.is_local:
-    if out.get("peak_memory"):
-      out["peak_bytes"] = out["peak_memory"]
-    out["hbm_bytes_moved"] = targets.hbm_bytes_moved(compiled.as_text())
+  if not t.is_local and out.get("peak_memory"):
+    out["peak_bytes"] = out["peak_memory"]
+  out["hbm_bytes_moved"] = targets.hbm_bytes_moved(compiled.as_text())
   return out
 
 

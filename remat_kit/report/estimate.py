@@ -25,25 +25,65 @@ from typing import Any
 
 from remat_kit import targets
 
-__all__ = ["estimate_seconds"]
+__all__ = ["estimate_seconds", "measure_local_rates"]
 
 
-def estimate_seconds(total_flops: int | float, compiled: dict[str, Any], target: Any
+def estimate_seconds(total_flops: int | float, compiled: dict[str, Any], target: Any,
+                     rates: tuple[float, float, str] | None = None
                      ) -> tuple[float | None, str]:
   """``(estimated_seconds, estimate_source)`` for a compiled gradient on ``target``.
 
-  Returns ``(None, reason)`` on the local backend, whose speed is measured
-  rather than estimated.
+  Args:
+    total_flops: the gradient's FLOPs (``flop_breakdown(...)["total"]``).
+    compiled: :func:`remat_kit.report.compiled_memory` of the gradient.
+    target: where it was compiled.
+    rates: ``(FLOP/s, bytes/s, where they come from)`` to use instead of the
+      target's published peaks; for the local backend, measured rates (see
+      :func:`measure_local_rates`). Without them the local backend gets
+      ``(None, reason)``: it is timed, not estimated.
   """
   t = targets.parse_target(target)
-  chip = t.chip
-  if t.is_local or chip is None:
-    return None, "none: the local backend is timed, not estimated"
+  if rates is None:
+    chip = t.chip
+    if t.is_local or chip is None:
+      return None, "none: the local backend is timed, not estimated"
+    rates = (chip.peak_flops, chip.hbm_bandwidth, chip.source)
   moved = compiled.get("hbm_bytes_moved")
   if moved is None:
     return None, "none: the compile reported no HBM bytes"
-  seconds = float(total_flops) / chip.peak_flops + float(moved) / chip.hbm_bandwidth
+  flops_s, bytes_s, where = rates
+  seconds = float(total_flops) / flops_s + float(moved) / bytes_s
   source = (f"roofline sum: remat_kit FLOPs ({total_flops:.3g}, trip counts included) / "
-            f"{chip.peak_flops:.3g} FLOP/s + compiled HBM bytes ({moved:.3g}) / "
-            f"{chip.hbm_bandwidth:.3g} B/s [{chip.source}]")
+            f"{flops_s:.3g} FLOP/s + compiled HBM bytes ({moved:.3g}) / "
+            f"{bytes_s:.3g} B/s [{where}]")
   return seconds, source
+
+
+def measure_local_rates(repeats: int = 10) -> tuple[float, float, str]:
+  """The local device's matmul FLOP/s and copy bandwidth, measured (median of ``repeats``).
+
+  A 1024^3 float32 matmul and a 64 MiB ``x + 1``; labelled as measured.
+  """
+  import statistics
+  import time
+
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((1024, 1024), jnp.float32)
+  v = jnp.ones((16 * 2**20,), jnp.float32)
+  mm, add = jax.jit(lambda x: x @ x), jax.jit(lambda x: x + 1)
+
+  def med(fn: Any, x: Any) -> float:
+    jax.block_until_ready(fn(x))
+    ts = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+  flops = 2 * 1024**3 / med(mm, a)
+  bw = 2 * v.nbytes / med(add, v)
+  return flops, bw, (f"measured on {jax.devices()[0].device_kind}: {flops:.3g} FLOP/s "
+                     f"(1024^3 f32 matmul), {bw:.3g} B/s (64 MiB x + 1)")

@@ -1,0 +1,190 @@
+"""Which remat policy lets this GPT train on that TPU pod? Planned here, run there.
+
+For a GPT (bf16 activations, fp32 parameters, AdamW), this compiles the whole
+training step (gradient and optimizer update, parameters and optimizer state
+donated) for every chip of a TPU topology, deviceless, sharded two ways:
+
+* ``fsdp``: parameters, gradients and optimizer state sharded over all chips
+  (each weight split along its largest divisible axis), the batch too;
+* ``dp``: data parallel, everything but the batch replicated on every chip.
+
+For each policy it doubles the per-chip batch until the TPU compiler refuses
+the program (it does when the step's memory exceeds the chip's HBM, 16 GiB on
+v5e), and reports the largest per-chip batch that fits with its compiled
+per-chip peak. The same function with real arrays on a Cloud TPU runs the step.
+
+  python -m experiments.pod_plan [--topologies v5e:4x4 v5e:16x16] [--max-batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from remat_kit import models, targets
+
+RESULTS = Path(__file__).parent / "results"
+POLICIES = {"no remat": False, "full": True, "save_dots_no_batch": "minimal",
+            "save qkv, attn_out": "save_qkv_attn_out", "nested (2 levels)": (True, 2)}
+
+
+def _model(policy: Any, a: argparse.Namespace) -> Any:
+  groups = None
+  if isinstance(policy, tuple):
+    policy, groups = policy
+  return models.GPT(vocab_size=a.vocab, max_len=a.seq, d_model=a.d_model, num_heads=a.heads,
+                    num_layers=a.layers, dtype=jnp.bfloat16, policy=policy, groups=groups)
+
+
+def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+  """Shard the largest axis that the chip count divides; replicate small leaves."""
+  axes = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in axes:
+    if shape[i] % n == 0 and shape[i] >= n:
+      return P(*[("data" if j == i else None) for j in range(len(shape))])
+  return P()
+
+
+def step_memory(policy: Any, topology: str, batch_per_chip: int, mode: str,
+                a: argparse.Namespace) -> dict[str, Any]:
+  """The compiled per-chip memory of one training step, or the compiler's OOM."""
+  t = targets.parse_target(f"tpu:{topology}")
+  mesh = t.mesh(axes=("data",))
+  n = mesh.size
+  model = _model(policy, a)
+  tokens = jax.ShapeDtypeStruct((batch_per_chip * n, a.seq), jnp.int32,
+                                sharding=NamedSharding(mesh, P("data")))
+  keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  params = jax.eval_shape(lambda tk: _model(False, a).init(keys, tk), tokens)["params"]
+  opt = optax.adamw(1e-4)
+  opt_state = jax.eval_shape(opt.init, params)
+
+  def spec(x: Any) -> Any:
+    p = _fsdp_spec(x.shape, n) if mode == "fsdp" else P()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, p))
+
+  params, opt_state = jax.tree_util.tree_map(spec, (params, opt_state))
+
+  def train_step(params: Any, opt_state: Any, tokens: jax.Array) -> Any:
+    def loss(p: Any) -> jax.Array:
+      logits = model.apply({"params": p}, tokens, rngs={"dropout": jax.random.key(2)})
+      labels = jnp.roll(tokens, -1, axis=-1)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  row: dict[str, Any] = {"topology": topology, "chips": n, "mode": mode,
+                         "batch_per_chip": batch_per_chip}
+  t0 = time.perf_counter()
+  try:
+    c = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+  except Exception as e:  # noqa: BLE001 - the compiler's OOM is an answer
+    m = re.search(r"exceeds available HBM \(([\d.]+)G", str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    row.update(fits=False, note=str(e).splitlines()[0][:200],
+               hbm_gib=float(m.group(1)) if m else None)
+    return row
+  ma = c.memory_analysis()
+  row.update(fits=True, peak_bytes=int(ma.peak_memory_in_bytes),
+             temp_bytes=int(ma.temp_size_in_bytes),
+             argument_bytes=int(ma.argument_size_in_bytes),
+             compile_s=round(time.perf_counter() - t0, 1))
+  return row
+
+
+def largest_batch(policy: Any, topology: str, mode: str, a: argparse.Namespace
+                  ) -> dict[str, Any]:
+  """The largest per-chip batch whose step the compiler accepts, found in few compiles.
+
+  Per-chip memory is (nearly) affine in the batch: fixed state (parameters,
+  gradients, optimizer shards) plus activations per sample. Compile at
+  batch 1 and 2, predict the largest batch under the chip's HBM from the
+  line, then let the compiler decide: step down from the prediction until it
+  accepts, and check that one more sample is refused.
+  """
+  log = lambda b, r: print(f"    batch/chip {b:4d}: " + (
+      f"peak {r['peak_bytes'] / 2**30:6.2f} GiB" if r["fits"] else "refused (OOM)"),
+      file=sys.stderr, flush=True)
+  r1 = step_memory(policy, topology, 1, mode, a)
+  log(1, r1)
+  if not r1["fits"]:
+    return {**r1, "batch_per_chip": 0, "compiles": 1}
+  r2 = step_memory(policy, topology, 2, mode, a)
+  log(2, r2)
+  if not r2["fits"]:
+    return {**r1, "compiles": 2, "refused_at": 2}
+  slope = max(r2["peak_bytes"] - r1["peak_bytes"], 1)
+  hbm = targets.CHIPS[topology.split(":")[0]].hbm_bytes
+  guess = max(1, min(a.max_batch, int((hbm - (r1["peak_bytes"] - slope)) // slope)))
+  compiles, best, b = 2, r2, guess
+  while b > 2:
+    r = step_memory(policy, topology, b, mode, a)
+    compiles += 1
+    log(b, r)
+    if r["fits"]:
+      best = r
+      break
+    b -= max(1, b // 8)
+  if best["batch_per_chip"] < a.max_batch:
+    nxt = step_memory(policy, topology, best["batch_per_chip"] + 1, mode, a)
+    compiles += 1
+    log(best["batch_per_chip"] + 1, nxt)
+    if nxt["fits"]:  # the line was pessimistic: keep the larger one, say it is a lower bound
+      best = {**nxt, "lower_bound": True}
+  return {**best, "compiles": compiles, "fixed_bytes": r1["peak_bytes"] - slope,
+          "bytes_per_sample": slope}
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--topologies", nargs="*", default=["v5e:4x4", "v5e:16x16"])
+  ap.add_argument("--modes", nargs="*", default=["fsdp", "dp"], choices=["fsdp", "dp"])
+  ap.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
+  ap.add_argument("--layers", type=int, default=24)
+  ap.add_argument("--d-model", type=int, default=2048)
+  ap.add_argument("--heads", type=int, default=16)
+  ap.add_argument("--seq", type=int, default=2048)
+  ap.add_argument("--vocab", type=int, default=32768)
+  ap.add_argument("--max-batch", type=int, default=64)
+  ap.add_argument("--out", type=Path, default=RESULTS / "pod_plan-v5e.json")
+  a = ap.parse_args(argv)
+  rows = []
+  for topo in a.topologies:
+    for mode in a.modes:
+      for label in a.policies:
+        print(f"{topo} {mode} {label}", file=sys.stderr, flush=True)
+        best = largest_batch(POLICIES[label], topo, mode, a)
+        rows.append({"policy": label, **best})
+  result = {"jax": jax.__version__, "model": (
+      f"GPT: {a.layers} layers, d_model {a.d_model}, {a.heads} heads, seq {a.seq}, "
+      f"vocab {a.vocab}; bf16 activations, fp32 params, AdamW"),
+      "source": "deviceless TPU compile of the whole training step; per-chip figures",
+      "rows": rows}
+  print(f"\n{result['model']}\nlargest per-chip batch that fits 16 GiB of v5e HBM:")
+  print(f"{'topology':10s} {'mode':5s} {'policy':22s} {'batch/chip':>10s} {'peak GiB':>9s}")
+  for r in rows:
+    peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("fits") else "-"
+    print(f"{r['topology']:10s} {r['mode']:5s} {r['policy']:22s} "
+          f"{r['batch_per_chip'] if r.get('fits') else 'none':>10} {peak:>9s}")
+  a.out.parent.mkdir(parents=True, exist_ok=True)
+  a.out.write_text(json.dumps(result, indent=1))
+  print(f"wrote {a.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
