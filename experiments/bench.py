@@ -456,9 +456,11 @@ def main(argv: list[str] | None = None) -> int:
   if args.also_target and args.also_target != "none" and not args.worker:
     from experiments import target_bench
 
-    print(f"\n== the same GPT family at a TPU training size, compiled for {args.also_target} "
-          "(deviceless: compiler figures and estimated time, nothing ran) ==")
-    target_bench.main(["--target", args.also_target, "--models", "gpt"])
+    print(f"\n== a larger GPT compiled for {args.also_target} (deviceless: compiler figures "
+          "and estimated time, nothing ran; every strategy at the training size: "
+          "make bench ARGS='--target tpu:v5e:2x2', several minutes of compiles) ==")
+    target_bench.main(["--target", args.also_target, "--models", "gpt", "--size", "demo",
+                       "--only", "no remat", "full"])
   bad = [f"{r['model']}/{r['strategy']}" for r in result["rows"]
          if not r.get("error") and not r["grads_match"]]
   if bad:

@@ -70,6 +70,13 @@ def mlp(layers: int = 4, batch: int = 32768, width: int = 4096) -> Case:
 
 
 CASES: dict[str, Callable[[], Case]] = {"gpt": gpt, "mlp": mlp}
+# "demo" stays far from the chip's HBM, where the TPU compiler is quick (near the limit
+# it works hard to fit, and one compile of the training size took over 3 minutes here).
+SIZES: dict[str, dict[str, Callable[[], Case]]] = {
+    "train": CASES,
+    "demo": {"gpt": lambda: gpt(layers=12, d=1024, seq=1024, batch=4, heads=8),
+             "mlp": lambda: mlp(layers=4, batch=8192, width=2048)},
+}
 
 
 def _loss(case: Case, kw: dict[str, Any]) -> tuple[Callable[..., Any], Any]:
@@ -123,9 +130,10 @@ def pareto(rows: list[dict[str, Any]]) -> list[str]:
   return [r["strategy"] for r in front]
 
 
-def run(target: str, names: list[str], only: list[str] | None = None) -> dict[str, Any]:
+def run(target: str, names: list[str], only: list[str] | None = None,
+        size: str = "train") -> dict[str, Any]:
   t = targets.parse_target(target)
-  cases = [CASES[n]() for n in names]
+  cases = [SIZES[size][n]() for n in names]
   jobs = [(c, s) for c in cases for s in c.strategies if not only or s in only]
   rows = []
   t0 = time.perf_counter()
@@ -135,7 +143,7 @@ def run(target: str, names: list[str], only: list[str] | None = None) -> dict[st
     rows.append(measure(c, s, t.name))
   chip = t.chip
   return {
-      "target": t.name, "jax": jax.__version__,
+      "target": t.name, "size": size, "jax": jax.__version__,
       "chip": dataclasses.asdict(chip) if chip else None,
       "source": "deviceless compile by the target's compiler; nothing ran",
       "models": {c.name: c.describe for c in cases},
@@ -204,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--target", default="tpu:v5e:2x2", help="e.g. tpu:v5e:2x2, gpu:h100")
   ap.add_argument("--models", nargs="*", default=sorted(CASES), help="gpt mlp")
   ap.add_argument("--only", nargs="*", help="strategies to run (by label)")
+  ap.add_argument("--size", choices=sorted(SIZES), default="train",
+                  help="train: GPT d_model 2048, seq 2048, 24 layers, bf16 and the seeds' MLP "
+                       "(minutes of compile); demo: a quarter of that (seconds)")
   ap.add_argument("--out", type=Path, default=None, help="results JSON path")
   args = ap.parse_args(argv)
   try:
@@ -216,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
   bad = [m for m in args.models if m not in CASES]
   if bad:
     ap.error(f"--models: unknown {bad}; choose from {sorted(CASES)}")
-  result = run(t.name, args.models, args.only)
+  result = run(t.name, args.models, args.only, args.size)
   print_table(result)
-  out = args.out or RESULTS / f"{t.name.replace(':', '-')}.json"
+  suffix = "" if args.size == "train" else f"-{args.size}"
+  out = args.out or RESULTS / f"{t.name.replace(':', '-')}{suffix}.json"
   write_atomic(out, result)
   print(f"\nwrote {out}")
   if plot(result, out.with_suffix(".png")):

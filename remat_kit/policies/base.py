@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from remat_kit import _jax
 
@@ -158,32 +158,32 @@ class _Combination(Policy):
   def with_children(self, children):
     return dataclasses.replace(self, policies=children)
 
-
-@dataclasses.dataclass(frozen=True)
-class Union(_Combination):
-  """Saves a value if any policy saves it; else offloads if any offloads it."""
+  # The decision that settles the combination at once, and the one without it.
+  _decisive: ClassVar[Any] = None
+  _otherwise: ClassVar[Any] = None
 
   def decide(self, prim, avals, params):
     offload = None
     for p in self.policies:
       d = p.decide(prim, avals, params)
-      if d is _jax.Saveable:
+      if d is self._decisive:
         return d
       if offload is None and isinstance(d, _jax.Offloadable):
         offload = d
-    return offload if offload is not None else _jax.Recompute
+    return offload if offload is not None else self._otherwise
+
+
+@dataclasses.dataclass(frozen=True)
+class Union(_Combination):
+  """Saves a value if any policy saves it; else offloads if any offloads it."""
+
+  _decisive = _jax.Saveable
+  _otherwise = _jax.Recompute
 
 
 @dataclasses.dataclass(frozen=True)
 class Intersection(_Combination):
   """Keeps a value only if every policy keeps it (offloads if any offloads)."""
 
-  def decide(self, prim, avals, params):
-    offload = None
-    for p in self.policies:
-      d = p.decide(prim, avals, params)
-      if d is _jax.Recompute:
-        return d
-      if offload is None and isinstance(d, _jax.Offloadable):
-        offload = d
-    return offload if offload is not None else _jax.Saveable
+  _decisive = _jax.Recompute
+  _otherwise = _jax.Saveable
