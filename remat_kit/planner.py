@@ -33,9 +33,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from remat_kit import _jaxpr
+from remat_kit import _jaxpr, targets
 from remat_kit.policies import SaveNames, from_config
 from remat_kit.report import compiled_memory, flop_breakdown, saved_residuals
+from remat_kit.report.estimate import estimate_seconds
 
 __all__ = ["AutoResult", "Candidate", "Roofline", "Search", "auto", "parse_bytes"]
 
@@ -64,7 +65,7 @@ class Candidate:
   flops: int
   recompute_pct: float
   cost_s: float
-  cost_kind: str  # "roofline" or "measured"
+  cost_kind: str  # "roofline", "measured" or "estimated"
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -142,7 +143,7 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
          loss: Callable[[Any], jax.Array] | None = None, rngs: dict[str, Any] | None = None,
          cost: str = "auto", roofline: Roofline = Roofline(), max_subsets: int = 4,
          presets: Sequence[Any] = ("none", "full", "save_dots", "save_dots_no_batch"),
-         verbose: bool = False) -> AutoResult:
+         verbose: bool = False, target: Any = None) -> AutoResult:
   """The least-cost remat plan whose compiled gradient fits ``budget`` temp bytes.
 
   Args:
@@ -154,12 +155,17 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
     budget: bytes of compiled temp memory, a number or a string like "4GiB".
     loss: maps the module's output to a scalar (mean square by default).
     rngs: RNGs for ``apply`` (``{"dropout": key}`` by default).
-    cost: "roofline", "measured" (time the step), or "auto" (measured on
-      GPU/TPU, roofline on CPU).
+    cost: "roofline", "measured" (time the step), "estimated" (the target's
+      ``estimated_seconds``, see :mod:`remat_kit.report.estimate`), or "auto"
+      (estimated for an accelerator ``target``, measured on a local GPU/TPU,
+      roofline on CPU).
     roofline: the device numbers for the roofline cost.
     max_subsets: how many knapsack subsets of names to measure.
     presets: fixed policies always measured; the first is the no-remat one.
     verbose: print each candidate as it is measured.
+    target: where to compile the candidates (see :mod:`remat_kit.targets`):
+      None for the local backend, or e.g. ``"tpu:v5e:2x2"``; the budget is
+      then in the target compiler's temp bytes.
 
   Returns:
     An :class:`AutoResult`.
@@ -170,7 +176,8 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
   """
   budget_bytes = parse_bytes(budget)
   search = Search(fn_or_module, params, *inputs, loss=loss, rngs=rngs, cost=cost,
-                  roofline=roofline, presets=presets, max_subsets=max_subsets, verbose=verbose)
+                  roofline=roofline, presets=presets, max_subsets=max_subsets, verbose=verbose,
+                  target=target)
   return search.solve(budget_bytes)
 
 
@@ -185,11 +192,20 @@ class Search:
                rngs: dict[str, Any] | None = None, cost: str = "auto",
                roofline: Roofline = Roofline(),
                presets: Sequence[Any] = ("none", "full", "save_dots", "save_dots_no_batch"),
-               max_subsets: int = 4, verbose: bool = False) -> None:
-    if cost not in ("auto", "roofline", "measured"):
-      raise ValueError(f"`auto`: `cost` must be 'auto', 'roofline' or 'measured', got {cost!r}.")
+               max_subsets: int = 4, verbose: bool = False, target: Any = None) -> None:
+    if cost not in ("auto", "roofline", "measured", "estimated"):
+      raise ValueError(f"`auto`: `cost` must be 'auto', 'roofline', 'measured' or "
+                       f"'estimated', got {cost!r}.")
+    self.target = targets.parse_target(target)
     if cost == "auto":
-      cost = "roofline" if jax.default_backend() == "cpu" else "measured"
+      cost = ("estimated" if not self.target.is_local
+              else "roofline" if jax.default_backend() == "cpu" else "measured")
+    if cost == "estimated" and self.target.is_local:
+      raise ValueError("`auto`: cost='estimated' needs an accelerator `target` such as "
+                       "'tpu:v5e:2x2'; on the local backend use 'measured'.")
+    if cost == "measured" and not self.target.is_local:
+      raise ValueError(f"`auto`: cost='measured' runs the step, which cannot happen on "
+                       f"`target`={self.target.name!r}; use cost='estimated'.")
     self.cost, self.roofline, self.verbose, self.params = cost, roofline, verbose, params
     self.max_subsets = max_subsets
     self.build = _builder(fn_or_module, loss, inputs, rngs or {"dropout": jax.random.key(0)})
@@ -207,7 +223,7 @@ class Search:
       return self.measured[label]
     fn = self.build(policy, groups)
     grad = jax.grad(fn)
-    mem = compiled_memory(grad, self.params)
+    mem = compiled_memory(grad, self.params, target=self.target)
     fb = flop_breakdown(fn, self.params)
     acts = sum(r.bytes for r in saved_residuals(fn, self.params) if r.kind == "activation")
     if self.cost == "measured":
@@ -219,6 +235,8 @@ class Search:
         jax.block_until_ready(step(self.params))
         times.append(time.perf_counter() - t0)
       c_s = sorted(times)[len(times) // 2]
+    elif self.cost == "estimated":
+      c_s, _ = estimate_seconds(fb["total"], mem, self.target)
     else:
       c_s = fb["total"] / self.roofline.flops_per_s + 2 * acts / self.roofline.bytes_per_s
     cand = Candidate(label, policy, groups, mem["temp_size"], acts, fb["total"],

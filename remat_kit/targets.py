@@ -322,13 +322,38 @@ def hbm_bytes_moved(hlo_text: str) -> int:
     if op_m is None:
       continue
     shapes[cur][name.lstrip("%")] = op_m.group(1)
-    comps[cur].append(rhs)
+    comps[cur].append((name.lstrip("%"), rhs))
+
+  @functools.cache
+  def param_reads(callee: str) -> dict[int, int]:
+    """For a fused computation: parameters read only through dynamic-slices, and the
+    bytes those slices read (a stacked buffer sliced per loop trip is not read whole)."""
+    params: dict[str, int] = {}
+    uses: dict[str, list[tuple[str, str]]] = {}
+    for ins_name, rhs in comps.get(callee, ()):
+      m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\((.*)", rhs)
+      if m is None:
+        continue
+      if m.group(2) == "parameter":
+        params[ins_name] = int(re.match(r"(\d+)", m.group(3)).group(1))
+        continue
+      ops = _operands(m.group(3))
+      for k, o in enumerate(ops):
+        uses.setdefault(o, []).append((m.group(2), m.group(1) if k == 0 else ""))
+    out = {}
+    for pname, index in params.items():
+      u = uses.get(pname, [])
+      if u and all(op == "dynamic-slice" and shape for op, shape in u):
+        out[index] = sum(_shape_bytes(shape) for _, shape in u)
+      elif u and all(op == "dynamic-update-slice" and shape for op, shape in u):
+        out[index] = 0  # the buffer updated in place: only the update is written
+    return out
 
   @functools.cache
   def cost(name: str) -> int:
     total = 0
     table = shapes.get(name, {})
-    for rhs in comps.get(name, ()):
+    for _, rhs in comps.get(name, ()):
       op_m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\(", rhs)
       op = op_m.group(2)
       if op == "while":
@@ -343,7 +368,15 @@ def hbm_bytes_moved(hlo_text: str) -> int:
       elif op in _MOVING:
         sizes = [_shape_bytes(table.get(o, "")) for o in _operands(rhs[op_m.end():])]
         out = _shape_bytes(op_m.group(1))
-        if "dynamic_update_slice" in rhs or op == "dynamic-update-slice":
+        callee = re.search(r"calls=%?([\w.\-]+)", rhs)
+        if op == "fusion" and callee:
+          sliced = param_reads(callee.group(1))
+          sizes = [sliced.get(i, b) for i, b in enumerate(sizes)]
+          root = next((r for n, r in reversed(comps.get(callee.group(1), ()))), "")
+          if " dynamic-update-slice(" in root:
+            out = 0  # written in place: the update operand is counted above
+          total += out + sum(sizes)
+        elif "dynamic_update_slice" in rhs or op == "dynamic-update-slice":
           # In place: the big buffer is neither read nor rewritten, only the update.
           total += 2 * (sum(sizes) - max(sizes, default=0))
         elif "dynamic_slice" in rhs or op == "dynamic-slice":

@@ -69,7 +69,25 @@ def test_auto_entry_point_and_bad_inputs():
   assert result.to_dict()["choice"]["label"] == result.choice.label
   with pytest.raises(ValueError, match=r"`budget` must be a positive number.*'4GiB'"):
     parse_bytes("4 lots")
-  with pytest.raises(ValueError, match=r"`cost` must be 'auto', 'roofline' or 'measured'"):
+  with pytest.raises(ValueError, match=r"`cost` must be 'auto', 'roofline', 'measured' or"):
     auto(stack, params, x, True, budget=1e9, cost="guess")
   with pytest.raises(TypeError, match="has no `policy` attribute"):
     auto(models.HiddenLayer(4), params, x, True, budget=1e9)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("jax_plugins.xla_cuda12"),
+                    reason="no CUDA plugin for deviceless GPU compiles")
+def test_auto_on_an_accelerator_target_uses_its_estimate():
+  from remat_kit.flax import LayerStack
+
+  stack = LayerStack(models.HiddenLayer(64, 0.1), 4)
+  x = jax.random.normal(jax.random.key(2), (256, 64))
+  params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
+  result = rk.auto(stack, params["params"], x, True, budget="1GiB", target="gpu:h100",
+                   presets=("none", "full"), max_subsets=1)
+  assert result.choice.temp_bytes <= 2**30
+  assert {c.cost_kind for c in result.candidates} == {"estimated"}
+  assert all(c.cost_s > 0 for c in result.candidates)
+  with pytest.raises(ValueError, match="cost='measured' runs the step"):
+    rk.auto(stack, params["params"], x, True, budget="1GiB", target="gpu:h100",
+            cost="measured")

@@ -103,3 +103,36 @@ ENTRY %main (a: f32[4,4]) -> f32[4,4] {
 """
   # copy: 64 in + 64 out; loop fusion: (64 in + 64 out) x 5 trips.
   assert targets.hbm_bytes_moved(hlo) == 128 + 5 * 128
+
+
+def test_hbm_bytes_count_a_sliced_stack_by_its_slice():
+  """A fusion reading one layer of a stacked buffer through a dynamic-slice reads that
+  layer, not the stack; a fused in-place update writes only the update."""
+  hlo = """HloModule m
+
+%fs (p0: f32[8,4,4], p1: s32[]) -> f32[1,4,4] {
+  %p0 = f32[8,4,4]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,4,4]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,4,4}
+}
+
+%fu (q0: f32[8,4,4], q1: f32[1,4,4], q2: s32[]) -> f32[8,4,4] {
+  %q0 = f32[8,4,4]{2,1,0} parameter(0)
+  %q1 = f32[1,4,4]{2,1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[8,4,4]{2,1,0} dynamic-update-slice(%q0, %q1, %q2, %z, %z)
+}
+
+ENTRY %main (a: f32[8,4,4], i: s32[], u: f32[1,4,4]) -> f32[8,4,4] {
+  %a = f32[8,4,4]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %u = f32[1,4,4]{2,1,0} parameter(2)
+  %s = f32[1,4,4]{2,1,0} fusion(%a, %i), kind=kLoop, calls=%fs
+  ROOT %w = f32[8,4,4]{2,1,0} fusion(%a, %u, %i), kind=kLoop, calls=%fu
+}
+"""
+  # slice fusion: reads 64 of the stack + 4 (index), writes 64; update fusion: reads the
+  # 64-byte update + 4 (index), writes nothing beyond it in place.
+  assert targets.hbm_bytes_moved(hlo) == (64 + 4 + 64) + (0 + 64 + 4)

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from remat_kit import _jax, _jaxpr
+from remat_kit import _jax, _jaxpr, targets
 from remat_kit.policies import SaveEverything, SaveNothing
 from remat_kit.report.core import saved_residuals
 from remat_kit.report.explain import policy_names, policy_repr
@@ -43,8 +43,12 @@ def _kept(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[tuple[Any, ...]
                 if r.kind == "activation")
 
 
-def lint(fn: Callable[..., Any], *args: Any) -> list[LintWarning]:
+def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWarning]:
   """Checks the remat in scalar function ``fn`` by what it actually saves.
+
+  Its rules read the jaxpr, which is the same for every backend; ``target``
+  (see :mod:`remat_kit.targets`) is validated so that a call shared with
+  :func:`memory_report` works unchanged.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -55,6 +59,7 @@ def lint(fn: Callable[..., Any], *args: Any) -> list[LintWarning]:
     >>> [w.code for w in lint(jax.checkpoint(f, policy=pol), jnp.ones(3))]
     ['whole-function', 'untagged-name', 'same-as-full']
   """
+  targets.parse_target(target)
   closed = jax.make_jaxpr(fn)(*args)
   sites = [e for e in _jaxpr.walk(closed.jaxpr) if _jaxpr.is_remat(e)]
   if not sites:
