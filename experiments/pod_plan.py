@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'none':>10s} {'-':>9s}")
       continue
     batch = r["batch_per_chip"] if a.verify else r.get("predicted_batch", r["batch_per_chip"])
+    batch = f">={batch}" if r.get("lower_bound") else batch
     peak = r["peak_bytes"] if a.verify else r.get("predicted_peak_bytes", r["peak_bytes"])
     fixed = f"{r['fixed_bytes'] / 2**30:.2f}" if "fixed_bytes" in r else "-"
     per = f"{r['bytes_per_sample'] / 2**30:.3f}" if "bytes_per_sample" in r else "-"
