@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
       loss = _loss(model, kw, inputs)
       grad = jax.grad(loss)
       est, _ = estimate_seconds(flop_breakdown(loss, params)["total"],
-                                compiled_memory(grad, params), "cpu", rates=rates)
+                                compiled_memory(grad, params, hbm_bytes=True), "cpu",
+                                rates=rates)
       step = jax.jit(grad)
       jax.block_until_ready(step(params))
       plans[label] = {"step": step, "estimated_ms": est * 1e3, "times": []}

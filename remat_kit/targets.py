@@ -211,10 +211,9 @@ def _topology(target: Target) -> Any:
 
 
 def _sharding(target: Target) -> Any:
-  dev = target.devices()[0]
   if target.platform == "gpu":
     return jax.sharding.NamedSharding(target.mesh((1,)), jax.sharding.PartitionSpec())
-  return jax.sharding.SingleDeviceSharding(dev)
+  return jax.sharding.SingleDeviceSharding(target.devices()[0])
 
 
 def place(args: Any, target: Target) -> Any:
@@ -254,7 +253,6 @@ _ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5
              "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
              "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
-_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 # Ops whose operands and result cross HBM: fused kernels, library calls, copies.
 _MOVING = ("fusion", "custom-call", "convolution", "dot", "copy", "copy-start", "all-gather",
            "all-reduce", "reduce-scatter", "dynamic-update-slice", "dynamic-slice", "scatter",

@@ -256,7 +256,7 @@ _MEMORY_FIELDS = (
 
 
 def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
-                    **kwargs: Any) -> dict[str, Any]:
+                    hbm_bytes: bool | None = None, **kwargs: Any) -> dict[str, Any]:
   """The compiler's memory analysis of ``jax.jit(fn)`` for these arguments.
 
   Args:
@@ -264,6 +264,8 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     *args: arrays or ``jax.ShapeDtypeStruct``s.
     target: where to compile (see :mod:`remat_kit.targets`): None for the
       local backend, ``"tpu:v5e:2x2"``, ``"gpu:h100"``, ...
+    hbm_bytes: parse the compiled program for ``hbm_bytes_moved``; by
+      default only for accelerator targets (their step-time estimate needs it).
     **kwargs: more arguments of ``fn``.
 
   Returns:
@@ -271,7 +273,7 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     ``compiled.memory_analysis()`` (``temp_size``, ``argument_size``, ...,
     and ``peak_memory`` where the compiler reports one), ``peak_bytes``, the
     ``backend`` and ``target``, and ``hbm_bytes_moved`` (see
-    :func:`remat_kit.targets.hbm_bytes_moved`).
+    :func:`remat_kit.targets.hbm_bytes_moved`) where ``hbm_bytes`` asks for it.
     ``peak_bytes`` is the compiler's own peak on TPU and GPU targets;
     locally it is temp + argument + output - alias (which matched the live
     peak on an H100 within 0.01 MiB).
@@ -289,7 +291,10 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
                        + out.get("output_size", 0) - out.get("alias_size", 0))
   if not t.is_local and out.get("peak_memory"):
     out["peak_bytes"] = out["peak_memory"]
-  out["hbm_bytes_moved"] = targets.hbm_bytes_moved(compiled.as_text())
+  if hbm_bytes is None:
+    hbm_bytes = not t.is_local
+  if hbm_bytes:
+    out["hbm_bytes_moved"] = targets.hbm_bytes_moved(compiled.as_text())
   return out
 
 
