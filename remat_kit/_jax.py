@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as _xcore
+import jax.extend.source_info_util  # noqa: F401  (jax.extend.source_info_util)
 from jax import ad_checkpoint as _ad
 
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
@@ -210,6 +211,23 @@ def is_remat(eqn: Any) -> bool:
     if eqn.primitive is m.remat_primitive:
       return m.remat_class is None or isinstance(eqn.params.get("_prim"), m.remat_class)
   return False
+
+
+def eqn_context(eqn: Any) -> Any:
+  """A context that re-binds ``eqn`` with its own source line and name stack, as
+  ``jax.core.eval_jaxpr`` does (public ``jax.extend.source_info_util``)."""
+  siu = getattr(jax.extend, "source_info_util", None)
+  if siu is None or not hasattr(siu, "user_context"):  # pragma: no cover - older JAX
+    return contextlib.nullcontext()
+  name_stack = siu.current_name_stack() + eqn.source_info.name_stack
+  return siu.user_context(eqn.source_info.traceback, name_stack=name_stack)
+
+
+def remat_uses_remat3(eqn: Any) -> bool:
+  """Whether a remat equation was bound by the jax_remat3 implementation."""
+  return has_remat3() and eqn.primitive is markers(True).remat_primitive and (
+      markers(True).remat_class is None
+      or isinstance(eqn.params.get("_prim"), markers(True).remat_class))
 
 
 def remat_params(eqn: Any) -> dict[str, Any]:

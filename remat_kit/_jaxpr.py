@@ -6,6 +6,8 @@ Shared by `transforms`, `flax` and `report`; it reads jaxprs only through
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -131,16 +133,59 @@ def remat_sites(jaxpr: Jaxpr) -> Iterator[tuple[Any, int]]:
   yield from visit(jaxpr, 1)
 
 
-def _inline_closed(cj: ClosedJaxpr, full: bool) -> ClosedJaxpr:
+def _inline_closed(cj: ClosedJaxpr, full: bool, marks: Marks | None) -> ClosedJaxpr:
   avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cj.in_avals]
-  return jax.make_jaxpr(lambda *xs: eval_inlined(cj.jaxpr, cj.consts, *xs, full=full))(*avals)
+  return jax.make_jaxpr(
+      lambda *xs: eval_inlined(cj.jaxpr, cj.consts, *xs, full=full, marks=marks))(*avals)
 
 
-def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: bool = False
-                 ) -> list[Any]:
+class Marks:
+  """Scope labels that let compiled ops be traced back to remat sites and names.
+
+  :func:`eval_inlined` with ``marks`` re-binds every remat boundary as it was
+  (same policy, same implementation) with its body under the named scope
+  ``rks<i>`` (``i`` its index in :func:`remat_sites` order), and every op whose
+  output is tagged by `checkpoint_name` under ``rkn<k>``. The scopes reach the
+  jaxpr's ``name_stack`` and the HLO ``op_name`` metadata and change nothing
+  else.
+  """
+
+  SITE = re.compile(r"\brks(\d+)\b")
+  NAME = re.compile(r"\brkn(\d+)\b")
+
+  def __init__(self, jaxpr: Jaxpr):
+    self.sites = {id(e): i for i, (e, _) in enumerate(remat_sites(jaxpr))}
+    self.names: list[tuple[str, str]] = []  # (checkpoint name, primitive that made it)
+
+  def name_scope(self, name: str, primitive: str) -> str:
+    if (name, primitive) not in self.names:
+      self.names.append((name, primitive))
+    return f"rkn{self.names.index((name, primitive))}"
+
+  def site_of(self, text: str) -> int | None:
+    """The innermost remat site a name stack or op_name lies in."""
+    found = self.SITE.findall(text)
+    return int(found[-1]) if found else None
+
+  def name_of(self, text: str, primitive: str) -> str | None:
+    """The `checkpoint_name` of a ``primitive`` op with this name stack or op_name.
+
+    Only the op that made the tagged value counts: the other ops in its scope
+    (its derivative's, say) are not the tagged tensor.
+    """
+    found = self.NAME.findall(text)
+    if not found:
+      return None
+    name, prim = self.names[int(found[-1])]
+    return name if prim == primitive else None
+
+
+def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: bool = False,
+                 marks: Marks | None = None) -> list[Any]:
   """Evaluates ``jaxpr`` with every remat boundary inlined (its body run as is).
 
   With ``full``, each remat boundary is kept but its policy becomes full remat.
+  With ``marks``, each is kept as it was, and labelled (see :class:`Marks`).
   Remat inside scans, conds and jits is reached by rewriting their bodies.
   """
   env: dict[Any, Any] = {}
@@ -149,27 +194,81 @@ def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: bool = F
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
+  tagged = {}
+  if marks is not None:
+    for eqn in jaxpr.eqns:
+      n = _jax.checkpoint_name_of(eqn.primitive, eqn.params)
+      if n is not None:
+        tagged.update({v: n for v in eqn.invars if isinstance(v, Var)})
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
-    if is_remat(eqn):
-      body, body_consts = remat_body(eqn)
-      run = lambda *xs, body=body, c=body_consts: eval_inlined(body, c, *xs, full=full)
-      outs = jax.checkpoint(run, policy=None)(*invals) if full else run(*invals)
-    else:
-      params = eqn.primitive.get_bind_params(eqn.params)
-      if any(has_remat(sub) for sub in sub_jaxprs(eqn.params)):
-        params = dict(params)
-        for k, val in params.items():
-          if isinstance(val, ClosedJaxpr):
-            params[k] = _inline_closed(val, full)
-          elif isinstance(val, (tuple, list)) and val and isinstance(val[0], ClosedJaxpr):
-            params[k] = type(val)(_inline_closed(c, full) for c in val)
-          elif isinstance(val, Jaxpr) and has_remat(val):
-            raise ValueError(
-                f"`without_remat`: cannot inline remat inside a `{eqn.primitive.name}`.")
-      outs = eqn.primitive.bind(*invals, **params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
+    name = next((tagged[v] for v in eqn.outvars if v in tagged), None)
+    scope = marks.name_scope(name, eqn.primitive.name) if name else None
+    with _jax.eqn_context(eqn), (
+        jax.named_scope(scope) if scope else contextlib.nullcontext()):
+      outs = _eval_eqn(eqn, invals, full, marks)
     for v, x in zip(eqn.outvars, outs):
       env[v] = x
   return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_eqn(eqn: Any, invals: list[Any], full: bool, marks: Marks | None) -> Any:
+  if is_remat(eqn):
+    body, body_consts = remat_body(eqn)
+    run = lambda *xs: eval_inlined(body, body_consts, *xs, full=full, marks=marks)
+    if full:
+      return jax.checkpoint(run, policy=None)(*invals)
+    if marks is None:
+      return run(*invals)
+    site = marks.sites.get(id(eqn))
+
+    def scoped(*xs: Any) -> Any:
+      with jax.named_scope(f"rks{site}") if site is not None else contextlib.nullcontext():
+        return run(*xs)
+
+    params = _jax.remat_params(eqn)
+    with _jax.remat3(_jax.remat_uses_remat3(eqn)):
+      ck = jax.checkpoint(scoped, policy=params.get("policy"),
+                          prevent_cse=params.get("prevent_cse", True))
+      return ck(*invals)
+  params = eqn.primitive.get_bind_params(eqn.params)
+  if any(has_remat(sub) or (marks is not None and _has_names(sub))
+         for sub in sub_jaxprs(eqn.params)):
+    params = dict(params)
+    for k, val in params.items():
+      if isinstance(val, ClosedJaxpr):
+        params[k] = _inline_closed(val, full, marks)
+      elif isinstance(val, (tuple, list)) and val and isinstance(val[0], ClosedJaxpr):
+        params[k] = type(val)(_inline_closed(c, full, marks) for c in val)
+      elif isinstance(val, Jaxpr) and has_remat(val):
+        raise ValueError(
+            f"`without_remat`: cannot inline remat inside a `{eqn.primitive.name}`.")
+  outs = eqn.primitive.bind(*invals, **params)
+  return outs if eqn.primitive.multiple_results else [outs]
+
+
+def _has_names(jaxpr: Jaxpr) -> bool:
+  return any(_jax.checkpoint_name_of(e.primitive, e.params) is not None for e in walk(jaxpr))
+
+
+def marked(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, Marks, list[Any]]:
+  """``fn`` re-expressed so that compiled ops carry :class:`Marks` scopes.
+
+  Returns a function of the flat leaves of ``(args, kwargs)``, its marks and
+  those leaves.
+  """
+  leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+
+  def flat(*xs: Any) -> Any:
+    a, k = jax.tree_util.tree_unflatten(tree, xs)
+    return fn(*a, **k)
+
+  closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*leaves)
+  marks = Marks(closed.jaxpr)
+  out_tree = jax.tree_util.tree_structure(out_shape)
+
+  def run(*xs: Any) -> Any:
+    outs = eval_inlined(closed.jaxpr, closed.consts, *xs, marks=marks)
+    return jax.tree_util.tree_unflatten(out_tree, outs)
+
+  return run, marks, leaves

@@ -24,6 +24,7 @@ __all__ = [
     "activation_bytes",
     "compiled_memory",
     "live_peak_bytes",
+    "memory_fields",
 ]
 
 
@@ -48,6 +49,14 @@ class Residual:
     layers: the scan trip counts it is stacked over (1 outside scans), so
       ``bytes / layers`` is its size per layer.
     rule: why it is kept (filled in by :func:`remat_kit.report.memory_report`).
+    names: every `checkpoint_name` the buffer carries (one buffer may be
+      reached through several names, casts to its own dtype or reshapes; it
+      is one row and counted once).
+    site: the index (in :func:`remat_kit.report.explain.remat_sites` order)
+      of the remat site the residual was produced in, or whose input it is;
+      None when neither.
+    site_role: "inside" (produced inside remat site ``site``, so kept by its
+      policy), "input" (an input of that site, kept to recompute it) or "".
   """
 
   name: str | None
@@ -60,6 +69,9 @@ class Residual:
   memory: str = "device"
   layers: int = 1
   rule: str = ""
+  names: tuple[str, ...] = ()
+  site: int | None = None
+  site_role: str = ""
 
   @property
   def label(self) -> str:
@@ -73,6 +85,9 @@ _VIEWS = frozenset("reshape squeeze expand_dims slice dynamic_slice transpose "
                    "reduce_precision copy copy_p".split())
 # Ops that pass their value through unchanged (names and placement).
 _PASS = frozenset("name reduce_precision device_put copy copy_p".split())
+# Ops whose output is the same buffer as their input (when the dtype is unchanged).
+_ALIAS = _PASS | frozenset("reshape squeeze expand_dims convert_element_type optimization_barrier"
+                           .split())
 # Calls whose outputs are their body's outputs.
 _CALLS = frozenset("jit pjit closed_call core_call checkpoint remat custom_jvp_call "
                    "custom_vjp_call".split())
@@ -175,13 +190,8 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
     >>> [(r.kind, r.shape) for r in rk.report.saved_residuals(f, jnp.ones(3))]
     [('argument', (3,))]
   """
-  leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
   names = _arg_names(args, kwargs)
-
-  def flat_fn(*xs: Any) -> Any:
-    a, k = jax.tree_util.tree_unflatten(tree, xs)
-    return fn(*a, **k)
-
+  flat_fn, marks, leaves = _jaxpr.marked(fn, *args, **kwargs)
   closed, out_shape = jax.make_jaxpr(lambda *xs: jax.vjp(flat_fn, *xs),
                                      return_shape=True)(*leaves)
   jaxpr = closed.jaxpr
@@ -190,35 +200,95 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
   top = _frame(jaxpr)
   invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
   constvars = set(jaxpr.constvars)
-  rows, seen = [], set()
+  rows: list[Residual] = []
+  buffers: dict[Any, int] = {}  # one buffer -> its row
   for v in res_vars:
     if isinstance(v, _jaxpr.Literal) or v in constvars:
       rows.append(_row(v.aval, None, "constant", None, "a constant"))
       continue
-    if v in seen:  # the same tensor returned twice is stored once
-      continue
-    seen.add(v)
     memory = "host" if "host" in str(getattr(v.aval, "memory_space", "")).lower() else "device"
     base, frames, _, _, cast = _follow(
         v, [top], _PASS | _VIEWS | {"convert_element_type"})
     if len(frames) == 1 and base in invar_index:
+      key = ("argument", base, cast, str(v.aval.dtype), memory)
+      if key in buffers:
+        continue
+      buffers[key] = len(rows)
       what = "cast of argument" if cast else "argument" if base is v else "view of argument"
       rows.append(_row(v.aval, None, "argument_cast" if cast else "argument", None,
                        f"{what} {names[invar_index[base]]}", memory))
       continue
     src, frames, layers, name, _ = _follow(v, [top], _PASS)
+    buf, bframes, _, bname, _ = _follow_same_buffer(src, frames)
+    key = (tuple(id(f.eqn) for f in bframes), buf, memory)
+    tags = tuple(n for n in (name, bname) if n is not None)
+    if key in buffers:  # another name, cast or view of a buffer already counted
+      i = buffers[key]
+      rows[i] = dataclasses.replace(
+          rows[i], names=rows[i].names + tuple(n for n in tags if n not in rows[i].names),
+          name=rows[i].name or (tags[0] if tags else None))
+      continue
+    buffers[key] = len(rows)
     eqn = frames[-1].producer.get(src) if not isinstance(src, _jaxpr.Literal) else None
+    site, role = None, ""
     if eqn is not None:
       prim = eqn.primitive.name
       if prim == "jit":
         prim = f"jit:{eqn.params.get('name', '')}"
+      site = marks.site_of(str(eqn.source_info.name_stack))
+      role = "inside" if site is not None else ""
     else:
       prim = "scan carry" if len(frames) > 1 else "input"
+    if not isinstance(src, _jaxpr.Literal):
+      # A value another remat site reads (a layer's output feeding the next layer)
+      # is kept as that site's input, whichever site made it.
+      reader = _consuming_site(src, frames[-1], marks, exclude=site)
+      if reader is not None:
+        site, role = reader, "input"
     where = " (offloaded to host)" if memory == "host" else ""
     inside = f" in a scan of {layers}" if layers > 1 else ""
-    rows.append(_row(v.aval, name, "activation", prim, f"output of {prim}{inside}{where}",
-                     memory, layers))
+    tags = tuple(dict.fromkeys(n for n in (name, *tags) if n is not None))
+    rows.append(dataclasses.replace(
+        _row(v.aval, name, "activation", prim, f"output of {prim}{inside}{where}", memory,
+             layers), names=tags, site=site, site_role=role))
   return rows
+
+
+def _follow_same_buffer(v: Any, frames: list[_Frame]
+                        ) -> tuple[Any, list[_Frame], int, str | None, bool]:
+  """Follows ``v`` back through ops that keep its buffer: names, reshapes, casts to
+  its own dtype. Stops at a cast that changes the dtype (a new buffer)."""
+  dtype = str(v.aval.dtype) if not isinstance(v, _jaxpr.Literal) else ""
+  cur, fr = v, list(frames)
+  names: list[str] = []
+  while True:
+    nxt, fr2, layers, name, _ = _follow(cur, fr, _ALIAS)
+    if nxt is cur:
+      break
+    # Step back one op at a time, so a dtype change ends the walk before it.
+    eqn = fr[-1].producer.get(cur) if not isinstance(cur, _jaxpr.Literal) else None
+    if eqn is None or eqn.primitive.name not in _ALIAS and _jax.checkpoint_name_of(
+        eqn.primitive, eqn.params) is None:
+      break
+    prev = eqn.invars[0]
+    if isinstance(prev, _jaxpr.Literal) or str(prev.aval.dtype) != dtype:
+      break
+    n = _jax.checkpoint_name_of(eqn.primitive, eqn.params)
+    if n is not None:
+      names.append(n)
+    cur = prev
+  return cur, fr, 1, (names[0] if names else None), False
+
+
+def _consuming_site(v: Any, frame: _Frame, marks: Any, exclude: int | None) -> int | None:
+  """The remat site (other than ``exclude``) whose forward ops read ``v``: ``v`` is its
+  input."""
+  for eqn in frame.jaxpr.eqns:
+    if any(x is v for x in eqn.invars):
+      site = marks.site_of(str(eqn.source_info.name_stack))
+      if site is not None and site != exclude:
+        return site
+  return None
 
 
 def _row(aval: Any, name: str | None, kind: str, prim: str | None, source: str,
@@ -279,7 +349,12 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     peak on an H100 within 0.01 MiB).
   """
   t = targets.parse_target(target)
-  compiled = targets.compile_for(fn, t, *args, **kwargs)
+  return memory_fields(targets.compile_for(fn, t, *args, **kwargs), t, hbm_bytes)
+
+
+def memory_fields(compiled: Any, target: Any, hbm_bytes: bool | None = None) -> dict[str, Any]:
+  """:func:`compiled_memory`'s dict for an already compiled program."""
+  t = targets.parse_target(target)
   ma = compiled.memory_analysis()
   out: dict[str, Any] = {"backend": jax.default_backend() if t.is_local else t.platform,
                          "target": t.name}

@@ -36,31 +36,25 @@ def policy_repr(policy: Any) -> str:
 class RematSite:
   policy: Any
   names: frozenset[str]
-  outputs: frozenset[tuple[str, tuple[int, ...], str]]
   layers: int  # the product of the trip counts of the scans around it
 
 
 def remat_sites(fn: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> list[RematSite]:
-  """Every remat boundary in ``fn``: its policy, the names and outputs made inside it."""
+  """Every remat boundary in ``fn``, in the order :class:`Residual.site` indexes."""
   closed = jax.make_jaxpr(fn)(*args, **kwargs)
   return [_site(eqn, layers) for eqn, layers in _jaxpr.remat_sites(closed.jaxpr)]
 
 
 def _site(eqn: Any, layers: int) -> RematSite:
   body, _ = _jaxpr.remat_body(eqn)
-  names, outs = set(), set()
-  for e in _jaxpr.walk(body):
-    n = _jax.checkpoint_name_of(e.primitive, e.params)
-    if n is not None:
-      names.add(n)
-    for v in e.outvars:
-      outs.add((e.primitive.name, tuple(getattr(v.aval, "shape", ())),
-                str(getattr(v.aval, "dtype", ""))))
-  return RematSite(_jaxpr.policy_of(eqn), frozenset(names), frozenset(outs), layers)
+  names = {_jax.checkpoint_name_of(e.primitive, e.params) for e in _jaxpr.walk(body)}
+  names.discard(None)
+  return RematSite(_jaxpr.policy_of(eqn), frozenset(names), layers)
 
 
 def rule_for(r: Residual, sites: list[RematSite]) -> str:
+  """Why ``r`` is kept, from where it was produced (never from its shape)."""
   if r.kind == "argument":
     return "an input: no extra memory"
   if r.kind == "argument_cast":
@@ -69,14 +63,13 @@ def rule_for(r: Residual, sites: list[RematSite]) -> str:
     return "a constant"
   if r.primitive == "scan carry":
     return "the scan carry: each layer's input, kept by the scan"
+  site = sites[r.site] if r.site is not None and r.site < len(sites) else None
+  if site is None:
+    return "kept by autodiff outside remat"
+  if r.site_role == "input":
+    return f"the input of a remat (policy {policy_repr(site.policy)}), kept to recompute it"
   verb = "offloaded" if r.memory == "host" else "saved"
-  sites = [site for site in sites if site.layers == r.layers]
-  for site in sites:
-    if r.name is not None and r.name in site.names:
-      return f"{verb} by policy {policy_repr(site.policy)} (name {r.name!r})"
-  for site in sites:
-    for prim, shape, dtype in site.outputs:
-      if prim == r.primitive and dtype == r.dtype and tuple(r.shape[len(r.shape) - len(shape):]) \
-          == shape:
-        return f"{verb} by policy {policy_repr(site.policy)} ({prim})"
-  return "kept by autodiff (made by an op's linearization, or outside any remat)"
+  named = [n for n in r.names if n in policy_names(site.policy)]
+  if named:
+    return f"{verb} by policy {policy_repr(site.policy)} (name {named[0]!r})"
+  return f"{verb} by policy {policy_repr(site.policy)} ({r.primitive})"
