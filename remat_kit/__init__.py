@@ -19,6 +19,7 @@ from remat_kit.policies import Policy as Policy
 from remat_kit.policies import from_config as from_config
 from remat_kit.report import compare as compare
 from remat_kit.report import diff as diff
+from remat_kit.report import explain_peak as explain_peak
 from remat_kit.report import lint as lint
 from remat_kit.report import memory_report as memory_report
 from remat_kit.transforms import checkpoint_name as checkpoint_name
@@ -38,6 +39,7 @@ __all__ = [
     "classic_remat",
     "compare",
     "diff",
+    "explain_peak",
     "flax",
     "from_config",
     "lint",

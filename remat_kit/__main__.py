@@ -1,9 +1,11 @@
-"""Command line: ``python -m remat_kit {report,lint,policies,versions}``.
+"""Command line: ``python -m remat_kit {report,peak,lint,policies,versions}``.
 
 ``report FILE.py:NAME`` imports ``FILE.py`` and calls ``NAME()``, which must
 return ``(loss_fn, args)`` (one report) or ``({label: loss_fn, ...}, args)``
 (a comparison); ``args`` is a tuple of example arguments. The table is
-printed; ``--json PATH`` also writes the report as JSON.
+printed; ``--json PATH`` also writes the report as JSON. ``peak`` prints what
+is live at the compiled gradient's peak (``rk.explain_peak``). Each takes
+``--target`` (``tpu:v5e:2x2``, ``gpu:h100``: compiled without the device).
 """
 
 from __future__ import annotations
@@ -63,8 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   rep.add_argument("--target", dest="compile_target", default=None,
                    help="compile for this target instead of the local backend, e.g. "
                         "tpu:v5e:2x2 or gpu:h100 (deviceless; see remat_kit.targets)")
+  pk = sub.add_parser("peak", help="what is live at the compiled gradient's peak")
+  pk.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
+  pk.add_argument("--top", type=int, default=20, help="rows of their own (default 20)")
+  pk.add_argument("--json", help="also write the breakdown to this JSON file")
+  pk.add_argument("--argnums", type=int, nargs="+", default=[0],
+                  help="arguments to differentiate (default: 0)")
   lnt = sub.add_parser("lint", help="warn about remat that saves nothing useful")
   lnt.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
+  for p in (pk, lnt):
+    p.add_argument("--target", dest="compile_target", default=None,
+                   help="compile for this target instead of the local backend")
   sub.add_parser("policies", help="list the preset policy names")
   sub.add_parser("versions", help="what remat_kit found in the installed JAX")
   args = parser.parse_args(argv)
@@ -85,13 +96,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     fns = fn if isinstance(fn, dict) else {args.target: fn}
     found = 0
     for label, f in fns.items():
-      for w in report.lint(f, *fn_args):
+      for w in report.lint(f, *fn_args, target=args.compile_target):
         print(f"{label}: {w}")
         found += 1
     if not found:
       print("no warnings")
     return 1 if found else 0
   argnums = args.argnums[0] if len(args.argnums) == 1 else tuple(args.argnums)
+  if args.command == "peak":
+    if args.top < 1:
+      raise SystemExit(f"remat_kit: --top must be at least 1, got {args.top}.")
+    fns = fn if isinstance(fn, dict) else {args.target: fn}
+    out = {}
+    for label, f in fns.items():
+      rep = report.explain_peak(f, *fn_args, target=args.compile_target, top=args.top,
+                                argnums=argnums)
+      print(f"{label}\n{rep.table()}\n")
+      out[label] = rep.to_dict()
+    if args.json:
+      Path(args.json).write_text(json.dumps(out, indent=1))
+      print(f"wrote {args.json}")
+    return 0
   if isinstance(fn, dict):
     result: Any = report.compare(fn, *fn_args, argnums=argnums, verbose=True,
                                  target=args.compile_target)

@@ -238,12 +238,21 @@ def place(args: Any, target: Target) -> Any:
   return jax.tree_util.tree_map(one, args)
 
 
-def compile_for(fn: Callable[..., Any], target: Any, *args: Any, **kwargs: Any) -> Any:
-  """``jax.jit(fn)`` lowered and compiled for ``target`` (nothing runs)."""
+def compile_for(fn: Callable[..., Any], target: Any, *args: Any,
+                compiler_options: dict[str, Any] | None = None, keep_unused: bool = False,
+                **kwargs: Any) -> Any:
+  """``jax.jit(fn)`` lowered and compiled for ``target`` (nothing runs).
+
+  ``compiler_options`` go to ``compile()`` (``{"xla_dump_to": dir}``, say);
+  ``keep_unused`` keeps arguments the program does not read as parameters.
+  """
   t = parse_target(target)
+  jitted = jax.jit(fn, keep_unused=keep_unused)
   if t.is_local:
-    return jax.jit(fn).lower(*args, **kwargs).compile()
-  return jax.jit(fn).lower(*place(args, t), **place(kwargs, t)).compile()
+    lowered = jitted.lower(*args, **kwargs)
+  else:
+    lowered = jitted.lower(*place(args, t), **place(kwargs, t))
+  return lowered.compile(compiler_options) if compiler_options else lowered.compile()
 
 
 # --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 * :func:`memory_report`, :func:`compare`, :func:`diff`: one call per question.
 * :func:`lint`: warnings for policies that do nothing useful.
+* :func:`explain_peak`: what is live at the compiled gradient's peak.
 * :func:`saved_residuals`, :func:`compiled_memory`, :func:`count_flops`,
   :func:`flop_breakdown`, :func:`live_peak_bytes`: the readouts underneath.
 """
@@ -15,6 +16,7 @@ from remat_kit.report.core import (
 )
 from remat_kit.report.flops import count_flops, flop_breakdown, without_remat
 from remat_kit.report.lint import LintWarning, lint
+from remat_kit.report.peak import PeakReport, PeakRow, explain_peak
 from remat_kit.report.summary import (
     Comparison,
     MemoryReport,
@@ -27,6 +29,8 @@ from remat_kit.report.table import format_bytes, format_table
 
 __all__ = [
     "Comparison",
+    "PeakReport",
+    "PeakRow",
     "LintWarning",
     "MemoryReport",
     "Residual",
@@ -36,6 +40,7 @@ __all__ = [
     "compiled_memory",
     "count_flops",
     "diff",
+    "explain_peak",
     "flop_breakdown",
     "format_bytes",
     "format_table",

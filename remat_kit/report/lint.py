@@ -8,6 +8,12 @@
 * ``untagged-name``: a policy names a `checkpoint_name` that its function
   never tags (JAX accepts it silently and saves nothing for it).
 * ``no-remat``: the function has no remat at all.
+* ``no-effect``: the compiled gradient's temp memory (on ``target``) is within
+  1% of the same gradient without remat, or above it: the compiler kept (or
+  merged back) what remat was meant to drop.
+* ``dominated``: a policy that saves something recomputes as many FLOPs as full
+  remat (within 5%), or more, while keeping more bytes (a name placed after ``tanh``, whose
+  derivative reads the un-named value): full remat is better on both counts.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import jax
 
 from remat_kit import _jax, _jaxpr, targets
 from remat_kit.policies import SaveEverything, SaveNothing
-from remat_kit.report.core import saved_residuals
+from remat_kit.report.core import compiled_memory, saved_residuals
 from remat_kit.report.explain import policy_names, policy_repr
-from remat_kit.report.flops import count_flops, with_full_remat, without_remat
+from remat_kit.report.flops import count_flops, flop_breakdown, with_full_remat, without_remat
 
 __all__ = ["LintWarning", "lint"]
 
@@ -46,9 +52,10 @@ def _kept(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[tuple[Any, ...]
 def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWarning]:
   """Checks the remat in scalar function ``fn`` by what it actually saves.
 
-  Its rules read the jaxpr, which is the same for every backend; ``target``
-  (see :mod:`remat_kit.targets`) is validated so that a call shared with
-  :func:`memory_report` works unchanged.
+  Most rules read the jaxpr, the same for every backend; ``no-effect``
+  compiles the gradient for ``target`` (see :mod:`remat_kit.targets`; None:
+  the local backend), since whether remat lowers memory is the compiler's
+  doing (XLA:CPU merges recomputation back in Python loops, for one).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -57,9 +64,9 @@ def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWar
     ...   return jnp.sum(jnp.sin(checkpoint_name(jnp.sin(x), "h")))
     >>> pol = jax.checkpoint_policies.save_only_these_names("hh")
     >>> [w.code for w in lint(jax.checkpoint(f, policy=pol), jnp.ones(3))]
-    ['whole-function', 'untagged-name', 'same-as-full']
+    ['whole-function', 'untagged-name', 'same-as-full', 'no-effect']
   """
-  targets.parse_target(target)
+  t = targets.parse_target(target)
   closed = jax.make_jaxpr(fn)(*args)
   sites = [e for e in _jaxpr.walk(closed.jaxpr) if _jaxpr.is_remat(e)]
   if not sites:
@@ -101,7 +108,51 @@ def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWar
         "same-as-full", "the policies keep exactly what full remat keeps: nothing they name "
         "or select is saved. Check the names and primitives they refer to, or say "
         "policy='full' to mean it."))
+  elif not all_full and not all_none:
+    out.extend(_dominated(fn, args, policies))
+  if not all_none:
+    out.extend(_no_effect(fn, args, t))
   return out
+
+
+def _dominated(fn: Callable[..., Any], args: tuple[Any, ...], policies: list[Any]
+               ) -> list[LintWarning]:
+  mine = flop_breakdown(fn, *args)["recompute"]
+  full_fn = with_full_remat(fn)
+  full = flop_breakdown(full_fn, *args)["recompute"]
+  kept = sum(r.bytes for r in saved_residuals(fn, *args) if r.kind == "activation")
+  kept_full = sum(r.bytes for r in saved_residuals(full_fn, *args) if r.kind == "activation")
+  if mine < 0.95 * full or kept <= kept_full:
+    return []
+  names = sorted(set().union(*(policy_names(p) for p in policies)))
+  hint = (f"the names it saves ({names}) are not what the backward pass reads: a name "
+          "placed after a nonlinearity (tanh, exp, softmax) saves its output, while the "
+          "derivative reads a value computed from the un-named one, so everything is "
+          "recomputed anyway. Name the pre-activation (the matmul output) instead, or use "
+          "policy='full'." if names else "use policy='full', or save different values.")
+  return [LintWarning(
+      "dominated",
+      f"the policies recompute {mine:,} FLOPs (full remat: {full:,}) while keeping "
+      f"{kept:,} bytes of activations (full remat: {kept_full:,}): full remat is cheaper "
+      f"in both. {hint[0].upper()}{hint[1:]}")]
+
+
+def _no_effect(fn: Callable[..., Any], args: tuple[Any, ...], t: targets.Target
+               ) -> list[LintWarning]:
+  mem = compiled_memory(jax.grad(fn), *args, target=t, hbm_bytes=False)
+  ref = compiled_memory(jax.grad(without_remat(fn)), *args, target=t, hbm_bytes=False)
+  key = "temp_size" if ref.get("temp_size") else "peak_bytes"
+  a, b = mem.get(key, 0), ref.get(key, 0)
+  if b == 0 or a < 0.99 * b:
+    return []
+  why = (" XLA:CPU merges the recomputation back when layers are a Python loop: scan them "
+         "(`remat_scan`), or check on the accelerator you train on with `target=`."
+         if t.is_local and jax.default_backend() == "cpu" else "")
+  return [LintWarning(
+      "no-effect",
+      f"on {t.name}, the compiled gradient's {key.split('_')[0]} memory is "
+      f"{a:,} bytes with remat and {b:,} without: remat costs compute and saves no memory "
+      f"here.{why}")]
 
 
 def _is_full(policy: Any) -> bool:

@@ -17,10 +17,11 @@ from typing import Any
 import jax
 
 from remat_kit import targets
-from remat_kit.report.core import Residual, compiled_memory, live_peak_bytes, saved_residuals
+from remat_kit.report.core import Residual, live_peak_bytes, memory_fields, saved_residuals
 from remat_kit.report.estimate import estimate_seconds
 from remat_kit.report.explain import remat_sites, rule_for
 from remat_kit.report.flops import flop_breakdown
+from remat_kit.report.peak import PeakReport, compile_explained
 from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
@@ -45,6 +46,8 @@ class MemoryReport:
     estimated_seconds: the step time on an accelerator target (see
       :mod:`remat_kit.report.estimate`), None on the local backend.
     estimate_source: how ``estimated_seconds`` was obtained.
+    peak: what is live at the compiled gradient's peak
+      (:func:`remat_kit.report.explain_peak`), which :meth:`reconcile` sums by kind.
   """
 
   label: str
@@ -57,6 +60,24 @@ class MemoryReport:
   target: str = "cpu"
   estimated_seconds: float | None = None
   estimate_source: str = ""
+  peak: PeakReport | None = None
+
+  def reconcile(self) -> str:
+    """How the residuals relate to the compiled peak, in one line.
+
+    For example "peak 108 MiB: saved residual 59%, backward temporary 30%, ...;
+    the residuals listed are 64 MiB (59% of it)": when residuals are a small
+    share of the peak, saving fewer of them cannot lower it much.
+    """
+    if self.peak is None:
+      return ""
+    total = max(self.peak.peak_bytes, 1)
+    parts = ", ".join(f"{k} {100 * b / total:.0f}%" for k, b in self.peak.by_kind.items()
+                      if b * 100 >= total)
+    res = self.device_activation_bytes
+    return (f"peak {format_bytes(self.peak.peak_bytes)} ({self.peak.target}): {parts}; "
+            f"the saved activations above total {format_bytes(res)} "
+            f"({100 * res / total:.0f}% of the peak)")
 
   @property
   def activation_bytes(self) -> int:
@@ -107,6 +128,8 @@ class MemoryReport:
         "flops": dict(self.flops),
         "live_peak_bytes": self.live_peak_bytes,
         "live_peak_note": self.live_peak_note,
+        "peak": self.peak.to_dict() if self.peak is not None else None,
+        "reconcile": self.reconcile(),
     }
 
   def to_json(self, **kwargs: Any) -> str:
@@ -114,7 +137,8 @@ class MemoryReport:
 
   def table(self) -> str:
     """The residual rows and the totals, as text."""
-    rows = [[r.name or "-", "x".join(map(str, r.shape)) or "()", r.dtype, format_bytes(r.bytes),
+    rows = [[",".join(r.names) or r.name or "-", "x".join(map(str, r.shape)) or "()", r.dtype,
+             format_bytes(r.bytes),
              str(r.layers), r.primitive or "-", r.kind, r.memory, r.rule]
             for r in self.residuals]
     out = [f"== {self.label} ({self.target}) ==",
@@ -133,6 +157,8 @@ class MemoryReport:
     live = (format_bytes(self.live_peak_bytes) if self.live_peak_bytes is not None
             else f"n/a ({self.live_peak_note})")
     out.append(f"live peak: {live}")
+    if self.peak is not None:
+      out.append(self.reconcile())
     if self.estimated_seconds is not None:
       out.append(f"estimated step on {self.target}: {self.estimated_seconds * 1e3:.3f} ms "
                  f"({self.estimate_source})")
@@ -178,12 +204,13 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   label = label or getattr(fn, "__name__", "fn")
   t = targets.parse_target(target)
   grad = jax.grad(fn, argnums=argnums)
-  compiled = compiled_memory(grad, *args, target=t, **kwargs)
+  program, peak = compile_explained(fn, args, kwargs, target=t, argnums=argnums)
+  compiled = memory_fields(program, t)
   sites = remat_sites(fn, args, kwargs)
   residuals = [dataclasses.replace(r, rule=rule_for(r, sites))
                for r in saved_residuals(lambda *a: fn(*a, **kwargs), *args)]
   flops = flop_breakdown(fn, *args, argnums=argnums, **kwargs)
-  peak, note = None, ""
+  peak_live, note = None, ""
   seconds, source = estimate_seconds(flops["total"], compiled, t)
   if not t.is_local:
     note = f"nothing runs for target {t.name!r}: see the compiled peak"
@@ -192,9 +219,9 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   elif live_peak_bytes() is None:
     note = f"the {jax.default_backend()} backend reports no memory_stats()"
   else:
-    peak, note = _measure_live_peak(grad, args, kwargs)
-  return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak, note,
-                      t.name, seconds, source)
+    peak_live, note = _measure_live_peak(grad, args, kwargs)
+  return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak_live, note,
+                      t.name, seconds, source, peak)
 
 
 def _measure_live_peak(grad: Callable[..., Any], args: tuple[Any, ...],
