@@ -268,7 +268,9 @@ def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str,
       vals.sort()
       cur = None
       for s, e, v in vals:
-        if cur is not None and s <= cur[4]:
+        # Touching ranges are one buffer (an in-place update); so is a loop's initial
+        # value and what the loop body writes into it later (the loop carries it).
+        if cur is not None and (s <= cur[4] or _feeds_loop(prog, cur[5][-1])):
           cur[4] = max(cur[4], e)
           cur[5].append(v)
         else:
@@ -284,6 +286,7 @@ def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str,
     if cur_total > best:
       best, best_t = cur_total, t
   live = [b for b in buffers if b[3] <= best_t <= b[4]]
+  backward = _backward_start(prog, ranges, horizon)
   rows: list[PeakRow] = []
   # Parameters, outputs, constants: resident for the whole step.
   root = {name: i for i, name in enumerate(prog.root)}
@@ -303,7 +306,8 @@ def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str,
     if a.constant:  # baked into the program: XLA counts it with the generated code
       continue
     outs = [root[v.split("{")[0]] for v in values if v.split("{")[0] in root]
-    kind = out_kind[outs[0]] if outs and outs[0] < len(out_kind) else "output"
+    default = out_kind[0] if len(set(out_kind)) == 1 else "output"
+    kind = out_kind[outs[0]] if outs and outs[0] < len(out_kind) else default
     now = [v for v in values if v in ranges and ranges[v][0] <= best_t <= ranges[v][1]]
     v = (now or values or ["?"])[-1]
     rows.append(_value_row(a.size, v, kind, prog, marks, "device"))
@@ -311,8 +315,14 @@ def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str,
     # The value the buffer holds at the peak (the earliest still live, when an
     # in-place op is writing over it there), named by any value it carried.
     now = [v for v in values if ranges[v][0] <= best_t <= ranges[v][1]] or values
-    v = now[0]
-    row = _value_row(size, ",".join(values), _temp_kind(prog, v), prog, marks, _memory(a), v)
+    named = [x for x in now + values if prog.info.get(x.split("{")[0], ("", ""))[1]]
+    v = (named or now)[0]  # label it by a value the compiler kept an op_name for
+    start = min(ranges[x][0] for x in values)
+    end = max(ranges[x][1] for x in values)
+    kinds = [_temp_kind(prog, x) for x in values]
+    kind = ("saved residual" if start < backward <= end  # made before the backward, read in it
+            or "saved residual" in kinds else _temp_kind(prog, v))
+    row = _value_row(size, ",".join(values), kind, prog, marks, _memory(a), v)
     name = row.name or next((n for n in (_value_row(0, x, "", prog, marks, "", x).name
                                          for x in values) if n), None)
     rows.append(dataclasses.replace(row, name=name))
@@ -358,6 +368,36 @@ def _primitive(op_name: str) -> str | None:
   return re.sub(r"\(.*\)$", "", last) or None
 
 
+def _feeds_loop(prog: _dumps.Program, value: str) -> bool:
+  """Whether ``value`` is a while loop's initial value (through tuples, bitcasts, ...)."""
+  frontier, seen = [value.split("{")[0]], set()
+  for _ in range(4):
+    nxt = []
+    for instr in frontier:
+      for user in prog.users.get(instr, []):
+        op = prog.info.get(user, ("",))[0]
+        if op == "while":
+          return True
+        if op in ("tuple", "get-tuple-element", "bitcast", "copy") and user not in seen:
+          seen.add(user)
+          nxt.append(user)
+    frontier = nxt
+  return False
+
+
+# Backward ops XLA often schedules early, before any forward work is done.
+_EARLY = frozenset("broadcast_in_dim convert_element_type reshape iota".split())
+
+
+def _backward_start(prog: _dumps.Program, ranges: dict[str, tuple[int, int]],
+                    horizon: int) -> int:
+  """When the backward pass starts: the first transpose op doing real work."""
+  starts = [r[0] for v, r in ranges.items()
+            if "transpose(" in (info := prog.info.get(v.split("{")[0], ("", "", None)))[1]
+            and _primitive(info[1]) not in _EARLY]
+  return min(starts, default=horizon)
+
+
 def _temp_kind(prog: _dumps.Program, value: str) -> str:
   """Backward temporary (made by the transpose), saved residual (made in the forward
   pass and read by the backward), forward temporary, or temporary (neither)."""
@@ -366,6 +406,8 @@ def _temp_kind(prog: _dumps.Program, value: str) -> str:
   if "transpose(" in op_name:
     return "backward temporary"
   if "jvp(" in op_name:
+    if "while/body" in op_name and _primitive(op_name) == "dynamic_update_slice":
+      return "saved residual"  # a forward scan stacking what its backward reads
     readers = prog.users.get(instr, [])
     if any("transpose(" in prog.info.get(u, ("", "", None))[1] for u in readers):
       return "saved residual"
