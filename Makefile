@@ -16,7 +16,7 @@ VMIN_STAMP := $(VMIN)/.installed
 SMOKE    := tests/test__jax.py tests/test_dispatch.py tests/test_layout.py \
             tests/test_policies.py tests/test_transforms.py tests/test_flax_linen.py
 
-.PHONY: install test test-min bench lint check clean
+.PHONY: install test test-min bench bench-refresh lint check clean
 
 $(STAMP): pyproject.toml
 	$(SYSPY) -m venv $(VENV)
@@ -49,6 +49,11 @@ else
 bench: $(STAMP)
 	$(VPY) -m experiments.bench $(ARGS)
 endif
+
+# Rewrites the committed results in experiments/results (plain `make bench` writes
+# to the git-ignored experiments/results/local).
+bench-refresh:
+	$(MAKE) bench ARGS="--refresh $(ARGS)"
 
 lint: $(STAMP)
 	$(VPY) -m ruff check remat_kit tests experiments

@@ -41,6 +41,7 @@ from remat_kit.flax import LayerStack
 from remat_kit.report import compiled_memory, flop_breakdown, live_peak_bytes, saved_residuals
 
 RESULTS = Path(__file__).parent / "results"
+LOCAL = RESULTS / "local"  # git-ignored: `make bench` writes here; `--refresh` writes RESULTS
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
 
@@ -145,8 +146,13 @@ def _offload_supported() -> bool:
   return "pinned_host" in kinds
 
 
-def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict[str, Any]:
-  """One row: every readout of one strategy on one model."""
+def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
+            timed: bool = True) -> dict[str, Any]:
+  """One row: every readout of one strategy on one model.
+
+  With ``timed=False`` the step is compiled and checked but not timed: the
+  row keeps ``_step`` and ``_args`` for :func:`time_interleaved`.
+  """
   key = jax.random.key(0)
   inputs = model.inputs(jax.random.key(1))
   base_kw = model.strategies["no remat"]
@@ -169,11 +175,8 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict
     live = live_peak_bytes()
     for _ in range(3):  # warm-up
       jax.block_until_ready(step(params))
-    t1, t2 = _time(step, (params,), repeats), _time(step, (params,), repeats)
     g_ref = _reference_grads(model.describe, ref, params)
     leaves = zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref))
-    (m1, s1), (m2, s2) = _summary(t1), _summary(t2)
-    median, spread = _summary(t1 + t2)
     row.update(
         temp_bytes=mem["temp_size"], peak_bytes=mem["peak_bytes"],
         host_temp_bytes=mem.get("host_temp_size", 0),
@@ -182,11 +185,13 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict
                             and r.memory == "host"),
         flops=fb["total"], recompute_flops=fb["recompute"],
         recompute_overhead_pct=fb["recompute_pct"],
-        step_ms_median=median, step_ms_spread=spread, step_ms_runs=[m1, m2],
-        repeatable=abs(m1 - m2) <= s1 + s2,
         live_peak_bytes=live if live is not None and (before is None or live > before) else None,
         grads_match=all(np.allclose(a, b, rtol=2e-4, atol=1e-6) for a, b in leaves),
         error=None)
+    if timed:
+      row.update(_timing([_time(step, (params,), 1)[0] for _ in range(2 * repeats)]))
+    else:
+      row["_step"], row["_args"] = step, (params,)
     if row["offloaded_bytes"] and jax.default_backend() == "cpu":
       row["note"] = ("XLA:CPU has one memory: offloaded residuals are marked for the host "
                      "but stay in temp")
@@ -195,6 +200,39 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None) -> dict
     kind = "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else "error"
     row["error"] = f"{kind}: {text.splitlines()[0][:300] if text else type(e).__name__}"
   return row
+
+
+def _timing(times: list[float]) -> dict[str, Any]:
+  """Median step time and its spread (half the 10-90th percentile range)."""
+  median, spread = _summary(times)
+  return {"step_ms_median": median, "step_ms_spread": spread, "step_ms_n": len(times),
+          "timing_reliable": spread <= RELIABLE * median}
+
+
+# A timing whose spread is within this fraction of its median is called reliable.
+RELIABLE = 0.05
+
+
+def time_interleaved(rows: list[dict[str, Any]], repeats: int, max_rounds: int = 0
+                     ) -> None:
+  """Times the compiled steps of ``rows`` in interleaved rounds (one step of each per
+  round), so that a slow spell of a shared machine hits every strategy alike.
+
+  Rounds continue past ``repeats`` until every spread is within RELIABLE of its
+  median, up to ``max_rounds`` (default 3 x repeats); rows whose spread stays
+  larger are marked ``timing_reliable = False``.
+  """
+  live = [r for r in rows if "_step" in r]
+  times: dict[int, list[float]] = {id(r): [] for r in live}
+  max_rounds = max_rounds or 3 * repeats
+  for n in range(max_rounds):
+    for r in live:
+      times[id(r)].extend(_time(r["_step"], r["_args"], 1))
+    if n + 1 >= repeats and all(_timing(times[id(r)])["timing_reliable"] for r in live):
+      break
+  for r in live:
+    r.update(_timing(times[id(r)]))
+    del r["_step"], r["_args"]
 
 
 _REFERENCE: dict[str, Any] = {}
@@ -215,14 +253,39 @@ def _jsonable(x: Any) -> Any:
   return x if isinstance(x, (int, float, str, bool, type(None))) else repr(x)
 
 
+def _faster(q: dict[str, Any], r: dict[str, Any]) -> bool:
+  """q is faster than r beyond both spreads."""
+  return (q["step_ms_median"] + q["step_ms_spread"]
+          < r["step_ms_median"] - r["step_ms_spread"])
+
+
+def _tied(q: dict[str, Any], r: dict[str, Any]) -> bool:
+  """The timings of q and r overlap within their spreads."""
+  return not _faster(q, r) and not _faster(r, q)
+
+
 def pareto(rows: list[dict[str, Any]], mem: str = "temp_bytes") -> list[str]:
-  """Strategies no other beats on both memory and step time, by memory ascending."""
-  ok = [r for r in rows if not r.get("error")]
-  front = []
-  for r in sorted(ok, key=lambda r: (r[mem], r["step_ms_median"])):
-    if not front or r["step_ms_median"] < front[-1]["step_ms_median"]:
+  """The memory-time frontier, by memory ascending, that timing noise cannot fake.
+
+  From the least memory up, a strategy joins the frontier only if it is faster
+  than the last one on it beyond both timing spreads: each step along the
+  frontier buys a speedup larger than the noise. Timings whose spreads overlap
+  are a tie, and the tie goes to less memory.
+  """
+  ok = sorted((r for r in rows if not r.get("error") and "step_ms_median" in r),
+              key=lambda r: (r[mem], r["step_ms_median"]))
+  front: list[dict[str, Any]] = []
+  for r in ok:
+    if not front or _faster(r, front[-1]):
       front.append(r)
   return [r["strategy"] for r in front]
+
+
+def overhead_text(r: dict[str, Any], base: dict[str, Any]) -> str:
+  """Step time relative to no remat, "≈1.00" when within the two spreads."""
+  if r is base or _tied(r, base):
+    return "≈" + f"{r['step_ms_median'] / base['step_ms_median']:.2f}"
+  return f"{r['step_ms_median'] / base['step_ms_median']:.2f}"
 
 
 class Progress:
@@ -241,29 +304,28 @@ class Progress:
 
 
 def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] | None,
-        isolate: bool, auto_budgets: tuple[float, ...]) -> dict[str, Any]:
+        isolate: bool, auto_budgets: tuple[float, ...],
+        save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+  """Every job, model by model; ``save(result)`` is called as each model's rows are done
+  (so an interrupted run keeps what it finished)."""
   mods = [m for m in SIZES[size]() if not only_models or m.name in only_models]
   jobs = [(m, s) for m in mods for s in m.strategies if not only or s in only]
   if auto_budgets:
     jobs += [(m, f"auto {int(b * 100)}%") for m in mods if m.name in ("mlp", "gpt")
              for b in auto_budgets]
-  progress = Progress(len(jobs))
-  rows = []
-  for m, s in jobs:
-    progress.start(f"{m.name} / {s}")
-    if isolate:
-      rows.append(_run_isolated(size, m.name, s, repeats))
-    else:
-      rows.append(measure_named(size, m.name, s, repeats))
-  progress.start("done")
+  progress = Progress(len(jobs) + (0 if isolate else len(mods)))
   dev = jax.devices()[0]
-  result = {
+  result: dict[str, Any] = {
       "device": getattr(dev, "device_kind", str(dev)),
       "backend": jax.default_backend(),
       "jax": jax.__version__,
       "python": platform.python_version(),
       "size": size,
       "repeats": repeats,
+      "timing": ("each strategy in its own process, 2 x repeats steps" if isolate else
+                 "interleaved rounds over a model's strategies (one step each per round), "
+                 f"repeated until every spread is within {RELIABLE:.0%} of its median or "
+                 f"{3 * repeats} rounds"),
       "models": {m.name: m.describe for m in mods},
       "live_peak_note": ("live peak from memory_stats(), each strategy in a fresh process"
                          if isolate else
@@ -271,13 +333,29 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
                          if live_peak_bytes() is None else
                          "live peak from memory_stats() in one process: only increases are "
                          "attributable"),
-      "rows": rows,
+      "rows": [], "pareto": {}, "complete": False,
   }
-  result["pareto"] = {m.name: pareto([r for r in rows if r["model"] == m.name]) for m in mods}
+  for m in mods:
+    rows = []
+    for mm, s in jobs:
+      if mm is not m:
+        continue
+      progress.start(f"{m.name} / {s}")
+      rows.append(_run_isolated(size, m.name, s, repeats) if isolate
+                  else measure_named(size, m.name, s, repeats, timed=False))
+    if not isolate:
+      progress.start(f"{m.name}: timing {len(rows)} strategies, interleaved")
+      time_interleaved(rows, repeats)
+    result["rows"].extend(rows)
+    result["pareto"][m.name] = pareto(rows)
+    save(result)
+  progress.start("done")
+  result["complete"] = True
   return result
 
 
-def measure_named(size: str, model_name: str, strategy: str, repeats: int) -> dict[str, Any]:
+def measure_named(size: str, model_name: str, strategy: str, repeats: int,
+                  timed: bool = True) -> dict[str, Any]:
   model = next(m for m in SIZES[size]() if m.name == model_name)
   if strategy.startswith("auto "):
     from experiments.auto_plan import plan_for
@@ -288,11 +366,11 @@ def measure_named(size: str, model_name: str, strategy: str, repeats: int) -> di
     except ValueError as e:
       return {"model": model_name, "strategy": strategy, "error": f"infeasible: {e}"}
     label = plan.pop("auto_choice")
-    row = measure(model, strategy, repeats, plan=plan)
+    row = measure(model, strategy, repeats, plan=plan, timed=timed)
     row["auto_choice"] = label
     row["budget_fraction"] = budget
     return row
-  return measure(model, strategy, repeats)
+  return measure(model, strategy, repeats, timed=timed)
 
 
 def _run_isolated(size: str, model: str, strategy: str, repeats: int) -> dict[str, Any]:
@@ -314,10 +392,10 @@ def print_table(result: dict[str, Any]) -> None:
   print(f"\nremat_kit bench: {result['device']} ({result['backend']}), jax {result['jax']}, "
         f"size={result['size']}")
   print(result["live_peak_note"])
-  timed = [r for r in result["rows"] if "repeatable" in r]
-  print(f"step time: median of 2 x {result['repeats']} steps after warm-up, +- half the "
-        f"10-90th percentile range; the two runs agree within their spreads for "
-        f"{sum(r['repeatable'] for r in timed)}/{len(timed)} rows")
+  timed = [r for r in result["rows"] if "step_ms_median" in r]
+  print(f"step time: {result['timing']}; median +- half the 10-90th percentile range; "
+        f"{sum(r['timing_reliable'] for r in timed)}/{len(timed)} rows within "
+        f"{RELIABLE:.0%}. x time is '≈' where it is within both spreads of no remat.")
   for name, desc in result["models"].items():
     rows = [r for r in result["rows"] if r["model"] == name]
     base = next((r for r in rows if r["strategy"] == "no remat" and not r.get("error")), None)
@@ -331,8 +409,9 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{r['strategy']:30s} {r['error']}")
         continue
       xt = f"{r['temp_bytes'] / base['temp_bytes']:.2f}" if base else "-"
-      xs = f"{r['step_ms_median'] / base['step_ms_median']:.2f}" if base else "-"
+      xs = overhead_text(r, base) if base else "-"
       step = f"{r['step_ms_median']:.2f}±{r['step_ms_spread']:.2f}"
+      step += "" if r["timing_reliable"] else "?"
       label = r["strategy"] + (f" = {r['auto_choice']}" if r.get("auto_choice") else "")
       print(f"{label[:30]:30s} {_mib(r['temp_bytes']):>9s} {xt:>7s} "
             f"{_mib(r['activation_bytes']):>8s} {r['recompute_overhead_pct']:>8.1f} "
@@ -340,11 +419,16 @@ def print_table(result: dict[str, Any]) -> None:
             f"{'ok' if r['grads_match'] else 'DIFF':>6s}")
       if r.get("note"):
         print(f"{'':30s} note: {r['note']}")
-    print(f"fastest at each memory level (Pareto): {' < '.join(result['pareto'][name])}")
+    front = result["pareto"].get(name, [])
+    print(f"Pareto (less memory, or faster beyond the timing spread): {' < '.join(front)}")
+  if any(not r["timing_reliable"] for r in timed):
+    print("?: spread above 5% of the median after the extra rounds: this machine was busy; "
+          "treat that step time as unreliable.")
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
-  """Memory against time overhead per model, Pareto frontier drawn. False without matplotlib."""
+  """Memory against step time per model: numbered points, a key beside each panel, the
+  Pareto frontier (by :func:`pareto`) drawn through its points. False without matplotlib."""
   try:
     import matplotlib
 
@@ -354,33 +438,60 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     print("matplotlib is not installed: no plot written (pip install matplotlib).",
           file=sys.stderr)
     return False
-  names = list(result["models"])
-  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+  names = [n for n in result["models"] if any(
+      r["model"] == n and "step_ms_median" in r for r in result["rows"])]
+  if not names:
+    return False
+  fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.6), squeeze=False)
   for ax, name in zip(axes[0], names):
-    rows = [r for r in result["rows"] if r["model"] == name and not r.get("error")]
-    base = next((r for r in rows if r["strategy"] == "no remat"), None)
-    if not rows or base is None:
-      continue
+    rows = [r for r in result["rows"] if r["model"] == name and "step_ms_median" in r]
+    base = next((r for r in rows if r["strategy"] == "no remat"), rows[0])
     mem = lambda r: r["temp_bytes"] / 2**20
-    over = lambda r: 100 * (r["step_ms_median"] / base["step_ms_median"] - 1)
-    for r in rows:
+    rel = lambda r: r["step_ms_median"] / base["step_ms_median"]
+    err = lambda r: r["step_ms_spread"] / base["step_ms_median"]
+    front = set(result["pareto"].get(name, []))
+    key = []
+    for i, r in enumerate(rows, 1):
       auto = r["strategy"].startswith("auto")
-      ax.scatter(mem(r), over(r), marker="*" if auto else "o", s=60 if auto else 30,
-                 color="tab:red" if auto else "tab:blue")
-      ax.annotate(r["strategy"], (mem(r), over(r)), fontsize=6, xytext=(3, 3),
+      color = "tab:red" if auto else "tab:green" if r["strategy"] in front else "tab:blue"
+      ax.errorbar(mem(r), rel(r), yerr=err(r), fmt="*" if auto else "o", ms=8 if auto else 5,
+                  color=color, capsize=2, lw=0.8)
+      ax.annotate(str(i), (mem(r), rel(r)), fontsize=7, xytext=(4, 2),
                   textcoords="offset points")
-    front = [next(r for r in rows if r["strategy"] == s) for s in result["pareto"][name]]
-    ax.plot([mem(r) for r in front], [over(r) for r in front], "--", color="gray", lw=1,
-            label="Pareto frontier")
+      label = r["strategy"] + (f" = {r['auto_choice']}" if r.get("auto_choice") else "")
+      key.append(f"{i} {label[:34]}")
+    pts = sorted((r for r in rows if r["strategy"] in front), key=mem)
+    if len(pts) > 1:
+      ax.plot([mem(r) for r in pts], [rel(r) for r in pts], "--", color="tab:green", lw=1,
+              label="Pareto frontier")
+      ax.legend(fontsize=7, loc="upper right")
+    ax.axhline(1.0, color="gray", lw=0.5)
     ax.set_title(name)
     ax.set_xlabel("compiled temp memory (MiB)")
-    ax.set_ylabel("step time vs no remat (%)")
-    ax.legend(fontsize=7)
-  fig.suptitle(f"remat_kit bench: {result['device']} ({result['backend']})", fontsize=10)
+    ax.set_ylabel("step time / no remat (bars: spread)")
+    ax.text(1.02, 1.0, "\n".join(key), transform=ax.transAxes, fontsize=6.5, va="top",
+            family="monospace")
+  fig.suptitle(f"remat_kit bench: {result['device']} ({result['backend']}); green: Pareto, "
+               "red stars: auto", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=130, bbox_inches="tight")
   plt.close(fig)
   return True
+
+
+def check_out(path: Path) -> str | None:
+  """Why ``path`` cannot take the results, or None."""
+  if path.suffix != ".json":
+    return "must end in .json (the plot goes beside it as .png)"
+  if path.is_dir():
+    return "is a directory; give a file name ending in .json"
+  try:  # the one honest test of writability: make the folder and a file in it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent):
+      pass
+  except OSError as e:
+    return f"cannot write in {str(path.parent)!r} ({e.strerror or e})"
+  return None
 
 
 def write_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -414,7 +525,11 @@ def main(argv: list[str] | None = None) -> int:
                   help="budgets for the auto strategy, as fractions of the no-remat temp bytes")
   ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=accel,
                   help="run each strategy in a fresh process (default on GPU/TPU)")
-  ap.add_argument("--out", type=Path, default=None, help="results JSON path")
+  ap.add_argument("--out", type=Path, default=None,
+                  help=f"results JSON path (default: {LOCAL.relative_to(RESULTS.parent.parent)}"
+                       "/<backend>-<device>.json, an ignored folder)")
+  ap.add_argument("--refresh", action="store_true",
+                  help="write the committed results in experiments/results (make bench-refresh)")
   ap.add_argument("--worker", nargs=2, metavar=("MODEL", "STRATEGY"), help=argparse.SUPPRESS)
   ap.add_argument("--target", default=None,
                   help="compile for an accelerator that is not here instead (tpu:v5e:2x2, "
@@ -426,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.target:
     from experiments import target_bench
 
-    return target_bench.main(["--target", args.target, *rest])
+    return target_bench.main(["--target", args.target, *rest,
+                              *(["--refresh"] if args.refresh else []),
+                              *(["--out", str(args.out)] if args.out else [])])
   if rest:
     ap.error(f"unrecognized arguments: {' '.join(rest)}")
   if args.repeats < 1:
@@ -445,10 +562,18 @@ def main(argv: list[str] | None = None) -> int:
   bad = [b for b in args.auto if not 0 < b <= 1]
   if bad:
     ap.error(f"--auto: budgets are fractions in (0, 1], got {bad}")
-  result = run(args.size, args.repeats, args.models, args.only, args.isolate, tuple(args.auto))
+  dev = getattr(jax.devices()[0], "device_kind", "cpu").lower().replace(" ", "-")
+  out = args.out or (RESULTS if args.refresh else LOCAL) / f"{jax.default_backend()}-{dev}.json"
+  problem = check_out(out)
+  if problem:
+    ap.error(f"--out {str(out)!r}: {problem}")
+  try:
+    result = run(args.size, args.repeats, args.models, args.only, args.isolate,
+                 tuple(args.auto), save=lambda r: write_atomic(out, r))
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: the models finished so far are in {out}", file=sys.stderr)
+    return 130
   print_table(result)
-  dev = result["device"].lower().replace(" ", "-")
-  out = args.out or RESULTS / f"{result['backend']}-{dev}.json"
   write_atomic(out, result)
   print(f"\nwrote {out}")
   if plot(result, out.with_suffix(".png")):
@@ -459,8 +584,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== a larger GPT compiled for {args.also_target} (deviceless: compiler figures "
           "and estimated time, nothing ran; every strategy at the training size: "
           "make bench ARGS='--target tpu:v5e:2x2', several minutes of compiles) ==")
-    target_bench.main(["--target", args.also_target, "--models", "gpt", "--size", "demo",
-                       "--only", "no remat", "full"])
+    try:
+      target_bench.main(["--target", args.also_target, "--models", "gpt", "--size", "demo",
+                         "--only", "no remat", "full"])  # a subset: never the committed file
+    except KeyboardInterrupt:
+      print(f"\ninterrupted during the {args.also_target} compiles; the local results are in "
+            f"{out}", file=sys.stderr)
+      return 130
   bad = [f"{r['model']}/{r['strategy']}" for r in result["rows"]
          if not r.get("error") and not r["grads_match"]]
   if bad:

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.bench import overhead_text
+
 
 def tables(result: dict) -> str:
   out = []
@@ -16,8 +18,9 @@ def tables(result: dict) -> str:
     rows = [r for r in result["rows"] if r["model"] == name]
     base = next((r for r in rows if r["strategy"] == "no remat" and not r.get("error")), None)
     out.append(f"**{desc}**\n")
-    out.append("| strategy | temp MiB | x temp | saved act. MiB | +FLOPs % | step ms | grads |")
-    out.append("|---|---:|---:|---:|---:|---:|---|")
+    out.append("| strategy | temp MiB | x temp | saved act. MiB | +FLOPs % | step ms | x time "
+               "| grads |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
       label = r["strategy"] + (f" → {r['auto_choice']}" if r.get("auto_choice") else "")
       if r.get("error"):
@@ -25,14 +28,16 @@ def tables(result: dict) -> str:
             if "least reached" in r["error"] else ""
         why = f"infeasible (least temp {int(least.replace(',', '')) / 2**20:.1f} MiB)" \
             if least else r["error"][:60]
-        out.append(f"| {label} | {why} | | | | | |")
+        out.append(f"| {label} | {why} | | | | | | |")
         continue
       out.append(
           f"| {label} | {r['temp_bytes'] / 2**20:.1f} | {r['temp_bytes'] / base['temp_bytes']:.2f}"
           f" | {r['activation_bytes'] / 2**20:.1f} | {r['recompute_overhead_pct']:.1f} | "
-          f"{r['step_ms_median']:.1f} ± {r['step_ms_spread']:.1f} | "
+          f"{r['step_ms_median']:.1f} ± {r['step_ms_spread']:.1f}"
+          f"{'' if r.get('timing_reliable', True) else ' ?'} | {overhead_text(r, base)} | "
           f"{'match' if r['grads_match'] else 'DIFFER'} |")
-    out.append(f"\nPareto (fastest at each memory level): {' < '.join(result['pareto'][name])}\n")
+    out.append("\nPareto (each step faster beyond the timing spread): "
+               f"{' < '.join(result['pareto'][name])}\n")
   return "\n".join(out)
 
 

@@ -206,7 +206,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from experiments.bench import write_atomic
+  from experiments.bench import LOCAL, check_out, write_atomic
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--target", default="tpu:v5e:2x2", help="e.g. tpu:v5e:2x2, gpu:h100")
@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--size", choices=sorted(SIZES), default="train",
                   help="train: GPT d_model 2048, seq 2048, 24 layers, bf16 and the seeds' MLP "
                        "(minutes of compile); demo: a quarter of that (seconds)")
-  ap.add_argument("--out", type=Path, default=None, help="results JSON path")
+  ap.add_argument("--out", type=Path, default=None,
+                  help="results JSON path (default: experiments/results/local/, ignored by git)")
+  ap.add_argument("--refresh", action="store_true",
+                  help="write the committed results in experiments/results")
   args = ap.parse_args(argv)
   try:
     t = targets.parse_target(args.target)
@@ -227,10 +230,18 @@ def main(argv: list[str] | None = None) -> int:
   bad = [m for m in args.models if m not in CASES]
   if bad:
     ap.error(f"--models: unknown {bad}; choose from {sorted(CASES)}")
-  result = run(t.name, args.models, args.only, args.size)
-  print_table(result)
   suffix = "" if args.size == "train" else f"-{args.size}"
-  out = args.out or RESULTS / f"{t.name.replace(':', '-')}{suffix}.json"
+  out = args.out or (RESULTS if args.refresh else LOCAL) / \
+      f"{t.name.replace(':', '-')}{suffix}.json"
+  problem = check_out(out)
+  if problem:
+    ap.error(f"--out {str(out)!r}: {problem}")
+  try:
+    result = run(t.name, args.models, args.only, args.size)
+  except KeyboardInterrupt:
+    print("\ninterrupted: nothing written (the rows are compiled together)", file=sys.stderr)
+    return 130
+  print_table(result)
   write_atomic(out, result)
   print(f"\nwrote {out}")
   if plot(result, out.with_suffix(".png")):

@@ -240,14 +240,15 @@ def place(args: Any, target: Target) -> Any:
 
 def compile_for(fn: Callable[..., Any], target: Any, *args: Any,
                 compiler_options: dict[str, Any] | None = None, keep_unused: bool = False,
-                **kwargs: Any) -> Any:
+                donate_argnums: tuple[int, ...] = (), **kwargs: Any) -> Any:
   """``jax.jit(fn)`` lowered and compiled for ``target`` (nothing runs).
 
   ``compiler_options`` go to ``compile()`` (``{"xla_dump_to": dir}``, say);
-  ``keep_unused`` keeps arguments the program does not read as parameters.
+  ``keep_unused`` keeps arguments the program does not read as parameters;
+  ``donate_argnums`` lets outputs reuse those arguments' buffers.
   """
   t = parse_target(target)
-  jitted = jax.jit(fn, keep_unused=keep_unused)
+  jitted = jax.jit(fn, keep_unused=keep_unused, donate_argnums=donate_argnums)
   if t.is_local:
     lowered = jitted.lower(*args, **kwargs)
   else:

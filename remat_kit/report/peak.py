@@ -127,6 +127,7 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
                  arg_kinds: Sequence[str] | None = None,
                  out_kinds: Sequence[str] | None = None,
                  compiler_options: dict[str, Any] | None = None,
+                 donate_argnums: int | Sequence[int] = (),
                  **kwargs: Any) -> PeakReport:
   """What is live when the compiled gradient of ``fn`` reaches its peak.
 
@@ -144,6 +145,9 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
     out_kinds: with ``grad=False``, the kind of each top-level output
       (default "output").
     compiler_options: more options for the compile.
+    donate_argnums: with ``grad=False``, positional arguments whose buffers the
+      outputs may reuse (a training step's parameters and optimizer state), as
+      ``jax.jit(..., donate_argnums=...)``.
     **kwargs: more arguments of ``fn`` (not differentiated).
 
   Returns:
@@ -161,14 +165,16 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
   """
   return compile_explained(fn, args, kwargs, target=target, top=top, argnums=argnums,
                            grad=grad, arg_kinds=arg_kinds, out_kinds=out_kinds,
-                           compiler_options=compiler_options)[1]
+                           compiler_options=compiler_options,
+                           donate_argnums=donate_argnums)[1]
 
 
 def compile_explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                       target: Any = None, top: int = 20, argnums: int | Sequence[int] = 0,
                       grad: bool = True, arg_kinds: Sequence[str] | None = None,
                       out_kinds: Sequence[str] | None = None,
-                      compiler_options: dict[str, Any] | None = None
+                      compiler_options: dict[str, Any] | None = None,
+                      donate_argnums: int | Sequence[int] = ()
                       ) -> tuple[Any, PeakReport]:
   """:func:`explain_peak`, also returning the compiled program (one compile for both)."""
   if not callable(fn):
@@ -188,10 +194,15 @@ def compile_explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
   leaf_kind, leaf_name, grad_leaves = _leaf_labels(args, kwargs, nums, grad, arg_kinds,
                                                    _param_names(fn))
   target_fn = jax.grad(run, argnums=tuple(grad_leaves)) if grad else run
+  donate = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
+  if donate and grad:
+    raise ValueError("`explain_peak`: `donate_argnums` is for a whole step (grad=False); "
+                     "a gradient's outputs cannot reuse its arguments.")
+  donated_leaves = tuple(i for i, a in enumerate(_leaf_args(args, kwargs)) if a in donate)
   with tempfile.TemporaryDirectory(prefix="rk_peak_") as d:
     options = dict(compiler_options or {}, xla_dump_to=d)
     compiled = targets.compile_for(target_fn, t, *leaves, compiler_options=options,
-                                   keep_unused=True)
+                                   keep_unused=True, donate_argnums=donated_leaves)
     hlo, assignment, live = (_dumps.read(d, s) for s in (
         "after_optimizations.txt", "after_optimizations-buffer-assignment.txt",
         "after_optimizations-live-range.txt"))
@@ -209,6 +220,14 @@ def compile_explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
 # --------------------------------------------------------------------------
 # Labels for arguments and outputs
 # --------------------------------------------------------------------------
+def _leaf_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int | None]:
+  """The positional argument each flat leaf of ``(args, kwargs)`` belongs to."""
+  out: list[int | None] = []
+  for i, a in enumerate(args):
+    out += [i] * len(jax.tree_util.tree_leaves(a))
+  return out + [None] * len(jax.tree_util.tree_leaves(kwargs))
+
+
 def _param_names(fn: Callable[..., Any]) -> list[str]:
   try:
     return [p.name for p in inspect.signature(fn).parameters.values()
