@@ -14,6 +14,7 @@ from remat_kit import planner as planner
 from remat_kit import policies as policies
 from remat_kit import report as report
 from remat_kit import solver as solver
+from remat_kit import testing as testing
 from remat_kit.planner import auto as auto
 from remat_kit.policies import Policy as Policy
 from remat_kit.policies import from_config as from_config
@@ -53,5 +54,6 @@ __all__ = [
     "remat_scan",
     "remat_sequential",
     "solver",
+    "testing",
     "to_jax_policy",
 ]

@@ -3,7 +3,8 @@
 * one module (``remat_kit/_jax.py``) reaches JAX internals;
 * no module is over 500 lines;
 * imports between remat_kit modules form no cycle and go down the layers
-  ``_jax -> policies -> _dispatch -> transforms -> flax -> models -> report -> planner``.
+  ``_jax -> policies -> _dispatch -> transforms -> flax -> models -> report -> planner
+  -> testing -> pytest_plugin``.
 """
 
 import ast
@@ -18,7 +19,8 @@ FILES = sorted(ROOT.rglob("*.py"))
 # Lower layers never import higher ones.
 LAYERS = ["remat_kit._jax", "remat_kit.targets", "remat_kit._jaxpr", "remat_kit.policies", "remat_kit._dispatch",
           "remat_kit.transforms", "remat_kit.flax", "remat_kit.models", "remat_kit.report",
-          "remat_kit.solver", "remat_kit.planner", "remat_kit.__main__"]
+          "remat_kit.solver", "remat_kit.planner", "remat_kit.testing",
+          "remat_kit.pytest_plugin", "remat_kit.__main__"]
 
 
 def _module(path: pathlib.Path) -> str:

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from remat_kit import models
+from remat_kit import testing as rkt
 from remat_kit.flax import LayerStack, remat_policy, stack_params, unstack_params
 from remat_kit.flax.nnx import stack_layers, unstack_layers
 from remat_kit.report import compiled_memory
@@ -64,35 +65,18 @@ def _chain(name, policy=None):
 CASES = [(name, pol) for name, spec in LINEN_BLOCKS.items() for pol in spec[4]]
 
 
-def _linen_loss(model):
-  def loss(v, x, key):
-    out = model.apply(v, x, rngs={"dropout": key})
-    return jnp.mean(out ** 2), out
-  return loss
-
-
-@functools.cache
-def _linen_reference(name):
-  """Initial variables, output and gradients of the undecorated chain (jitted, cached)."""
-  plain, shape = _chain(name)
-  x = jax.random.normal(jax.random.key(2), shape)
-  v = jax.jit(plain.init)(KEYS, x)
-  return x, v, jax.jit(jax.value_and_grad(_linen_loss(plain), has_aux=True))(v, x, KEY)
-
-
 @pytest.mark.parametrize(("name", "policy"), CASES)
 def test_linen_decorated_model_is_identical(name, policy, remat_impl):
-  x, v, ((lp, out_p), gp) = _linen_reference(name)
-  rem, _ = _chain(name, policy)
-  v_rem = jax.jit(rem.init)(KEYS, x)
-  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_rem)
-  chex.assert_trees_all_equal(v, v_rem)  # names and values
-  (lr, out_r), gr = jax.jit(jax.value_and_grad(_linen_loss(rem), has_aux=True))(v, x, KEY)
-  chex.assert_trees_all_equal(out_p == 0, out_r == 0)  # the same dropout masks
-  chex.assert_trees_all_close((lp, out_p, gp), (lr, out_r, gr), **TOL)
-  if name == "mlp":  # and without jit (op by op: slow, so on the small model only)
-    chex.assert_trees_all_close(jax.grad(lambda v: _linen_loss(rem)(v, x, KEY)[0])(v), gp,
-                                **TOL)
+  """Parameters, outputs (dropout masks included) and gradients equal the undecorated
+  block's (remat_kit.testing); auto-named copies keep their names under the decorator."""
+  cls, kwargs, shape, train, _ = LINEN_BLOCKS[name]
+  x = jax.random.normal(jax.random.key(2), shape)
+  rkt.assert_remat_equivalent(cls(**kwargs), x, *((True,) if train else ()), policies=[policy],
+                              impls=[remat_impl], rngs=KEYS,
+                              jit=(False, True) if name == "mlp" else (True,), **TOL)
+  (plain, _), (rem, _) = _chain(name), _chain(name, policy)
+  v, v_rem = jax.jit(plain.init)(KEYS, x), jax.jit(rem.init)(KEYS, x)
+  chex.assert_trees_all_equal(v, v_rem)  # names and values: Block_0, Block_1
 
 
 # name -> (NNX block factory, input shape, takes `train`, policies)

@@ -221,7 +221,7 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
     src, frames, layers, name, _ = _follow(v, [top], _PASS)
     buf, bframes, _, bname, _ = _follow_same_buffer(src, frames)
     key = (tuple(id(f.eqn) for f in bframes), buf, memory)
-    tags = tuple(n for n in (name, bname) if n is not None)
+    tags = tuple(n for n in (name, bname, *_names_given(buf, bframes[-1])) if n is not None)
     if key in buffers:  # another name, cast or view of a buffer already counted
       i = buffers[key]
       rows[i] = dataclasses.replace(
@@ -278,6 +278,15 @@ def _follow_same_buffer(v: Any, frames: list[_Frame]
       names.append(n)
     cur = prev
   return cur, fr, 1, (names[0] if names else None), False
+
+
+def _names_given(v: Any, frame: _Frame) -> list[str]:
+  """The `checkpoint_name` s applied to ``v`` downstream (its buffer carries them)."""
+  if isinstance(v, _jaxpr.Literal):
+    return []
+  return [n for e in frame.jaxpr.eqns
+          if (n := _jax.checkpoint_name_of(e.primitive, e.params)) is not None
+          and any(x is v for x in e.invars)]
 
 
 def _consuming_site(v: Any, frame: _Frame, marks: Any, exclude: int | None) -> int | None:
