@@ -8,6 +8,7 @@ remat transform as :mod:`remat_kit._dispatch` decides.
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from typing import Any
 from remat_kit import _dispatch, _jaxpr
 from remat_kit.policies import Policy
 
-__all__ = ["bind_statics", "method_signature", "missing_tags_error", "needs_tag_check",
-           "wrap_method"]
+__all__ = ["bind_statics", "is_python_static", "method_signature", "missing_tags_error",
+           "needs_tag_check", "wrap_method"]
 
 
 def needs_tag_check(pol: Policy, check_names: bool) -> bool:
@@ -41,8 +42,13 @@ def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str,
   checked: set[Any] = set()
   wants_check = needs_tag_check(pol, check_names)
 
+  # The transforms take arguments positionally; keyword-only ones go back by name.
+  params = list(sig.parameters.values())
+  kw_only = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+  n_pos = len(params) - len(kw_only) - 1  # without self
+
   def call_orig(mdl: Any, *args: Any) -> Any:
-    return orig(mdl, *args)
+    return orig(mdl, *args[:n_pos], **dict(zip(kw_only, args[n_pos:])))
 
   @functools.wraps(orig)
   def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -57,16 +63,19 @@ def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str,
 def bind_statics(sig: inspect.Signature, static_argnums: tuple[int, ...], self: Any,
                  args: tuple[Any, ...], kwargs: dict[str, Any], cls: type, method: str
                  ) -> tuple[list[Any], tuple[int, ...]]:
-  """All arguments positionally (self first), and which of them are static.
+  """All arguments in signature order (self first; keyword-only ones last), and which of
+  them are static.
 
-  Python flags (bool, str, None) cannot be traced: they are always static.
+  Python values (None, bool, int, float, str, enums, and tuples of them) are
+  always static: a method uses them for control flow and shapes, which traced
+  values cannot drive.
   """
   bound = sig.bind(self, *args, **kwargs)
   bound.apply_defaults()
   full = list(bound.arguments.values())
   names = list(sig.parameters)
   statics = tuple(sorted(set(static_argnums) | {
-      i for i, a in enumerate(full) if i > 0 and (a is None or isinstance(a, (bool, str)))}))
+      i for i, a in enumerate(full) if i > 0 and is_python_static(a)}))
   for i in statics:
     try:
       hash(full[i])
@@ -76,6 +85,13 @@ def bind_statics(sig: inspect.Signature, static_argnums: tuple[int, ...], self: 
           f"is {type(full[i]).__name__} {full[i]!r}, which is not hashable; pass a "
           "hashable value (a tuple, not a list).") from None
   return full, statics
+
+
+def is_python_static(value: Any) -> bool:
+  """None, bool, int, float, str, an enum member, or a tuple of these."""
+  if value is None or isinstance(value, (bool, int, float, str, enum.Enum)):
+    return True
+  return isinstance(value, tuple) and all(is_python_static(v) for v in value)
 
 
 def method_signature(cls: type, method: str, static_argnames: tuple[str, ...]

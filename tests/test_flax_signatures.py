@@ -1,0 +1,55 @@
+"""The decorator on the signatures real Flax code uses (issue: Flax signatures)."""
+
+import enum
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from remat_kit.flax import remat_policy
+
+
+class Mode(enum.Enum):
+  A = 1
+  B = 2
+
+
+class KwOnly(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train: bool = False, reps: int = 1, mode: Mode = Mode.A,
+               dims: tuple = (4,)):
+    for _ in range(reps):  # an int drives a Python loop
+      x = nn.Dense(dims[0])(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return x * (2.0 if mode is Mode.B else 1.0)
+
+
+def test_linen_keyword_only_flags_ints_enums_and_tuples():
+  x = jnp.ones((3, 4))
+  plain, rem = KwOnly(), remat_policy("full")(KwOnly)()
+  kw = {"train": True, "reps": 2, "mode": Mode.B, "dims": (4,)}
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  v = plain.init(rngs, x, **kw)
+  chex.assert_trees_all_equal(v, rem.init(rngs, x, **kw))
+  f = lambda m: jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, **kw,
+                                                   rngs={"dropout": jax.random.key(2)})))
+  chex.assert_trees_all_close(f(rem)(v["params"]), f(plain)(v["params"]), rtol=1e-6)
+
+
+class NnxKw(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, x, *, reps: int = 1, scale: float = 1.0):
+    for _ in range(reps):
+      x = self.dense(x)
+    return x * scale
+
+
+def test_nnx_keyword_only_ints_and_floats():
+  x = jnp.ones((3, 4))
+  plain, rem = NnxKw(nnx.Rngs(0)), remat_policy("full")(NnxKw)(nnx.Rngs(0))
+  loss = lambda m: jnp.sum(m(x, reps=3, scale=0.5))
+  chex.assert_trees_all_close(nnx.grad(loss)(rem), nnx.grad(loss)(plain), rtol=1e-6)
