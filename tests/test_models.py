@@ -62,21 +62,22 @@ def _chain(name, policy=None):
   return Chain(cls, tuple(kwargs.items()), 1 if name == "rnn" else 2, train), shape
 
 
-CASES = [(name, pol) for name, spec in LINEN_BLOCKS.items() for pol in spec[4]]
 
 
-@pytest.mark.parametrize(("name", "policy"), CASES)
-def test_linen_decorated_model_is_identical(name, policy, remat_impl):
+@pytest.mark.parametrize("name", list(LINEN_BLOCKS))
+def test_linen_decorated_model_is_identical(name, remat_impl):
   """Parameters, outputs (dropout masks included) and gradients equal the undecorated
-  block's (remat_kit.testing); auto-named copies keep their names under the decorator."""
-  cls, kwargs, shape, train, _ = LINEN_BLOCKS[name]
+  block's under each policy (remat_kit.testing, the reference computed once); auto-named
+  copies keep their names under the decorator."""
+  cls, kwargs, shape, train, policies = LINEN_BLOCKS[name]
   x = jax.random.normal(jax.random.key(2), shape)
-  rkt.assert_remat_equivalent(cls(**kwargs), x, *((True,) if train else ()), policies=[policy],
+  rkt.assert_remat_equivalent(cls(**kwargs), x, *((True,) if train else ()), policies=policies,
                               impls=[remat_impl], rngs=KEYS,
                               jit=(False, True) if name == "mlp" else (True,), **TOL)
-  (plain, _), (rem, _) = _chain(name), _chain(name, policy)
-  v, v_rem = jax.jit(plain.init)(KEYS, x), jax.jit(rem.init)(KEYS, x)
-  chex.assert_trees_all_equal(v, v_rem)  # names and values: Block_0, Block_1
+  for policy in policies:
+    (plain, _), (rem, _) = _chain(name), _chain(name, policy)
+    v, v_rem = jax.jit(plain.init)(KEYS, x), jax.jit(rem.init)(KEYS, x)
+    chex.assert_trees_all_equal(v, v_rem)  # names and values: Block_0, Block_1
 
 
 # name -> (NNX block factory, input shape, takes `train`, policies)
