@@ -62,8 +62,6 @@ def _chain(name, policy=None):
   return Chain(cls, tuple(kwargs.items()), 1 if name == "rnn" else 2, train), shape
 
 
-
-
 @pytest.mark.parametrize("name", list(LINEN_BLOCKS))
 def test_linen_decorated_model_is_identical(name, remat_impl):
   """Parameters, outputs (dropout masks included) and gradients equal the undecorated
