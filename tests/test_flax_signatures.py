@@ -53,3 +53,32 @@ def test_nnx_keyword_only_ints_and_floats():
   plain, rem = NnxKw(nnx.Rngs(0)), remat_policy("full")(NnxKw)(nnx.Rngs(0))
   loss = lambda m: jnp.sum(m(x, reps=3, scale=0.5))
   chex.assert_trees_all_close(nnx.grad(loss)(rem), nnx.grad(loss)(plain), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Policy config strings: the small items of the same issue
+# --------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+from remat_kit import policies as P  # noqa: E402
+
+
+def test_unions_are_canonical():
+  assert P.from_config("save:a|save:b") == P.from_config("save:b|save:a")
+  assert hash(P.from_config("save:a|save_dots")) == hash(P.from_config("save_dots|save:a"))
+  assert P.from_config("save:a|save:a|save:b") == P.from_config("save:b|save:a")
+
+
+def test_a_name_saved_and_offloaded_in_a_string_is_an_error_as_in_a_dict():
+  with pytest.raises(ValueError, match=r"\['a'\] both saved and offloaded in 'save:a\|offload:a'"):
+    P.from_config("save:a|offload:a")
+
+
+def test_a_policy_class_is_refused_with_the_fix():
+  with pytest.raises(TypeError, match=r"got the class SaveDots; pass an instance, e.g. SaveDots"):
+    P.from_config(P.SaveDots)
+
+
+def test_suggestions_ignore_case():
+  with pytest.raises(ValueError, match="Did you mean 'full'"):
+    P.from_config("FULL")

@@ -10,7 +10,7 @@ is itself a valid ``jax.checkpoint`` policy::
   >>> import jax, remat_kit as rk
   >>> policy = rk.policies.save_only_these_names("qkv") | rk.policies.dots_saveable()
   >>> policy
-  Union(policies=(SaveNames(names=('qkv',)), SaveDots(no_batch_dims=False)))
+  Union(policies=(SaveDots(no_batch_dims=False), SaveNames(names=('qkv',))))
   >>> f = jax.checkpoint(lambda x: x * 2, policy=policy)  # accepted as is
 
 Policies compose with ``|`` (save if either saves) and ``&`` (save only if

@@ -149,8 +149,10 @@ class _Combination(Policy):
 
   @classmethod
   def of(cls, *policies: Policy) -> Any:
-    """The combination of ``policies``, nested combinations of the same kind flattened."""
-    return cls(_flatten(cls, policies))
+    """The combination of ``policies``: nested combinations of the same kind flattened,
+    duplicates dropped, children in a canonical order (by ``repr``), so that ``a | b``
+    equals ``b | a`` and hashes alike (one jit cache entry)."""
+    return cls(tuple(sorted(set(_flatten(cls, policies)), key=repr)))
 
   def children(self):
     return self.policies

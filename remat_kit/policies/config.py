@@ -143,7 +143,9 @@ def _choices() -> str:
 def _from_string(s: str) -> Policy:
   text = s.strip()
   if "|" in text:
-    return save_from_all_policies(*[_from_string(t) for t in text.split("|")])
+    parts = [_from_string(t) for t in text.split("|")]
+    _check_no_conflict(s, parts)
+    return save_from_all_policies(*parts)
   if "&" in text:
     return save_if_all_policies_save(*[_from_string(t) for t in text.split("&")])
   if ":" in text:
@@ -158,9 +160,21 @@ def _from_string(s: str) -> Policy:
     return _PREFIXES[prefix](names)
   if text in _REGISTRY:
     return _REGISTRY[text]()
-  close = difflib.get_close_matches(text, list(_REGISTRY), n=3)
+  close = difflib.get_close_matches(text.lower(), list(_REGISTRY), n=3)
   hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
   raise ValueError(f"`from_config`: unknown policy {s!r}.{hint} Valid: {_choices()}.")
+
+
+def _check_no_conflict(s: str, parts: list[Policy]) -> None:
+  """A name both saved and offloaded in one union is an error, as in the dict form."""
+  saved = {n for p in parts if isinstance(p, (SaveNames, NamePlan))
+           for n in (p.names if isinstance(p, SaveNames) else p.save)}
+  offloaded = {n for p in parts if isinstance(p, (OffloadNames, NamePlan))
+               for n in (p.names if isinstance(p, OffloadNames) else p.offload)}
+  both = sorted(saved & offloaded)
+  if both:
+    raise ValueError(f"`from_config`: {both} both saved and offloaded in {s!r}; keep each "
+                     "name in one of 'save:' or 'offload:'.")
 
 
 def _from_dict(d: Mapping[Any, Any]) -> Policy:
@@ -227,6 +241,9 @@ def from_config(value: Any) -> Policy:
     return _from_string(value)
   if isinstance(value, Mapping):
     return _from_dict(value)
+  if isinstance(value, type):
+    raise TypeError(f"`from_config`: got the class {value.__name__}; pass an instance, "
+                    f"e.g. {value.__name__}(...), or a config string.")
   jax_policy = _from_jax_policy(value)
   if jax_policy is not None:
     return jax_policy
