@@ -382,9 +382,27 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
   Raises:
     ValueError: for an inconsistent ``length``/``xs`` or bad ``groups``.
   """
-  leaves = jax.tree_util.tree_leaves(xs)
+  if isinstance(groups, bool):
+    raise TypeError(f"`remat_scan`: `groups` must be None, an int number of levels (>= 2 to "
+                    f"nest) or a tuple of level lengths, got {groups!r}.")
+  paths = jax.tree_util.tree_flatten_with_path(xs)[0]
+  leaves = [leaf for _, leaf in paths]
+  for path, leaf in paths:
+    if not getattr(leaf, "shape", ()):
+      raise ValueError(
+          f"`remat_scan`: leaf `xs{jax.tree_util.keystr(path)}` is "
+          f"{'a scalar' if hasattr(leaf, 'shape') else type(leaf).__name__}; every leaf of "
+          "`xs` needs the layer count as its leading axis (close over per-model values "
+          "in `body` instead).")
+  lengths = {f"xs{jax.tree_util.keystr(p)}": int(leaf.shape[0]) for p, leaf in paths}
+  if len(set(lengths.values())) > 1:
+    listed = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+    raise ValueError(f"`remat_scan`: the leaves of `xs` have different leading lengths "
+                     f"(layer counts): {listed}. Stack the same number of layers in each.")
   if leaves:
     n = leaves[0].shape[0]
+    if n == 0:
+      raise ValueError("`remat_scan`: `xs` has 0 layers; there is nothing to scan.")
     if length is not None and length != n:
       raise ValueError(f"`remat_scan`: `length`={length} but `xs` has {n} layers.")
   elif length is None:

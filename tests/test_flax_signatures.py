@@ -82,3 +82,17 @@ def test_a_policy_class_is_refused_with_the_fix():
 def test_suggestions_ignore_case():
   with pytest.raises(ValueError, match="Did you mean 'full'"):
     P.from_config("FULL")
+
+
+def test_remat_scan_validates_xs_and_groups_in_the_users_terms():
+  import remat_kit as rk
+  body = lambda c, w: (c @ w, None)
+  c = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match=r"different leading lengths .*xs\['a'\]: 4, xs\['b'\]: 5"):
+    rk.remat_scan(body, c, {"a": jnp.ones((4, 3, 3)), "b": jnp.ones((5, 3))}, groups=2)
+  with pytest.raises(ValueError, match=r"leaf `xs\['s'\]` is a scalar"):
+    rk.remat_scan(body, c, {"s": jnp.float32(1.0), "w": jnp.ones((4, 3, 3))})
+  with pytest.raises(ValueError, match="0 layers"):
+    rk.remat_scan(body, c, jnp.ones((0, 3, 3)))
+  with pytest.raises(TypeError, match="`groups` must be None, an int number of levels"):
+    rk.remat_scan(body, c, jnp.ones((4, 3, 3)), groups=True)
