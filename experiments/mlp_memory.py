@@ -139,6 +139,7 @@ class Setup:
   def __init__(self, model: nn.Module, sizes: dict[str, int], target: targets.Target,
                prng: str | None = None):
     self.model, self.target = model, target
+    self.cache: dict[Any, Any] = {}
     b, din = sizes["batch"], sizes["din"]
     x = jax.ShapeDtypeStruct((b, din), jnp.float32)
     init_x = jnp.zeros((8, din), jnp.float32)
@@ -184,6 +185,15 @@ class Setup:
 
 
 def _peak(setup: Setup, keep_remat: bool) -> dict[str, Any]:
+  """The compiled step's peak (and estimated time on a target), compiled once per setup:
+  `best` and the ratios ask for the same setups again."""
+  key = ("peak", keep_remat)
+  if key not in setup.cache:
+    setup.cache[key] = _compile_peak(setup, keep_remat)
+  return setup.cache[key]
+
+
+def _compile_peak(setup: Setup, keep_remat: bool) -> dict[str, Any]:
   compiled, rep = setup.compile(keep_remat)
   out = {"peak_bytes": rep.peak_bytes, "by_kind": rep.by_kind, "rows": rep.to_dict()["rows"],
          "compiler": rep.compiler, "compiled": compiled}
