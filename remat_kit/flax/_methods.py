@@ -14,6 +14,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from remat_kit import _dispatch, _jaxpr
 from remat_kit.policies import Policy
 
@@ -36,35 +38,94 @@ def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str,
   if the policy names a tag the method never makes; it runs once per shapes.
   """
   # The transforms count the module itself as argument 0, as the signature does.
-  orig, sig, static_argnums = method_signature(cls, method, static_argnames)
+  orig, sig = method_signature(cls, method, static_argnames)
   if _dispatch.plan(pol).kind == "skip":
     return orig  # no remat: saves everything, exactly as the undecorated method
   checked: set[Any] = set()
   wants_check = needs_tag_check(pol, check_names)
 
-  # The transforms take arguments positionally; keyword-only ones go back by name.
-  params = list(sig.parameters.values())
-  kw_only = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-  n_pos = len(params) - len(kw_only) - 1  # without self
-
-  def call_orig(mdl: Any, *args: Any) -> Any:
-    return orig(mdl, *args[:n_pos], **dict(zip(kw_only, args[n_pos:])))
-
   @functools.wraps(orig)
   def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-    full, statics = bind_statics(sig, static_argnums, self, args, kwargs, cls, method)
+    full, n_pos, kw_names, statics = bind_statics(
+        sig, static_argnames, self, args, kwargs, cls, method)
+    call_orig = _positional(orig, n_pos, kw_names)
     if wants_check:
       check(self, call_orig, full, statics, pol, checked, cls, method)
-    return _dispatch.apply_transform(transform, call_orig, pol, statics, prevent_cse, full)
+    try:
+      return _dispatch.apply_transform(transform, call_orig, pol, statics, prevent_cse, full)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
+      raise _static_hint(e, sig, full, statics, n_pos, kw_names, cls, method) from e
 
   return wrapped
 
 
-def bind_statics(sig: inspect.Signature, static_argnums: tuple[int, ...], self: Any,
-                 args: tuple[Any, ...], kwargs: dict[str, Any], cls: type, method: str
-                 ) -> tuple[list[Any], tuple[int, ...]]:
-  """All arguments in signature order (self first; keyword-only ones last), and which of
-  them are static.
+@functools.lru_cache(maxsize=1024)
+def _positional(orig: Callable[..., Any], n_pos: int, kw_names: tuple[str, ...]
+                ) -> Callable[..., Any]:
+  """``orig`` taking every argument positionally: the transforms pass them so.
+
+  The first ``n_pos`` (self included) go back by position, the rest by the
+  names in ``kw_names`` (keyword-only parameters and ``**kwargs`` entries).
+  One function object per layout, so trace caches keyed on it hit.
+  """
+
+  def call_orig(*args: Any) -> Any:
+    return orig(*args[:n_pos], **dict(zip(kw_names, args[n_pos:])))
+
+  return call_orig
+
+
+def _static_hint(err: Exception, sig: inspect.Signature, full: list[Any],
+                 statics: tuple[int, ...], n_pos: int, kw_names: tuple[str, ...],
+                 cls: type, method: str) -> TypeError:
+  """The error for a traced argument used as a Python value: which ones to make static."""
+  labels = _labels(sig, n_pos, kw_names)
+  traced = [f"`{labels[i]}` ({_describe(full[i])})" for i in range(1, len(full))
+            if i not in statics and jax.tree_util.tree_leaves(full[i])]
+  scalars = [labels[i] for i in range(1, len(full)) if i not in statics
+             and all(getattr(x, "shape", None) == () for x in jax.tree_util.tree_leaves(full[i]))
+             and jax.tree_util.tree_leaves(full[i])]
+  hint = (f"`static_argnames=({', '.join(repr(n) for n in scalars)},)`" if scalars
+          else "`static_argnames`")
+  return TypeError(
+      f"`remat_policy`: {cls.__name__}.{method} used a traced argument as a Python value "
+      f"({type(err).__name__}). Traced arguments: {', '.join(traced) or 'none'}. Name the "
+      f"one that drives control flow or shapes in {hint}, or pass it as a plain Python "
+      "value (None, bool, int, float, str, enum or a tuple of these are static "
+      "automatically).")
+
+
+def _describe(value: Any) -> str:
+  leaves = jax.tree_util.tree_leaves(value)
+  if len(leaves) == 1 and hasattr(leaves[0], "dtype"):
+    x = leaves[0]
+    return f"{x.dtype}[{','.join(map(str, x.shape))}]"
+  return f"{type(value).__name__} with {len(leaves)} leaves"
+
+
+def _labels(sig: inspect.Signature, n_pos: int, kw_names: tuple[str, ...]) -> list[str]:
+  """The user's name for each entry of the flattened argument list."""
+  out: list[str] = []
+  for p in sig.parameters.values():
+    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+      out.append(p.name)
+    elif p.kind is p.VAR_POSITIONAL:
+      var = p.name
+      out.extend(f"{var}[{i}]" for i in range(n_pos - len(out)))
+  out.extend(kw_names)
+  return out
+
+
+def bind_statics(sig: inspect.Signature, static_argnames: tuple[str, ...], self: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], cls: type, method: str
+                 ) -> tuple[list[Any], int, tuple[str, ...], tuple[int, ...]]:
+  """The call bound by the method's signature and flattened for the transforms.
+
+  Returns ``(full, n_pos, kw_names, statics)``: every argument, self first,
+  then the positional ones (``*args`` entries expanded), then the keyword
+  ones (keyword-only parameters, then ``**kwargs`` entries) whose names are
+  ``kw_names``; ``n_pos`` counts self and the positional ones, and
+  ``statics`` are the positions in ``full`` that are static.
 
   Python values (None, bool, int, float, str, enums, and tuples of them) are
   always static: a method uses them for control flow and shapes, which traced
@@ -72,19 +133,41 @@ def bind_statics(sig: inspect.Signature, static_argnums: tuple[int, ...], self: 
   """
   bound = sig.bind(self, *args, **kwargs)
   bound.apply_defaults()
-  full = list(bound.arguments.values())
-  names = list(sig.parameters)
-  statics = tuple(sorted(set(static_argnums) | {
+  full: list[Any] = []
+  kw: list[tuple[str, Any]] = []
+  named: set[int] = set()
+  for name, p in sig.parameters.items():
+    value = bound.arguments.get(name)
+    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+      if name in static_argnames:
+        named.add(len(full))
+      full.append(value)
+    elif p.kind is p.VAR_POSITIONAL:
+      if name in static_argnames:
+        named.update(range(len(full), len(full) + len(value or ())))
+      full.extend(value or ())
+    elif p.kind is p.KEYWORD_ONLY:
+      kw.append((name, value))
+    else:
+      kw.extend((value or {}).items())
+  n_pos = len(full)
+  for name, value in kw:
+    if name in static_argnames:
+      named.add(len(full))
+    full.append(value)
+  kw_names = tuple(name for name, _ in kw)
+  labels = _labels(sig, n_pos, kw_names)
+  statics = tuple(sorted(named | {
       i for i, a in enumerate(full) if i > 0 and is_python_static(a)}))
   for i in statics:
     try:
       hash(full[i])
     except TypeError:
       raise TypeError(
-          f"`remat_policy`: static argument `{names[i]}` of {cls.__name__}.{method} "
+          f"`remat_policy`: static argument `{labels[i]}` of {cls.__name__}.{method} "
           f"is {type(full[i]).__name__} {full[i]!r}, which is not hashable; pass a "
           "hashable value (a tuple, not a list).") from None
-  return full, statics
+  return full, n_pos, kw_names, statics
 
 
 def is_python_static(value: Any) -> bool:
@@ -95,8 +178,8 @@ def is_python_static(value: Any) -> bool:
 
 
 def method_signature(cls: type, method: str, static_argnames: tuple[str, ...]
-                     ) -> tuple[Callable[..., Any], inspect.Signature, tuple[int, ...]]:
-  """The method, its signature, and the positions (self = 0) of its static args."""
+                     ) -> tuple[Callable[..., Any], inspect.Signature]:
+  """The method and its signature, with ``static_argnames`` checked against it."""
   orig = getattr(cls, method)
   if not callable(orig):
     raise TypeError(f"`remat_policy`: `{cls.__name__}.{method}` is not a method.")
@@ -104,15 +187,11 @@ def method_signature(cls: type, method: str, static_argnames: tuple[str, ...]
   params = list(sig.parameters.values())
   kinds = {p.kind for p in params}
   unknown = [n for n in static_argnames if n not in sig.parameters]
-  if unknown:
+  if unknown and inspect.Parameter.VAR_KEYWORD not in kinds:
     raise ValueError(
         f"`remat_policy`: `static_argnames` {unknown} are not parameters of "
         f"{cls.__name__}.{method}{sig}. Valid names: {[p.name for p in params[1:]]}.")
-  if inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds:
-    raise TypeError(
-        f"`remat_policy`: {cls.__name__}.{method} takes *args or **kwargs; name its "
-        "arguments explicitly so static ones can be told from arrays.")
-  return orig, sig, tuple(i for i, p in enumerate(params) if p.name in static_argnames)
+  return orig, sig
 
 
 def missing_tags_error(pol: Policy, closed: Any, cls: type, method: str) -> None:
