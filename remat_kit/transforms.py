@@ -22,7 +22,7 @@ from remat_kit import _dispatch, _jax, _jaxpr
 from remat_kit._dispatch import to_jax_policy
 from remat_kit.policies import Policy, from_config
 
-__all__ = ["checkpoint_name", "classic_remat", "plan_groups", "remat", "remat_scan",
+__all__ = ["checkpoint_name", "classic_remat", "plan_groups", "remat", "remat_scan", "scan_carries",
            "remat_sequential", "to_jax_policy"]
 
 checkpoint_name = _ad_checkpoint.checkpoint_name
@@ -140,6 +140,14 @@ def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
     name_pos = tuple(positional.index(n) for n in argnames if n in positional)
   else:
     name_pos = ()
+  num_names: dict[int, str] = {}
+  if argnums and sig is not None:
+    # A static position may be passed by keyword: it is static under its name too.
+    positional = [n for n, p in sig.parameters.items()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.POSITIONAL_ONLY]
+    num_names = {i: positional[i] for i in argnums if 0 <= i < len(positional)
+                 and sig.parameters[positional[i]].kind is not inspect.Parameter.POSITIONAL_ONLY}
+    argnames = argnames + tuple(n for n in num_names.values() if n not in argnames)
 
   needs_trace = bool(pol.excluded_names()) or (
       check_names and bool(pol.referenced_names() or pol.referenced_primitives()))
@@ -150,7 +158,7 @@ def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
     if not static_set and not kwargs:
       dyn_fn, dyn = fn, args  # the common case: JAX's trace cache sees `fn` itself
     else:
-      dyn_fn, dyn = _split_statics(fn, argnums, name_pos, argnames, args, kwargs)
+      dyn_fn, dyn = _split_statics(fn, argnums, name_pos, argnames, args, kwargs, num_names)
     resolved = pol
     if needs_trace:
       leaves, tree = jax.tree_util.tree_flatten(dyn)
@@ -163,16 +171,17 @@ def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
 
 
 def _split_statics(fn: Callable[..., Any], argnums: tuple[int, ...], name_pos: tuple[int, ...],
-                   argnames: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-                   ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+                   argnames: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   num_names: dict[int, str]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """The function of the dynamic arguments alone (cached per statics), and those arguments."""
   nargs = len(args)
   for i in argnums:
-    if not -nargs <= i < nargs:
+    if not -nargs <= i < nargs and num_names.get(i) not in kwargs:
       raise ValueError(
           f"`remat`: `static_argnums` contains {i}, but {getattr(fn, '__name__', fn)} "
           f"was called with {nargs} positional arguments.")
-  pos = sorted({i % nargs for i in argnums} | {i for i in name_pos if i < nargs})
+  pos = sorted({i % nargs for i in argnums if -nargs <= i < nargs}
+               | {i for i in name_pos if i < nargs})
   statics = []
   for i in pos:
     _require_hashable(args[i], f"static argument {i}")
@@ -304,49 +313,80 @@ def remat_sequential(fns: Sequence[Callable[[Any], Any]], segments: int, *,
   return apply
 
 
-def _factorizations(n: int, levels: int) -> list[tuple[int, ...]]:
+@functools.lru_cache(maxsize=None)
+def _min_sum_factors(n: int, levels: int) -> tuple[int, ...]:
+  """The exact factorization of ``n`` into ``levels`` factors with the least sum."""
   if levels == 1:
-    return [(n,)]
-  out = []
-  for f in range(1, n + 1):
-    if n % f == 0:
-      out.extend((f,) + rest for rest in _factorizations(n // f, levels - 1))
-  return out
+    return (n,)
+  divisors = [f for f in range(1, math.isqrt(n) + 1) if n % f == 0]
+  divisors += [n // f for f in divisors]
+  return min(((f,) + _min_sum_factors(n // f, levels - 1) for f in set(divisors)),
+             key=lambda c: (sum(c), c))
 
 
+def scan_carries(length: int, levels: Sequence[int]) -> int:
+  """How many carries a nested scan with these level lengths keeps at its peak.
+
+  The model :func:`remat_scan` runs: the outer scan keeps one carry per group
+  (``levels[0]`` groups of ``prod(levels[1:])`` layers, the last one short
+  when the length does not divide); while a group's backward runs, its
+  recomputation keeps the carries of the levels inside it. A flat scan
+  (``levels == (length,)``) keeps ``length``.
+
+  >>> scan_carries(64, (8, 8)), scan_carries(61, (4, 4, 4)), scan_carries(61, (61,))
+  (16, 11, 61)
+  """
+  levels = tuple(levels)
+  if len(levels) == 1 or length <= 1:
+    return length
+  inner = math.prod(levels[1:])
+  full, rem = divmod(length, inner)
+  if full == 0:
+    return scan_carries(length, plan_groups(length, len(levels) - 1))
+  tail = 1 + scan_carries(rem, plan_groups(rem, len(levels) - 1)) if rem else 0
+  return full + max(scan_carries(inner, levels[1:]), tail)
+
+
+@functools.lru_cache(maxsize=4096)
 def plan_groups(length: int, levels: int) -> tuple[int, ...]:
   """Group lengths, outermost first, for a ``levels``-deep nested scan.
 
-  Memory grows with the sum of the level lengths, so the lengths should be
-  near ``length ** (1 / levels)``. An exact factorization is used when one
-  comes within 50% of that ideal sum (the layers then reshape into groups
-  without copies); otherwise, near-equal lengths whose product exceeds
-  ``length`` are returned, and :func:`remat_scan` runs the leftover layers in
-  a flat tail (slicing the stacked inputs, which XLA copies).
+  Chooses the level lengths that keep the fewest carries (see
+  :func:`scan_carries`): about ``levels * length ** (1 / levels)``. The inner
+  levels always divide their group exactly; when ``length`` does not divide,
+  the outer level's last group is short and is planned the same way on its
+  own, so uneven lengths lose little. Among plans that keep as many carries,
+  one without a short group (the layers reshape without copies), then the
+  shortest short group, wins. When nesting would keep no fewer carries than a
+  flat scan (very short stacks), the flat ``(length,)`` is returned.
 
   >>> plan_groups(64, 2)
   (8, 8)
-  >>> plan_groups(16, 3)
-  (2, 2, 4)
+  >>> plan_groups(16, 3)  # a short last group keeps fewer carries than (2, 2, 4)
+  (3, 2, 3)
   >>> plan_groups(37, 2)
   (7, 6)
+  >>> plan_groups(61, 3), scan_carries(61, plan_groups(61, 3))
+  ((4, 4, 4), 11)
   """
-  if not isinstance(levels, int) or levels < 1:
+  if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
     raise ValueError(f"`plan_groups`: `levels` must be an int >= 1, got {levels!r}.")
-  if not isinstance(length, int) or length < 1:
+  if not isinstance(length, int) or isinstance(length, bool) or length < 1:
     raise ValueError(f"`plan_groups`: `length` must be an int >= 1, got {length!r}.")
-  ideal = levels * length ** (1 / levels)
-  if length <= 4096:
-    exact = min(_factorizations(length, levels), key=lambda fs: (sum(fs), fs))
-    if sum(exact) <= 1.5 * ideal:
-      return exact
-  sizes = []
-  rest = length
-  for lvl in range(levels, 0, -1):
-    s = max(1, math.ceil(round(rest ** (1 / lvl), 9)))
-    sizes.append(s)
-    rest = math.ceil(rest / s)
-  return tuple(sizes)
+  if levels == 1 or length <= 2:
+    return (length,)
+  # Inner group sizes to try: within 4x of the ideal length ** ((levels - 1) / levels).
+  ideal = length ** ((levels - 1) / levels)
+  sizes = range(max(1, int(ideal / 4)), min(length, math.ceil(ideal * 4)) + 1)
+  best, best_key = (length,), (length + 1,)
+  for q in sizes:
+    inner = _min_sum_factors(q, levels - 1)
+    cand = (-(-length // q),) + inner
+    rem = length % q
+    key = (scan_carries(length, cand), rem > 0, rem, cand)
+    if key < best_key:
+      best, best_key = cand, key
+  return best if best_key[0] < length else (length,)
 
 
 def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *,
@@ -432,22 +472,24 @@ def _nested_scan(step: Callable[..., Any], carry: Any, xs: Any, n: int,
     return lax.scan(step, carry, xs, length=n)
   inner_levels = levels[1:]
   inner = math.prod(inner_levels)
-  outer = n // inner
-  if outer == 0:
-    return _nested_scan(step, carry, xs, n, inner_levels, prevent_cse)
-  head = outer * inner
+  full, rem = divmod(n, inner)
 
-  def group(c: Any, xs_g: Any) -> tuple[Any, Any]:
-    return _nested_scan(step, c, xs_g, inner, inner_levels, prevent_cse)
+  def group(levels_g: tuple[int, ...], size: int) -> Callable[..., Any]:
+    def run(c: Any, xs_g: Any) -> tuple[Any, Any]:
+      return _nested_scan(step, c, xs_g, size, levels_g, prevent_cse)
+    return jax.checkpoint(run, prevent_cse=prevent_cse)  # full remat per group
 
-  group = jax.checkpoint(group, prevent_cse=prevent_cse)  # full remat per group
+  if full == 0:
+    return _nested_scan(step, carry, xs, n, plan_groups(n, len(inner_levels)), prevent_cse)
+  head = full * inner
   xs_head = jax.tree_util.tree_map(
-      lambda a: a[:head].reshape((outer, inner) + a.shape[1:]), xs)
-  carry, ys = lax.scan(group, carry, xs_head, length=outer)
+      lambda a: a[:head].reshape((full, inner) + a.shape[1:]), xs)
+  carry, ys = lax.scan(group(inner_levels, inner), carry, xs_head, length=full)
   ys = jax.tree_util.tree_map(lambda a: a.reshape((head,) + a.shape[2:]), ys)
-  if head == n:
+  if rem == 0:
     return carry, ys
+  # The short last group, planned on its own (slicing the stacked inputs, which XLA copies).
   xs_tail = jax.tree_util.tree_map(lambda a: a[head:], xs)
-  carry, ys_tail = lax.scan(step, carry, xs_tail, length=n - head)
+  carry, ys_tail = group(plan_groups(rem, len(inner_levels)), rem)(carry, xs_tail)
   ys = jax.tree_util.tree_map(lambda a, b: jax.numpy.concatenate([a, b]), ys, ys_tail)
   return carry, ys

@@ -96,3 +96,224 @@ def test_remat_scan_validates_xs_and_groups_in_the_users_terms():
     rk.remat_scan(body, c, jnp.ones((0, 3, 3)))
   with pytest.raises(TypeError, match="`groups` must be None, an int number of levels"):
     rk.remat_scan(body, c, jnp.ones((4, 3, 3)), groups=True)
+
+
+# --------------------------------------------------------------------------
+# The decorator on more signatures and module shapes
+# --------------------------------------------------------------------------
+RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+
+
+def _same_everywhere(cls, x, *args, policy="full", methods="__call__", method="__call__",
+                     mutable=False, **kwargs):
+  """Decorated and plain: same init tree/values, outputs (masks), updates and gradients."""
+  plain, rem = cls(), remat_policy(policy, methods=methods)(cls)()
+  init = lambda m: m.init(RNGS, x, *args, method=method, **kwargs)
+  v = init(plain)
+  chex.assert_trees_all_equal(v, init(rem))
+
+  def run(m, p):
+    out = m.apply({**v, "params": p}, x, *args, method=method, mutable=mutable,
+                  rngs={"dropout": jax.random.key(2)}, **kwargs)
+    return out if mutable else (out, {})
+
+  chex.assert_trees_all_equal(run(rem, v["params"]), run(plain, v["params"]))
+  grad = lambda m: jax.grad(lambda p: jnp.sum(run(m, p)[0] ** 2))(v["params"])
+  chex.assert_trees_all_close(grad(rem), grad(plain), rtol=1e-6, atol=1e-6)
+  return v
+
+
+class VarArgs(nn.Module):
+  @nn.compact
+  def __call__(self, x, *extra, scale=1.0, **opts):
+    for e in extra:
+      x = x + e
+    x = nn.Dense(4)(x)
+    return x * scale * (2.0 if opts.get("double") else 1.0)
+
+
+def test_linen_var_args_and_kwargs_pass_through():
+  x = jnp.ones((3, 4))
+  _same_everywhere(VarArgs, x, x, 2 * x, scale=0.5, double=True)
+
+
+class Loop(nn.Module):
+  @nn.compact
+  def __call__(self, x, n):
+    for _ in range(n):
+      x = nn.Dense(4)(x)
+    return x
+
+
+def test_a_traced_int_names_the_argument_to_make_static():
+  x = jnp.ones((3, 4))
+  m = remat_policy("full")(Loop)()
+  v = m.init(RNGS, x, 2)
+  with pytest.raises(TypeError, match=r"Traced arguments: .*`n` \(int32\[\]\).*"
+                                      r"static_argnames=\('n',\)"):
+    jax.jit(lambda v, n: m.apply(v, x, n))(v, 2)
+  # Named static, the same value works under jit (a Python int is static anyway).
+  m2 = remat_policy("full", static_argnames="n")(Loop)()
+  assert m2.apply(v, x, 2).shape == (3, 4)
+
+
+class SetupStyle(nn.Module):
+  def setup(self):
+    self.enc = nn.Dense(8)
+    self.dec = nn.Dense(4)
+    self.drop = nn.Dropout(0.5)
+
+  def encode(self, x, train: bool = True):
+    return self.drop(nn.gelu(self.enc(x)), deterministic=not train)
+
+  def __call__(self, x):
+    return self.dec(self.encode(x))
+
+
+def test_linen_setup_style_and_a_method_other_than_call():
+  x = jnp.linspace(-1, 1, 12).reshape(3, 4)
+  v = _same_everywhere(SetupStyle, x, methods="encode", method="encode")
+  rem = remat_policy(methods="encode")(SetupStyle)
+  by_function = rem().apply(v, x, False, method=rem.encode)  # method= a function
+  chex.assert_trees_all_equal(by_function, SetupStyle().apply(v, x, False, method="encode"))
+  _same_everywhere(SetupStyle, x, policy="save_dots", methods=("encode", "__call__"))
+
+
+class ScanVmapInside(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.scan(lambda m, c, _: (nn.tanh(nn.Dense(4)(c)), None), variable_broadcast="params",
+                   split_rngs={"params": False}, length=3)
+    x, _ = cell(self, x, None)
+    per_row = nn.vmap(nn.Dense, in_axes=0, out_axes=0, variable_axes={"params": 0},
+                      split_rngs={"params": True})(4)
+    return per_row(x)
+
+
+def test_linen_nn_scan_and_nn_vmap_inside():
+  _same_everywhere(ScanVmapInside, jnp.linspace(-1, 1, 12).reshape(3, 4))
+
+
+class WithBatchNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(8)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+
+
+def test_linen_batch_stats_updates_under_the_decorator():
+  x = jnp.linspace(-1, 1, 24).reshape(6, 4)
+  v = _same_everywhere(WithBatchNorm, x, True, mutable=["batch_stats"])
+  assert "batch_stats" in v
+  _same_everywhere(WithBatchNorm, x, False)
+
+
+class NnxBN(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(4, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x, *extra, train: bool = True, **opts):
+    for e in extra:
+      x = x + e
+    return self.drop(nnx.relu(self.bn(self.dense(x), use_running_average=not train)),
+                     deterministic=not train)
+
+
+def test_nnx_var_args_and_batch_stats_updates():
+  x = jnp.linspace(-1, 1, 24).reshape(6, 4)
+  plain, rem = NnxBN(nnx.Rngs(0)), remat_policy("full")(NnxBN)(nnx.Rngs(0))
+  loss = lambda m: jnp.sum(m(x, x, train=True, unused=None) ** 2)
+  chex.assert_trees_all_close(nnx.grad(loss)(rem), nnx.grad(loss)(plain), rtol=1e-6)
+  chex.assert_trees_all_close(nnx.state(rem, nnx.BatchStat), nnx.state(plain, nnx.BatchStat))
+  assert not jnp.allclose(rem.bn.mean[...], 0.0)
+
+
+def test_remat_static_argnums_for_an_argument_passed_by_keyword():
+  import remat_kit as rk
+
+  def f(x, n):
+    for _ in range(n):
+      x = jnp.sin(x)
+    return x
+
+  g = rk.remat(f, static_argnums=1)
+  want = jax.grad(lambda x: f(x, 3))(1.0)
+  assert jax.grad(lambda x: g(x, n=3))(1.0) == want
+  assert jax.grad(lambda x: g(x, 3))(1.0) == want
+  with pytest.raises(ValueError, match="`static_argnums` contains 2"):
+    rk.remat(f, static_argnums=2)(1.0, n=3)
+
+
+# --------------------------------------------------------------------------
+# LayerStack: the layer axis in partition metadata, and mutable state
+# --------------------------------------------------------------------------
+from remat_kit.flax import LayerStack, stack_layers, unstack_layers  # noqa: E402
+from remat_kit.flax import nnx as rk_nnx  # noqa: E402
+
+
+class Logical(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+    return x + nn.Dense(8, kernel_init=init)(x)
+
+
+@pytest.mark.parametrize("axis", ["layers", None, "stage"])
+def test_linen_layer_stack_names_the_layer_axis(axis):
+  x = jnp.ones((2, 8))
+  stack = LayerStack(Logical(), 3, layer_axis=axis)
+  v = stack.init(jax.random.key(0), x)
+  spec = nn.get_partition_spec(v)["params"]["layers"]["Dense_0"]["kernel"]
+  assert spec == jax.sharding.PartitionSpec(axis, "embed", "mlp")
+  # Unstacked, each layer's kernel is (embed, mlp) again, and stacking restores the name.
+  per_layer = unstack_layers(v["params"])
+  assert nn.get_partition_spec(per_layer)["layers_1"]["Dense_0"]["kernel"] == (
+      jax.sharding.PartitionSpec("embed", "mlp"))
+  back = stack_layers(per_layer, layer_axis=axis)
+  assert nn.get_partition_spec(back)["layers"]["Dense_0"]["kernel"] == spec
+  chex.assert_trees_all_equal(nn.unbox(back), nn.unbox(v["params"]))
+  unrolled = LayerStack(Logical(), 3, scan=False).apply({"params": per_layer}, x)
+  chex.assert_trees_all_close(stack.apply(v, x), unrolled, rtol=1e-6)
+  with pytest.raises(TypeError, match="`layer_axis` must be a str"):
+    LayerStack(Logical(), 3, layer_axis=0).init(jax.random.key(0), x)
+
+
+class Calls(nnx.Variable):
+  pass
+
+
+class NnxStateful(nnx.Module):
+  def __init__(self, rngs):
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+    self.lin = nnx.Linear(8, 8, kernel_init=init, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.calls = Calls(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    self.calls[...] += 1
+    return x + self.drop(self.bn(self.lin(x)))
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_nnx_layer_stack_writes_back_batch_stats_and_custom_variables(groups):
+  x = jnp.linspace(-1, 1, 32).reshape(4, 8)
+  eager = nnx.using_eager_sharding()
+  nnx.use_eager_sharding(False)  # sharding metadata without a mesh
+  try:
+    make = lambda: rk_nnx.LayerStack(NnxStateful, 4, rngs=nnx.Rngs(0, dropout=1),
+                                     policy="full", groups=groups)
+    scanned, ref = make(), make()
+  finally:
+    nnx.use_eager_sharding(eager)
+  spec = nnx.get_partition_spec(nnx.state(scanned, nnx.Param))["layers"]["lin"]["kernel"]
+  assert spec.get_value() == jax.sharding.PartitionSpec("layers", "embed", "mlp")
+  chex.assert_trees_all_close(scanned(x), ref.unrolled(x), rtol=1e-5, atol=1e-6)
+  no_keys = nnx.Not(nnx.RngKey)
+  chex.assert_trees_all_close(nnx.state(scanned, no_keys), nnx.state(ref, no_keys),
+                              rtol=1e-5, atol=1e-6)
+  assert scanned.layers.calls[...].tolist() == [1, 1, 1, 1]
+  assert not jnp.allclose(scanned.layers.bn.mean[...], 0.0)

@@ -28,7 +28,7 @@ from remat_kit.flax._methods import missing_tags_error, wrap_method
 from remat_kit.policies import Policy
 from remat_kit.transforms import remat, remat_scan
 
-__all__ = ["LayerStack", "stack_layers", "stack_params", "unstack_layers", "unstack_params",
+__all__ = ["LayerStack", "add_layer_axis", "stack_layers", "stack_params", "unstack_layers", "unstack_params",
            "wrap_linen_method"]
 
 
@@ -46,7 +46,7 @@ def check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any],
   if self.is_initializing():
     return
   dyn = [(i, a) for i, a in enumerate(full) if i > 0 and i not in static_argnums]
-  key = (tuple((i, full[i]) for i in static_argnums),
+  key = (call_orig, tuple((i, full[i]) for i in static_argnums),
          tuple((i, jax.tree_util.tree_structure(a),
                 tuple(_jaxpr.aval_key(jax.typeof(x)) for x in jax.tree_util.tree_leaves(a)))
                for i, a in dyn))
@@ -92,6 +92,11 @@ class LayerStack(nn.Module):
       ``policy=False`` this is the unrolled reference. ``groups`` needs a scan.
       (XLA:CPU undoes remat in Python loops; XLA:GPU keeps it.)
     rng_streams: RNG streams split per layer when present (``"dropout"``).
+    layer_axis: the logical name of the stacked parameters' leading axis in
+      partition metadata (``nn.with_logical_partitioning`` /
+      ``nn.with_partitioning`` boxes), as ``nn.scan``'s ``metadata_params``
+      adds it: ``"layers"`` by default, ``None`` for an axis that is never
+      sharded. Parameters without partition metadata are unaffected.
   """
 
   block: nn.Module
@@ -100,6 +105,7 @@ class LayerStack(nn.Module):
   groups: int | tuple[int, ...] | None = None
   scan: bool = True
   rng_streams: tuple[str, ...] = ("dropout",)
+  layer_axis: str | None = "layers"
 
   def _validate(self) -> None:
     if not isinstance(self.block, nn.Module):
@@ -112,6 +118,10 @@ class LayerStack(nn.Module):
       raise ValueError(
           f"`LayerStack`: `groups`={self.groups!r} nests a scan, but `scan=False`. Use "
           "`scan=True`, or leave `groups` unset.")
+    if self.layer_axis is not None and not isinstance(self.layer_axis, str):
+      raise TypeError(
+          f"`LayerStack`: `layer_axis` must be a str (the logical name of the layer axis) "
+          f"or None, got {self.layer_axis!r}.")
 
   @nn.compact
   def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -136,7 +146,7 @@ class LayerStack(nn.Module):
         p = self.param(f"layers_{i}", lambda _, i=i: jax.tree_util.tree_map(take, stacked))
         x = layer(x, p, jax.tree_util.tree_map(take, keys))
       return x
-    params = self.param("layers", lambda _: stacked)
+    params = self.param("layers", lambda _: add_layer_axis(stacked, self.layer_axis))
 
     def body(h: Any, xs: Any) -> tuple[Any, None]:
       p, r = xs
@@ -163,6 +173,37 @@ class LayerStack(nn.Module):
     return jax.vmap(init_one)(jax.random.split(base, self.length), dict(keys))
 
 
+def add_layer_axis(tree: Any, name: str | None) -> Any:
+  """Partition-metadata boxes in ``tree`` with a leading axis ``name`` added.
+
+  Stacked parameters gain a leading layer axis; their ``nn.Partitioned`` /
+  ``nn.LogicallyPartitioned`` names must gain it too, or
+  ``nn.get_partition_spec`` shards the layer axis by the first weight axis.
+  """
+  return jax.tree_util.tree_map(
+      lambda x: x.add_axis(0, {nn.PARTITION_NAME: name})
+      if isinstance(x, nn.meta.AxisMetadata) else x,
+      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _take_layer(a: Any, i: int) -> Any:
+  if isinstance(a, nn.Partitioned):
+    return a.replace(value=a.value[i], names=tuple(a.names[1:]))
+  if _is_box(a):
+    return a.replace_boxed(a.unbox()[i])
+  return a[i]
+
+
+def _stack_boxes(items: Sequence[Any]) -> Any:
+  if _is_box(items[0]):
+    return items[0].replace_boxed(jax.numpy.stack([b.unbox() for b in items]))
+  return jax.numpy.stack(items)
+
+
 _LAYER = re.compile(r"^(?P<prefix>.+)_(?P<index>\d+)$")
 
 
@@ -170,7 +211,8 @@ def unstack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict
   """Turns every stacked ``prefix`` entry into ``prefix_0 ... prefix_{L-1}``.
 
   The scanned `LayerStack`'s parameters become those of the unrolled one
-  (``scan=False``), at any depth of the tree.
+  (``scan=False``), at any depth of the tree. Partition-metadata boxes lose
+  their leading (layer) axis name with the axis.
 
   >>> import jax.numpy as jnp
   >>> tree = {"stack": {"layers": {"w": jnp.zeros((3, 2))}}}
@@ -185,7 +227,8 @@ def unstack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict
         raise ValueError(f"`unstack_layers`: `{prefix}` holds no arrays.")
       n = leaves[0].shape[0]
       for i in range(n):
-        out[f"{prefix}_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], v)
+        out[f"{prefix}_{i}"] = jax.tree_util.tree_map(
+            lambda a, i=i: _take_layer(a, i), v, is_leaf=_is_box)
     elif isinstance(v, Mapping):
       out[k] = unstack_layers(v, prefix=prefix)
     else:
@@ -193,8 +236,12 @@ def unstack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict
   return out
 
 
-def stack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict[str, Any]:
+def stack_layers(params: Mapping[str, Any], *, prefix: str = "layers",
+                 layer_axis: str | None = "layers") -> dict[str, Any]:
   """The inverse of :func:`unstack_layers`: ``prefix_i`` entries stacked into ``prefix``.
+
+  Partition-metadata boxes gain the leading axis name ``layer_axis``, as in
+  the scanned `LayerStack`.
 
   Raises:
     ValueError: if the layer indices are not ``0 ... L-1`` or the layers'
@@ -207,7 +254,7 @@ def stack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict[s
     if m and m["prefix"] == prefix:
       layers[int(m["index"])] = v
     elif isinstance(v, Mapping):
-      out[k] = stack_layers(v, prefix=prefix)
+      out[k] = stack_layers(v, prefix=prefix, layer_axis=layer_axis)
     else:
       out[k] = v
   if layers:
@@ -219,7 +266,8 @@ def stack_layers(params: Mapping[str, Any], *, prefix: str = "layers") -> dict[s
     structs = {jax.tree_util.tree_structure(t) for t in seq}
     if len(structs) > 1:
       raise ValueError(f"`stack_layers`: the `{prefix}_i` trees differ in structure.")
-    out[prefix] = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *seq)
+    out[prefix] = add_layer_axis(jax.tree_util.tree_map(
+        lambda *a: _stack_boxes(a), *seq, is_leaf=_is_box), layer_axis)
   return out
 
 

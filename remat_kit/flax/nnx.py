@@ -30,7 +30,7 @@ def wrap_nnx_method(cls: type, method: str, pol: Policy, static_argnames: tuple[
 def check_tags(self: Any, call_orig: Callable[..., Any], full: list[Any], statics: tuple[int, ...],
            pol: Policy, checked: set[Any], cls: type, method: str) -> None:
   dyn = [i for i in range(1, len(full)) if i not in statics]
-  key = (tuple((i, full[i]) for i in statics),
+  key = (call_orig, tuple((i, full[i]) for i in statics),
          tuple(tuple(_jaxpr.aval_key(jax.typeof(x)) for x in jax.tree_util.tree_leaves(full[i]))
                for i in dyn))
   if key in checked:
@@ -67,19 +67,33 @@ class LayerStack(nnx.Module):
     rngs: the RNGs; every stream is split per layer.
     policy: the remat policy inside each layer; ``False`` for no remat.
     groups: None (flat), an int number of nested levels, or level lengths.
+    layer_axis: the logical name of the layers' leading axis in sharding
+      metadata (``nnx.with_partitioning``), as ``nnx.vmap``'s
+      ``transform_metadata`` adds it: ``"layers"`` by default, ``None`` for an
+      axis that is never sharded.
+
+  Every variable a layer updates while it runs (``BatchStat``, RNG counters,
+  custom ``nnx.Variable`` types) is written back to the stack, as the
+  unrolled layers would leave it; only ``nnx.Param`` is read-only.
   """
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], length: int, *,
-               rngs: nnx.Rngs, policy: Any = True, groups: Any = None) -> None:
+               rngs: nnx.Rngs, policy: Any = True, groups: Any = None,
+               layer_axis: str | None = "layers") -> None:
     if not callable(make_block) or isinstance(make_block, nnx.Module):
       raise TypeError(
           f"`LayerStack`: `make_block` must be a function `rngs -> Module`, got "
           f"{make_block!r}. Pass e.g. `lambda rngs: Block(64, rngs=rngs)`.")
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
       raise ValueError(f"`LayerStack`: `length` must be an int >= 1, got {length!r}.")
+    if layer_axis is not None and not isinstance(layer_axis, str):
+      raise TypeError(
+          f"`LayerStack`: `layer_axis` must be a str (the logical name of the layer axis) "
+          f"or None, got {layer_axis!r}.")
+    meta = {nnx.PARTITION_NAME: layer_axis}
 
     @nnx.split_rngs(splits=length)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=length)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=length, transform_metadata=meta)
     def create(r: nnx.Rngs) -> nnx.Module:
       return make_block(r)
 
@@ -87,48 +101,59 @@ class LayerStack(nnx.Module):
     self.length = length
     self.policy = policy
     self.groups = groups
+    self.layer_axis = layer_axis
 
   def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Scans the layers over carry ``x``; ``args``/``kwargs`` go to every layer."""
     graphdef, state = nnx.split(self.layers)
+    meta = {nnx.PARTITION_NAME: self.layer_axis}
 
     def body(h: Any, st: Any) -> tuple[Any, Any]:
-      layer = nnx.merge(graphdef, st)
+      layer = nnx.merge(graphdef, nnx.spmd.remove_axis(st, 0, meta))
       h = layer(h, *args, **kwargs)
-      return h, nnx.state(layer, nnx.RngState)
+      return h, nnx.state(layer, nnx.Not(nnx.Param))
 
-    x, rng_state = remat_scan(body, x, state, policy=self.policy, groups=self.groups)
-    nnx.update(self.layers, rng_state)  # the dropout counters advance as unrolled
+    x, updated = remat_scan(body, x, state, policy=self.policy, groups=self.groups)
+    # Batch statistics, dropout counters, custom variables: as the unrolled layers leave them.
+    nnx.update(self.layers, nnx.spmd.add_axis(updated, 0, meta))
     return x
 
   def unrolled(self, x: Any, *args: Any, **kwargs: Any) -> Any:
     """The same layers in a Python loop, without remat: the reference."""
-    layers = unstack_layers(self.layers, self.length)
+    layers = unstack_layers(self.layers, self.length, layer_axis=self.layer_axis)
     for layer in layers:
       x = layer(x, *args, **kwargs)
-    self.layers = stack_layers(layers)
+    self.layers = stack_layers(layers, layer_axis=self.layer_axis)
     return x
 
 
-def unstack_layers(stacked: nnx.Module, length: int) -> list[nnx.Module]:
-  """A stacked module (leading layer axis) as a list of ``length`` per-layer modules."""
+def unstack_layers(stacked: nnx.Module, length: int, *, layer_axis: str | None = "layers"
+                   ) -> list[nnx.Module]:
+  """A stacked module (leading layer axis) as a list of ``length`` per-layer modules.
+
+  Sharding metadata loses the leading ``layer_axis`` name with the axis.
+  """
   graphdef, state = nnx.split(stacked)
   leaves = jax.tree_util.tree_leaves(state)
   if not leaves or any(a.shape[:1] != (length,) for a in leaves):
     raise ValueError(
         f"`unstack_layers`: every array of the stacked module must have leading axis "
         f"{length}; got shapes {sorted({a.shape for a in leaves})}.")
-  return [nnx.merge(graphdef, jax.tree_util.tree_map(lambda a, i=i: a[i], state))
-          for i in range(length)]
+  meta = {nnx.PARTITION_NAME: layer_axis}
+  return [nnx.merge(graphdef, nnx.spmd.remove_axis(
+      jax.tree_util.tree_map(lambda a, i=i: a[i], state), 0, meta)) for i in range(length)]
 
 
-def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
-  """The inverse of :func:`unstack_layers`: per-layer modules stacked into one."""
+def stack_layers(layers: list[nnx.Module], *, layer_axis: str | None = "layers") -> nnx.Module:
+  """The inverse of :func:`unstack_layers`: per-layer modules stacked into one.
+
+  Sharding metadata gains the leading ``layer_axis`` name.
+  """
   if not layers:
     raise ValueError("`stack_layers`: `layers` is empty.")
   splits = [nnx.split(m) for m in layers]
   graphdef = splits[0][0]
   if any(g != graphdef for g, _ in splits[1:]):
     raise ValueError("`stack_layers`: the layers differ in structure.")
-  return nnx.merge(graphdef, jax.tree_util.tree_map(
-      lambda *a: jax.numpy.stack(a), *[s for _, s in splits]))
+  stacked = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *[s for _, s in splits])
+  return nnx.merge(graphdef, nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: layer_axis}))

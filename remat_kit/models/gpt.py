@@ -61,6 +61,9 @@ class GPTBlock(nn.Module):
     mlp_ratio: MLP hidden width as a multiple of ``d``.
     dropout_rate: dropout on attention probabilities and both residual branches.
     dtype: the activation dtype (parameters stay float32).
+    logical_axes: give every parameter logical axis names
+      (``nn.with_logical_partitioning``): ``embed``, ``heads`` (the attention
+      projections), ``mlp``, ``vocab``. The initial values are unchanged.
   """
 
   d_model: int
@@ -68,21 +71,40 @@ class GPTBlock(nn.Module):
   mlp_ratio: int = 4
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  logical_axes: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     d, dt = self.d_model, self.dtype
+    dense = lambda n, axes: _dense(n, axes, dt, self.logical_axes)
+    norm = lambda: _layer_norm(dt, self.logical_axes)
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    h = nn.LayerNorm(dtype=dt)(x)
-    qkv = checkpoint_name(nn.Dense(3 * d, dtype=dt)(h), "qkv")
+    h = norm()(x)
+    qkv = checkpoint_name(dense(3 * d, ("embed", "heads"))(h), "qkv")
     o = causal_attention(qkv, self.num_heads, drop)
-    o = checkpoint_name(nn.Dense(d, dtype=dt)(o), "attn_out")
+    o = checkpoint_name(dense(d, ("heads", "embed"))(o), "attn_out")
     x = x + drop(o)
-    h = nn.LayerNorm(dtype=dt)(x)
-    h = checkpoint_name(nn.Dense(self.mlp_ratio * d, dtype=dt)(h), "mlp_in")
+    h = norm()(x)
+    h = checkpoint_name(dense(self.mlp_ratio * d, ("embed", "mlp"))(h), "mlp_in")
     h = checkpoint_name(nn.gelu(h), "mlp_hidden")
-    h = checkpoint_name(nn.Dense(d, dtype=dt)(h), "mlp_out")
+    h = checkpoint_name(dense(d, ("mlp", "embed"))(h), "mlp_out")
     return x + drop(h)
+
+
+def _logical(init: Any, axes: tuple[str | None, ...], on: bool) -> Any:
+  return nn.with_logical_partitioning(init, axes) if on else init
+
+
+def _dense(features: int, axes: tuple[str, str], dtype: Any, logical: bool) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype,
+                  kernel_init=_logical(nn.linear.default_kernel_init, axes, logical),
+                  bias_init=_logical(nn.initializers.zeros_init(), axes[1:], logical))
+
+
+def _layer_norm(dtype: Any, logical: bool) -> nn.LayerNorm:
+  return nn.LayerNorm(dtype=dtype,
+                      scale_init=_logical(nn.initializers.ones_init(), ("embed",), logical),
+                      bias_init=_logical(nn.initializers.zeros_init(), ("embed",), logical))
 
 
 class GPT(nn.Module):
@@ -94,6 +116,8 @@ class GPT(nn.Module):
     policy: remat policy inside each block (``False``: no remat).
     groups: nesting of the layer scan (see :class:`remat_kit.flax.LayerStack`).
     scan: scan over the blocks (True) or unroll them (False).
+    logical_axes: logical axis names on every parameter (see `GPTBlock`);
+      the stacked blocks' leading axis is ``"layers"``.
   """
 
   vocab_size: int = 256
@@ -107,18 +131,23 @@ class GPT(nn.Module):
   policy: Any = True
   groups: int | tuple[int, ...] | None = None
   scan: bool = True
+  logical_axes: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = True) -> jax.Array:
     s = tokens.shape[-1]
     if s > self.max_len:
       raise ValueError(f"`GPT`: sequence length {s} exceeds `max_len`={self.max_len}.")
-    pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.max_len, self.d_model))
-    x = nn.Embed(self.vocab_size, self.d_model)(tokens) + pos[None, :s]
+    on = self.logical_axes
+    pos = self.param("pos_embed", _logical(nn.initializers.normal(0.02), (None, "embed"), on),
+                     (self.max_len, self.d_model))
+    embed = nn.Embed(self.vocab_size, self.d_model,
+                     embedding_init=_logical(nn.linear.default_embed_init, ("vocab", "embed"), on))
+    x = embed(tokens) + pos[None, :s]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x).astype(self.dtype)
     block = GPTBlock(self.d_model, self.num_heads, self.mlp_ratio, self.dropout_rate,
-                     self.dtype)
+                     self.dtype, logical_axes=on)
     x = LayerStack(block, self.num_layers, policy=self.policy, groups=self.groups,
                    scan=self.scan, name="blocks")(x, train)
-    x = nn.LayerNorm(dtype=self.dtype)(x)
-    return nn.Dense(self.vocab_size, dtype=jnp.float32)(x)
+    x = _layer_norm(self.dtype, on)(x)
+    return _dense(self.vocab_size, ("embed", "vocab"), jnp.float32, on)(x)
