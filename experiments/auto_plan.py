@@ -24,7 +24,11 @@ def _search(model: Any) -> Search:
   module = model.build(**model.strategies["no remat"])
   params = jax.jit(lambda k: module.init({"params": k, "dropout": jax.random.key(3)},
                                          *inputs))(jax.random.key(0))["params"]
-  search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)}, max_subsets=2)
+  # Every registered preset, each tagged name alone plus the two best knapsack subsets per
+  # budget (an exhaustive subset search is experiments.auto_vs_exhaustive's job), and
+  # nesting in 2 levels; costs timed in interleaved rounds on the local backend.
+  search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)},
+                  max_names_exact=0, max_subsets=2, groups=(2,), verbose=True)
   _SEARCHES[model.describe] = search
   return search
 
@@ -36,6 +40,7 @@ def plan_for(model: Any, fraction: float) -> dict[str, Any]:
     ValueError: if no plan fits (with the least memory reached).
   """
   search = _search(model)
-  result = search.solve(int(fraction * search.none.temp_bytes))
+  budget = int(fraction * search.none.temp_bytes)
+  result = search.solve(budget)
   return {"policy": result.choice.policy, "groups": result.choice.groups,
-          "auto_choice": result.choice.label}
+          "auto_choice": result.choice.label, "budget_bytes": budget}

@@ -39,6 +39,8 @@ import numpy as np
 from remat_kit import models
 from remat_kit.flax import LayerStack
 from remat_kit.report import compiled_memory, flop_breakdown, live_peak_bytes, saved_residuals
+from remat_kit.report.timing import RELIABLE
+from remat_kit.report.timing import summary as _summary
 
 RESULTS = Path(__file__).parent / "results"
 LOCAL = RESULTS / "local"  # git-ignored: `make bench` writes here; `--refresh` writes RESULTS
@@ -135,12 +137,6 @@ def _time(step: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> list
   return times
 
 
-def _summary(times: list[float]) -> tuple[float, float]:
-  """Median and half the 10th-90th percentile range (robust to one slow step)."""
-  q = np.percentile(times, [10, 50, 90])
-  return float(q[1]), float((q[2] - q[0]) / 2)
-
-
 def _offload_supported() -> bool:
   kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
   return "pinned_host" in kinds
@@ -209,8 +205,6 @@ def _timing(times: list[float]) -> dict[str, Any]:
           "timing_reliable": spread <= RELIABLE * median}
 
 
-# A timing whose spread is within this fraction of its median is called reliable.
-RELIABLE = 0.05
 
 
 def time_interleaved(rows: list[dict[str, Any]], repeats: int, max_rounds: int = 0
@@ -262,6 +256,26 @@ def _faster(q: dict[str, Any], r: dict[str, Any]) -> bool:
 def _tied(q: dict[str, Any], r: dict[str, Any]) -> bool:
   """The timings of q and r overlap within their spreads."""
   return not _faster(q, r) and not _faster(r, q)
+
+
+def auto_beaten(rows: list[dict[str, Any]]) -> list[str]:
+  """Each auto row that a strategy fitting its budget beats beyond both timing spreads.
+
+  Empty when auto holds: no fitting strategy is faster than its plan by more
+  than the timing noise.
+  """
+  timed = [r for r in rows if not r.get("error") and "step_ms_median" in r]
+  out = []
+  for a in timed:
+    if "budget_bytes" not in a:
+      continue
+    for o in timed:
+      if "budget_bytes" not in o and o["temp_bytes"] <= a["budget_bytes"] and _faster(o, a):
+        out.append(f"{a['strategy']} ({a.get('auto_choice')}) is beaten by {o['strategy']}: "
+                   f"{o['step_ms_median']:.2f}+-{o['step_ms_spread']:.2f} ms against "
+                   f"{a['step_ms_median']:.2f}+-{a['step_ms_spread']:.2f} ms, "
+                   f"{o['temp_bytes'] / 2**20:.1f} MiB within the budget")
+  return out
 
 
 def pareto(rows: list[dict[str, Any]], mem: str = "temp_bytes") -> list[str]:
@@ -348,6 +362,7 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
       time_interleaved(rows, repeats)
     result["rows"].extend(rows)
     result["pareto"][m.name] = pareto(rows)
+    result.setdefault("auto_beaten", {})[m.name] = auto_beaten(rows)
     save(result)
   progress.start("done")
   result["complete"] = True
@@ -366,9 +381,11 @@ def measure_named(size: str, model_name: str, strategy: str, repeats: int,
     except ValueError as e:
       return {"model": model_name, "strategy": strategy, "error": f"infeasible: {e}"}
     label = plan.pop("auto_choice")
+    budget_bytes = plan.pop("budget_bytes")
     row = measure(model, strategy, repeats, plan=plan, timed=timed)
     row["auto_choice"] = label
     row["budget_fraction"] = budget
+    row["budget_bytes"] = budget_bytes
     return row
   return measure(model, strategy, repeats, timed=timed)
 
@@ -421,6 +438,11 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{'':30s} note: {r['note']}")
     front = result["pareto"].get(name, [])
     print(f"Pareto (less memory, or faster beyond the timing spread): {' < '.join(front)}")
+    if any("budget_bytes" in r for r in rows):
+      beaten = result.get("auto_beaten", {}).get(name, [])
+      print("auto check: " + ("; ".join(beaten) if beaten else
+                              "no strategy that fits an auto budget is faster than auto's "
+                              "plan beyond both timing spreads"))
   if any(not r["timing_reliable"] for r in timed):
     print("?: spread above 5% of the median after the extra rounds: this machine was busy; "
           "treat that step time as unreliable.")

@@ -51,6 +51,19 @@ def main() -> int:
       exact = solver.solve_chain(f, a, c, budget, grid=256)
       line += f"; exact DP {exact.cost:.1f} (blocks cost {coarse.cost / exact.cost - 1:+.1%})"
     print(line)
+  # Integer byte sizes (tensor sizes share large factors): the DP runs exactly.
+  rng = random.Random(0)
+  n = 80
+  f = [rng.randint(1, 10) * 1000 for _ in range(n)]
+  a = [rng.randint(1, 8) * 4096 for _ in range(n)]
+  c = [rng.randint(1, 4) * 1024 for _ in range(n)]
+  budget = (sum(a) + sum(c[1:])) // 4
+  exact, t = _time(solver.solve_chain, f, a, c, budget)
+  grid = solver.solve_chain(f, a, c, budget, grid=256)
+  blocks = solver.solve_chain(f, a, c, budget, max_exact=20)
+  print(f"uneven L={n}, integer bytes, 25% budget: exact DP recompute {exact.cost:,.0f} in "
+        f"{t:.2f} s (bound = budget: {exact.bound_budget == budget}); 256-step grid "
+        f"{grid.cost:,.0f}; 20 blocks {blocks.cost:,.0f}")
   return 0
 
 

@@ -10,7 +10,9 @@ to keep (checkpoints) and which stretches to run forward again.
   optimal schedule in O(n) (Griewank and Walther, "Algorithm 799: revolve").
 * Uneven chains: :func:`solve_chain` is a dynamic program in the spirit of
   Rotor (Beaumont et al., 2019) over (first layer, last layer, free memory),
-  exact on a memory grid; it costs O(n^3 M), so it is for tens of layers.
+  exact on integer byte sizes (in units of their common divisor), else on a
+  memory grid with a stated bound; it costs O(n^3 M), so it is for tens of
+  layers.
 * :func:`simulate` runs a schedule step by step, tracking live bytes and
   compute: an independent check of both solvers.
 """
@@ -162,6 +164,9 @@ class ChainPlan:
     exact: False when the chain was solved in blocks (``max_exact``): the
       plan is feasible and its cost is simulated, but checkpoints sit only
       on block boundaries.
+    bound_budget: the plan costs no more than the optimal schedule within
+      this many bytes: the budget itself when the DP ran on exact sizes,
+      less when it rounded them to a grid (None for block plans).
   """
 
   cost: float
@@ -169,6 +174,7 @@ class ChainPlan:
   checkpoints: tuple[int, ...]
   tree: Any
   exact: bool = True
+  bound_budget: float | None = None
 
 
 def _validate_chain(api: str, forward_costs: Sequence[float], act_bytes: Sequence[float],
@@ -188,8 +194,8 @@ def _validate_chain(api: str, forward_costs: Sequence[float], act_bytes: Sequenc
 
 
 def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
-                ckpt_bytes: Sequence[float], budget: float, *, grid: int = 256,
-                max_exact: int | None = None) -> ChainPlan:
+                ckpt_bytes: Sequence[float], budget: float, *, grid: int | None = None,
+                max_exact: int | None = None, max_units: int = 4096) -> ChainPlan:
   """The least-recompute schedule for an uneven chain under a memory budget.
 
   Layer i costs ``forward_costs[i]`` to run, keeps ``act_bytes[i]`` of
@@ -198,9 +204,17 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
   kept and not counted). Reversing a stretch s..t either runs it once with
   saving (memory: its residuals plus the inputs of layers s+1..t) or runs
   forward to some k, keeps layer k's input, reverses k..t in what is left,
-  then s..k-1. Memory is rounded up to a grid of ``grid`` steps of
-  ``budget / grid``, so the plan always fits; it is exact when sizes are
-  multiples of the step.
+  then s..k-1.
+
+  Exactness: when every byte size is an integer (byte counts) and ``grid``
+  is None, the DP runs on the exact sizes in units of their greatest common
+  divisor, and its plan is optimal, as long as the budget is at most
+  ``max_units`` such units (tensor sizes share large factors, so this is
+  the usual case). Otherwise memory is rounded up to ``grid`` (1024 by
+  default) steps of ``unit = budget / grid``: the plan always fits, and its
+  cost is at most the exact optimum under ``budget - 2 * n * unit`` (a
+  schedule keeps at most ``2n`` items live, each rounded up by under one
+  unit). The plan's ``bound_budget`` says which guarantee holds.
 
   The DP costs O(n^3 * grid). For longer chains pass ``max_exact``: the
   chain is cut into that many blocks of consecutive layers with near-equal
@@ -218,10 +232,25 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
   if max_exact is not None and n > max_exact:
     if not isinstance(max_exact, int) or max_exact < 1:
       raise ValueError(f"`solve_chain`: `max_exact` must be an int >= 1, got {max_exact!r}.")
-    return _solve_blocks(forward_costs, act_bytes, ckpt_bytes, budget, grid, max_exact)
-  unit = budget / grid
-  a = [math.ceil(x / unit - 1e-9) for x in act_bytes]
-  c = [math.ceil(x / unit - 1e-9) for x in ckpt_bytes]
+    return _solve_blocks(forward_costs, act_bytes, ckpt_bytes, budget, grid, max_exact,
+                         max_units)
+  if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 1):
+    raise ValueError(f"`solve_chain`: `grid` must be None or an int >= 1, got {grid!r}.")
+  integral = all(float(x).is_integer() for x in (*act_bytes, *ckpt_bytes))
+  g = math.gcd(*(int(x) for x in (*act_bytes, *ckpt_bytes))) if integral else 0
+  if grid is None and integral and (g == 0 or budget // g <= max_units):
+    g = g or 1  # every size is 0
+    a = [int(x) // g for x in act_bytes]
+    c = [int(x) // g for x in ckpt_bytes]
+    cap = int(budget // g)
+    bound = float(budget)
+  else:
+    grid = grid or 1024
+    unit = budget / grid
+    a = [math.ceil(x / unit - 1e-9) for x in act_bytes]
+    c = [math.ceil(x / unit - 1e-9) for x in ckpt_bytes]
+    cap = grid
+    bound = budget - 2 * n * unit
   f = list(forward_costs)
   pre = [0.0]
   for x in f:
@@ -249,7 +278,7 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
         best = (cost, ("ckpt", s, k, t, right[1], left[1]))
     return best
 
-  cost, tree = opt(0, n - 1, grid)
+  cost, tree = opt(0, n - 1, cap)
   opt.cache_clear()
   if tree is None:
     least = _least_memory(f, act_bytes, ckpt_bytes)
@@ -258,11 +287,12 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
         f"schedule needs is {least:,.0f} bytes (each layer's residuals while it is "
         "reversed, plus the checkpoints kept meanwhile). Raise the budget.")
   peak, sim_cost = simulate(tree, f, act_bytes, ckpt_bytes)
-  return ChainPlan(sim_cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree)
+  return ChainPlan(sim_cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree,
+                   bound_budget=bound)
 
 
 def _solve_blocks(f: Sequence[float], a: Sequence[float], c: Sequence[float], budget: float,
-                  grid: int, blocks: int) -> ChainPlan:
+                  grid: int | None, blocks: int, max_units: int) -> ChainPlan:
   n = len(f)
   total = sum(f) or n
   starts, acc = [0], 0.0
@@ -274,7 +304,7 @@ def _solve_blocks(f: Sequence[float], a: Sequence[float], c: Sequence[float], bu
   bf = [sum(f[s:e + 1]) for s, e in zip(starts, ends)]
   ba = [sum(a[s:e + 1]) + sum(c[s + 1:e + 1]) for s, e in zip(starts, ends)]
   bc = [c[s] for s in starts]
-  block_plan = solve_chain(bf, ba, bc, budget, grid=grid)
+  block_plan = solve_chain(bf, ba, bc, budget, grid=grid, max_units=max_units)
 
   def expand(node: Any) -> Any:
     if node[0] == "save":

@@ -313,7 +313,7 @@ def remat_sequential(fns: Sequence[Callable[[Any], Any]], segments: int, *,
   return apply
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _min_sum_factors(n: int, levels: int) -> tuple[int, ...]:
   """The exact factorization of ``n`` into ``levels`` factors with the least sum."""
   if levels == 1:

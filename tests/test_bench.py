@@ -23,6 +23,16 @@ def test_pareto_steps_only_on_speedups_beyond_the_timing_spread():
   assert bench.pareto(tight) == ["a", "no remat"]
 
 
+def test_auto_check_names_a_fitting_strategy_that_beats_auto_beyond_noise():
+  auto = dict(_row("auto 50%", 50, 12.0, 0.5), budget_bytes=60, auto_choice="save:x")
+  fast_fits = _row("full", 55, 10.0, 0.5)
+  fast_too_big = _row("no remat", 100, 8.0, 0.5)
+  within_noise = _row("save_dots", 58, 11.5, 0.5)
+  assert bench.auto_beaten([auto, fast_too_big, within_noise]) == []
+  beaten = bench.auto_beaten([auto, fast_fits, fast_too_big])
+  assert len(beaten) == 1 and beaten[0].startswith("auto 50% (save:x) is beaten by full")
+
+
 def test_overhead_within_noise_is_shown_as_approximately_equal():
   base = _row("no remat", 100, 10.0, 0.5)
   assert bench.overhead_text(_row("x", 50, 9.8, 0.4), base) == "≈0.98"

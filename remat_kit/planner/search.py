@@ -1,0 +1,296 @@
+"""The search over a model's plans: presets, name subsets, nesting, offload (see the package)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from remat_kit import _jaxpr, targets
+from remat_kit.planner.chain import auto_chain
+from remat_kit.planner.result import (
+  AutoResult,
+  Candidate,
+  Coster,
+  Roofline,
+  check_options,
+  choose,
+  parse_bytes,
+)
+from remat_kit.policies import OffloadNames, Policy, SaveNames, from_config, registered
+from remat_kit.report import count_flops, saved_residuals, without_remat
+from remat_kit.report.core import memory_fields
+from remat_kit.report.timing import Timing, time_interleaved
+
+__all__ = ["Search", "auto"]
+
+
+def _has_host_memory(target: targets.Target) -> bool:
+  if not target.is_local:
+    return True
+  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+  return "pinned_host" in kinds and jax.default_backend() != "cpu"
+
+
+def _builder(target: Any, loss: Callable[[Any], jax.Array] | None, inputs: tuple[Any, ...],
+             rngs: dict[str, Any]) -> Callable[..., Callable[..., jax.Array]]:
+  import flax.linen as nn
+
+  if isinstance(target, nn.Module):
+    for attr in ("policy", "groups"):
+      if not hasattr(target, attr):
+        raise TypeError(f"`auto`: module {type(target).__name__} has no `{attr}` attribute; "
+                        "pass a module built on LayerStack, a function "
+                        "`build(policy=..., groups=...) -> loss`, or a list of layer "
+                        "functions.")
+    head = loss or (lambda out: jnp.mean(jnp.square(out.astype(jnp.float32))))
+
+    def build(policy: Any, groups: Any) -> Callable[..., jax.Array]:
+      module = target.clone(policy=policy, groups=groups)
+      return lambda params: head(module.apply({"params": params}, *inputs, rngs=rngs))
+
+    return build
+  if callable(target):
+    return lambda policy, groups: target(policy=policy, groups=groups)
+  raise TypeError(f"`auto`: `fn_or_module` must be a Linen module with `policy`/`groups`, a "
+                  f"function `build(policy=..., groups=...) -> loss`, or a list of layer "
+                  f"functions `f(params, x) -> x`, got {target!r}.")
+
+
+def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str,
+         budget_kind: str = "temp", loss: Callable[[Any], jax.Array] | None = None,
+         rngs: dict[str, Any] | None = None, cost: str = "auto",
+         roofline: Roofline | None = None, presets: Sequence[Any] | None = None,
+         max_names_exact: int = 12, max_subsets: int = 8, groups: Sequence[int] = (2, 3),
+         offload: bool | None = None, repeats: int = 5, verbose: bool = False,
+         target: Any = None) -> AutoResult:
+  """The least-cost remat plan whose compiled gradient fits ``budget``.
+
+  Args:
+    fn_or_module: a Linen module with ``policy`` and ``groups`` attributes
+      (``GPT``, ``ResNet``, ``LayerStack``); ``build(policy, groups)``
+      returning a loss of ``params``; or a list of layer functions
+      ``f(params_i, x) -> x`` (a chain of uneven layers), with ``params`` the
+      list of their parameters and ``inputs`` the chain's input.
+    params: the parameters (the gradient is taken with respect to them).
+    *inputs: the module's inputs (the chain's input for a list of layers).
+    budget: bytes, a number or a string like "4GiB".
+    budget_kind: "temp" (the compiled gradient's temp bytes) or "peak" (its
+      peak: temp plus arguments and outputs, or the target compiler's peak).
+    loss: maps the module's output to a scalar (mean square by default).
+    rngs: RNGs for ``apply`` (``{"dropout": key}`` by default).
+    cost: "measured", "estimated", "roofline" or "auto" (estimated for an
+      accelerator ``target``, measured on the local backend).
+    roofline: rates for ``cost="roofline"``; measured on the local device
+      when not given.
+    presets: the fixed policies to try; every registered preset by default.
+    max_names_exact: up to this many tagged names, every subset is tried.
+    max_subsets: above it, how many knapsack subsets to compile per budget.
+    groups: nesting levels to try for scanned stacks (empty: none).
+    offload: try offloading names to host memory; by default where the
+      target has host memory.
+    repeats: timing rounds for measured costs (more while spreads are large).
+    verbose: print progress, one line per candidate, to stderr.
+    target: where to compile (see :mod:`remat_kit.targets`): None for the
+      local backend, or e.g. ``"tpu:v5e:2x2"``.
+
+  Returns:
+    An :class:`AutoResult`.
+
+  Raises:
+    ValueError: for bad options, or if no candidate fits (the message gives
+      the least bytes any candidate reached).
+  """
+  budget_bytes = parse_bytes(budget)
+  if isinstance(fn_or_module, (list, tuple)):
+    return auto_chain(fn_or_module, params, *inputs, budget=budget_bytes,
+                      budget_kind=budget_kind, cost=cost, roofline=roofline, repeats=repeats,
+                      verbose=verbose, target=target)
+  search = Search(fn_or_module, params, *inputs, loss=loss, rngs=rngs, cost=cost,
+                  roofline=roofline, presets=presets, max_names_exact=max_names_exact,
+                  max_subsets=max_subsets, groups=groups, offload=offload, repeats=repeats,
+                  verbose=verbose, target=target)
+  return search.solve(budget_bytes, budget_kind=budget_kind)
+
+
+class Search:
+  """Compiled candidates shared across budgets: ``Search(...).solve(budget)`` for each.
+
+  The arguments are those of :func:`auto`.
+  """
+
+  def __init__(self, fn_or_module: Any, params: Any, *inputs: Any,
+               loss: Callable[[Any], jax.Array] | None = None,
+               rngs: dict[str, Any] | None = None, cost: str = "auto",
+               roofline: Roofline | None = None, presets: Sequence[Any] | None = None,
+               max_names_exact: int = 12, max_subsets: int = 8,
+               groups: Sequence[int] = (2, 3), offload: bool | None = None,
+               repeats: int = 5, verbose: bool = False, target: Any = None) -> None:
+    self.target = targets.parse_target(target)
+    self.cost = check_options(cost, "temp", self.target)
+    for name, v, lo in (("max_names_exact", max_names_exact, 0), ("max_subsets", max_subsets, 0),
+                        ("repeats", repeats, 1)):
+      if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"`auto`: `{name}` must be an int >= {lo}, got {v!r}.")
+    bad = [g for g in groups if not isinstance(g, int) or isinstance(g, bool) or g < 2]
+    if bad:
+      raise ValueError(f"`auto`: `groups` are nesting levels, ints >= 2; got {list(groups)!r}.")
+    self.coster = Coster(self.cost, roofline, self.target)
+    self.verbose, self.params, self.repeats = verbose, params, repeats
+    self.max_subsets = max_subsets
+    self.build = _builder(fn_or_module, loss, inputs, rngs or {"dropout": jax.random.key(0)})
+    self.measured: dict[str, Candidate] = {}
+    self._compiled: dict[str, Any] = {}
+    self._keys: dict[tuple[Any, Any], str] = {}
+    self._plain_flops = count_flops(jax.grad(without_remat(self.build(False, None))), params)
+    self.names = sorted(_tagged_names(self.build(True, None), params))
+    self.exact = len(self.names) <= max_names_exact
+    host = _has_host_memory(self.target) if offload is None else offload
+    plans = self._plans(presets, host, tuple(groups), max_names_exact)
+    for i, (label, pol, grp, source) in enumerate(plans):
+      self.measure(label, pol, grp, source, progress=f"{i + 1}/{len(plans)}")
+
+  @property
+  def none(self) -> Candidate:
+    """The no-remat candidate."""
+    return self.measured["none"]
+
+  @property
+  def full(self) -> Candidate:
+    """The full-remat candidate."""
+    return self.measured["full"]
+
+  def _plans(self, presets: Sequence[Any] | None, host: bool, levels: tuple[int, ...],
+             max_names_exact: int) -> list[tuple[str, Policy, Any, str]]:
+    """Every candidate plan as (label, policy, groups, source), no-remat and full first."""
+    out: list[tuple[str, Policy, Any, str]] = []
+    seen: set[Any] = set()
+
+    def add(label: str, pol: Policy, grp: Any, source: str) -> None:
+      if (pol, grp) not in seen:
+        seen.add((pol, grp))
+        out.append((label, pol, grp, source))
+
+    names = set(self.names)
+    add("none", from_config("none"), None, "preset")
+    add("full", from_config("full"), None, "preset")
+    for p in (registered() if presets is None else presets):
+      pol = from_config(p)
+      offloads = "offload" in repr(pol).lower()
+      if pol.referenced_names() <= names and (host or not offloads):
+        add(str(p), pol, None, "preset")
+    if self.exact:
+      for r in range(1, len(self.names) + 1):
+        for combo in itertools.combinations(self.names, r):
+          add("save:" + ",".join(combo), SaveNames(combo), None, "names")
+    else:
+      for n in self.names:
+        add(f"save:{n}", SaveNames((n,)), None, "names")
+    free = [(label, pol) for label, pol, grp, _ in out
+            if grp is None and not pol.referenced_names() and label != "none"]
+    for g in levels:
+      for label, pol in (free if g == levels[0] else [("full", from_config("full"))]):
+        add(f"{label} + nested ({g} levels)", pol, g, "nested")
+    if host and self.names:
+      for n in self.names:
+        add(f"offload:{n}", OffloadNames((n,)), None, "offload")
+      add("offload:" + ",".join(self.names), OffloadNames(tuple(self.names)), None, "offload")
+    return out
+
+  def measure(self, label: str, policy: Any, groups: Any = None, source: str = "preset", *,
+              progress: str = "") -> Candidate:
+    """Compiles and costs one plan (cached by label, and by policy and groups)."""
+    pol = from_config(policy)
+    key = (pol, groups)
+    if key in self._keys:
+      return self.measured[self._keys[key]]
+    if label in self.measured:
+      return self.measured[label]
+    fn = self.build(pol, groups)
+    grad = jax.grad(fn)
+    compiled = targets.compile_for(grad, self.target, self.params)
+    mem = memory_fields(compiled, self.target, hbm_bytes=self.cost != "measured")
+    if self.cost == "measured":
+      self._compiled[label] = compiled  # timed at the first solve, then dropped
+    flops = count_flops(grad, self.params)
+    acts = sum(r.bytes for r in saved_residuals(fn, self.params) if r.kind == "activation")
+    cost_s, cost_source = self.coster(flops, mem)
+    plain = self._plain_flops
+    cand = Candidate(label, pol, groups, source, mem["temp_size"], mem["peak_bytes"], acts,
+                     flops, 100.0 * (flops - plain) / plain if plain else 0.0, cost_s, 0.0,
+                     self.cost, cost_source)
+    self.measured[label] = cand
+    self._keys[key] = label
+    if self.verbose:
+      cost = "untimed" if cost_s is None else f"{cost_s * 1e3:9.3f} ms"
+      print(f"auto [{progress or len(self.measured)}] {label:44s} temp "
+            f"{cand.temp_bytes / 2**20:9.2f} MiB  peak {cand.peak_bytes / 2**20:9.2f} MiB  "
+            f"{cost} ({self.cost})", file=sys.stderr, flush=True)
+    return cand
+
+  def _time_all(self) -> None:
+    """Times every untimed candidate's step in one interleaved pass."""
+    todo = [c for c in self.measured.values() if c.cost_s is None]
+    if not todo:
+      return
+    if self.verbose:
+      print(f"auto: timing {len(todo)} candidates in interleaved rounds", file=sys.stderr,
+            flush=True)
+    compiled = {c.label: self._compiled.pop(c.label) for c in todo}
+    steps = {label: functools.partial(step, self.params) for label, step in compiled.items()}
+    timed: dict[str, Timing] = time_interleaved(steps, self.repeats)
+    for c in todo:
+      t = timed[c.label]
+      self.measured[c.label] = dataclasses.replace(
+          c, cost_s=t.median_s, cost_spread_s=t.spread_s,
+          cost_source=f"timed: median of {t.n} interleaved steps, spread +-"
+                      f"{t.spread_s * 1e3:.3f} ms")
+
+  def _knapsack(self, budget: int, budget_kind: str) -> None:
+    """Above ``max_names_exact`` names: compile the subsets a knapsack ranks best."""
+    singles = {n: self.measured[self._keys[(SaveNames((n,)), None)]] for n in self.names}
+    full = self.full
+    gain = {n: (s.nbytes(budget_kind) - full.nbytes(budget_kind), full.cost_s - s.cost_s)
+            for n, s in singles.items()}
+    ranked = []
+    for r in range(2, len(self.names) + 1):
+      for combo in itertools.combinations(self.names, r):
+        extra = sum(gain[n][0] for n in combo)
+        saving = sum(gain[n][1] for n in combo)
+        if full.nbytes(budget_kind) + extra <= budget and saving > 0:
+          ranked.append((-saving, combo))
+      if len(ranked) > 50_000:
+        break
+    for _, combo in sorted(ranked)[:self.max_subsets]:
+      self.measure("save:" + ",".join(combo), SaveNames(combo), None, "knapsack")
+
+  def solve(self, budget: int | float | str, *, budget_kind: str = "temp") -> AutoResult:
+    """The least-cost compiled plan within ``budget`` bytes of ``budget_kind``."""
+    check_options(self.cost, budget_kind, self.target)
+    budget_bytes = parse_bytes(budget)
+    self._time_all()
+    if not self.exact:
+      self._knapsack(budget_bytes, budget_kind)
+      self._time_all()
+    cands = list(self.measured.values())
+    choice = choose(cands, budget_bytes, budget_kind)
+    if choice is None:
+      least = min(cands, key=lambda c: c.nbytes(budget_kind))
+      raise ValueError(
+          f"`auto`: no plan fits `budget`={budget_bytes:,} bytes of compiled {budget_kind} "
+          f"memory; the least reached is {least.nbytes(budget_kind):,} bytes ({least.label}). "
+          "Raise the budget, shrink the batch, or add nesting levels.")
+    return AutoResult(budget_bytes, budget_kind, choice, cands)
+
+
+def _tagged_names(fn: Callable[..., Any], params: Any) -> frozenset[str]:
+  closed = jax.make_jaxpr(fn)(params)
+  return _jaxpr.tags_and_primitives(closed)[0]
+
+

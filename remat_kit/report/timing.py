@@ -1,0 +1,78 @@
+"""Step times that a shared machine cannot fake: interleaved rounds, spreads, ties.
+
+A slow spell of a shared machine (other jobs, frequency scaling) hits
+whatever runs during it. Timing candidates one after another lets such a
+spell rank them; timing them in interleaved rounds (one step of each per
+round) spreads it over all of them. Each timing keeps its spread (half the
+10th-90th percentile range), and two timings whose median +- spread
+intervals overlap are a tie: no decision is taken on noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["RELIABLE", "Timing", "faster", "summary", "tied", "time_interleaved"]
+
+# A timing whose spread is within this fraction of its median is called reliable.
+RELIABLE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """A median step time (seconds), its spread, and how many steps it comes from."""
+
+  median_s: float
+  spread_s: float
+  n: int
+
+  @property
+  def reliable(self) -> bool:
+    return self.spread_s <= RELIABLE * self.median_s
+
+
+def summary(times: list[float]) -> tuple[float, float]:
+  """Median and half the 10th-90th percentile range (robust to one slow step)."""
+  q = np.percentile(times, [10, 50, 90])
+  return float(q[1]), float((q[2] - q[0]) / 2)
+
+
+def faster(a: Timing, b: Timing) -> bool:
+  """``a`` is faster than ``b`` beyond both spreads."""
+  return a.median_s + a.spread_s < b.median_s - b.spread_s
+
+
+def tied(a: Timing, b: Timing) -> bool:
+  """The timings overlap within their spreads."""
+  return not faster(a, b) and not faster(b, a)
+
+
+def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int = 5,
+                     max_rounds: int = 0) -> dict[str, Timing]:
+  """Times each zero-argument ``step`` (it runs one step) in interleaved rounds.
+
+  Each step runs once untimed (compilation, warm-up). Then every round runs
+  each step once; rounds continue past ``repeats`` until every spread is
+  within :data:`RELIABLE` of its median, up to ``max_rounds`` (default
+  ``3 * repeats``).
+  """
+  if not isinstance(repeats, int) or repeats < 1:
+    raise ValueError(f"`time_interleaved`: `repeats` must be an int >= 1, got {repeats!r}.")
+  times: dict[str, list[float]] = {k: [] for k in steps}
+  for step in steps.values():
+    jax.block_until_ready(step())
+  max_rounds = max_rounds or 3 * repeats
+  for n in range(max_rounds):
+    for k, step in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step())
+      times[k].append(time.perf_counter() - t0)
+    if n + 1 >= repeats and all(Timing(*summary(ts), len(ts)).reliable for ts in times.values()):
+      break
+  return {k: Timing(*summary(ts), len(ts)) for k, ts in times.items()}
