@@ -24,11 +24,15 @@ def _search(model: Any) -> Search:
   module = model.build(**model.strategies["no remat"])
   params = jax.jit(lambda k: module.init({"params": k, "dropout": jax.random.key(3)},
                                          *inputs))(jax.random.key(0))["params"]
-  # Every registered preset, each tagged name alone plus the two best knapsack subsets per
-  # budget (an exhaustive subset search is experiments.auto_vs_exhaustive's job), and
-  # nesting in 2 levels; costs timed in interleaved rounds on the local backend.
+  # The bench's own fixed strategies (so its "auto check" compares like with like), each
+  # tagged name alone plus the two best knapsack subsets per budget (an exhaustive subset
+  # search is experiments.auto_vs_exhaustive's job), and nesting in 2 levels; costs timed
+  # in interleaved rounds on the local backend. Kept small for `make bench`'s time.
+  presets = [kw["policy"] for kw in model.strategies.values()
+             if "policy" in kw and "groups" not in kw]
   search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)},
-                  max_names_exact=0, max_subsets=2, groups=(2,), verbose=True)
+                  presets=presets, max_names_exact=0, max_subsets=2, groups=(2,),
+                  verbose=True)
   _SEARCHES[model.describe] = search
   return search
 
