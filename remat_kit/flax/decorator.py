@@ -45,9 +45,13 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
   Args:
     policy: anything :func:`remat_kit.policies.from_config` accepts; full
       remat by default. When the decorator is used bare, this is the class.
-    static_argnames: names of Python-valued arguments such as ``"train"`` or
-      ``"deterministic"`` (not positions, so no ``self`` off-by-one). Values
-      that are a Python ``bool``, ``str`` or ``None`` are static anyway.
+    static_argnames: names of arguments that must be static, passed by
+      position or by keyword (``**kwargs`` keys too); names, not positions,
+      so no ``self`` off-by-one. Python ``None``, ``bool``, ``int``,
+      ``float``, ``str``, enum members and tuples of them are static anyway.
+      Arguments are bound by the method's signature, ``*args``/``**kwargs``
+      passed through; a traced argument used as a Python value raises an
+      error naming the candidates.
     methods: the methods to rematerialize.
     prevent_cse: as in ``jax.checkpoint``; use False for modules in a scan.
     check_names: raise at apply time if the policy names a tag the method
