@@ -377,8 +377,7 @@ def _gradient_check(setup: Setup, sizes: dict[str, int]) -> float:
 def _choose_best(base: Setup, sizes: dict[str, int], t: targets.Target, layout: str,
                  result: dict[str, Any]) -> Setup:
   """The candidate with the least peak whose step time is at most TIME_LIMIT x no remat."""
-  host = not t.is_local or jax.default_backend() != "cpu"
-  candidates = CANDIDATES + (OFFLOAD if host else ())
+  candidates = CANDIDATES + (OFFLOAD if targets.has_host_memory(t) else ())
   setups = {label: Setup(PreActMLP(sizes["width"], policy=policy, layout=layout), sizes, t,
                          prng) for label, policy, prng in candidates}
   peaks = {"no checkpointing": _peak(base, keep_remat=False)}

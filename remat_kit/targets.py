@@ -32,8 +32,8 @@ from typing import Any
 
 import jax
 
-__all__ = ["CHIPS", "GPU_SPECS", "Target", "compile_for", "hbm_bytes_moved", "parse_target",
-           "place"]
+__all__ = ["CHIPS", "GPU_SPECS", "Target", "compile_for", "has_host_memory", "hbm_bytes_moved",
+           "parse_target", "place"]
 
 EXAMPLES = ("cpu", "tpu:v5e:2x2", "tpu:v6e:2x2", "tpu:v5e:16x16", "tpu:v4:2x2x1",
             "tpu:v5p:2x2x1", "gpu:h100", "gpu:a100")
@@ -149,6 +149,20 @@ class Target:
 def _bad(value: Any, why: str) -> ValueError:
   return ValueError(
       f"`target`: {why}, got {value!r}. Working examples: {', '.join(map(repr, EXAMPLES))}.")
+
+
+def has_host_memory(target: Any = None) -> bool:
+  """Whether offloading to host memory takes bytes off the device on ``target``.
+
+  True for accelerator targets, and locally on a GPU/TPU backend with
+  ``pinned_host`` memory. False on XLA:CPU, which has one memory: offloaded
+  values are marked for the host but stay in temp.
+  """
+  t = parse_target(target)
+  if not t.is_local:
+    return True
+  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+  return "pinned_host" in kinds and jax.default_backend() != "cpu"
 
 
 def parse_target(value: Any) -> Target:

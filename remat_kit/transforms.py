@@ -383,7 +383,7 @@ def plan_groups(length: int, levels: int) -> tuple[int, ...]:
     inner = _min_sum_factors(q, levels - 1)
     cand = (-(-length // q),) + inner
     rem = length % q
-    key = (scan_carries(length, cand), rem > 0, rem, cand)
+    key = (scan_carries(length, cand), rem, cand)  # then no short group, then the shortest
     if key < best_key:
       best, best_key = cand, key
   return best if best_key[0] < length else (length,)
@@ -479,8 +479,6 @@ def _nested_scan(step: Callable[..., Any], carry: Any, xs: Any, n: int,
       return _nested_scan(step, c, xs_g, size, levels_g, prevent_cse)
     return jax.checkpoint(run, prevent_cse=prevent_cse)  # full remat per group
 
-  if full == 0:
-    return _nested_scan(step, carry, xs, n, plan_groups(n, len(inner_levels)), prevent_cse)
   head = full * inner
   xs_head = jax.tree_util.tree_map(
       lambda a: a[:head].reshape((full, inner) + a.shape[1:]), xs)

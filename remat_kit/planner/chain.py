@@ -26,9 +26,6 @@ from remat_kit.solver import ChainPlan, apply_chain_plan, solve_chain
 
 __all__ = ["auto_chain"]
 
-# --------------------------------------------------------------------------
-# Chains of uneven layers: size each layer, solve exactly, build with checkpoints
-# --------------------------------------------------------------------------
 def _nbytes(tree: Any) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
              for x in jax.tree_util.tree_leaves(tree))

@@ -31,13 +31,6 @@ from remat_kit.report.timing import Timing, time_interleaved
 __all__ = ["Search", "auto"]
 
 
-def _has_host_memory(target: targets.Target) -> bool:
-  if not target.is_local:
-    return True
-  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-  return "pinned_host" in kinds and jax.default_backend() != "cpu"
-
-
 def _builder(target: Any, loss: Callable[[Any], jax.Array] | None, inputs: tuple[Any, ...],
              rngs: dict[str, Any]) -> Callable[..., Callable[..., jax.Array]]:
   import flax.linen as nn
@@ -151,7 +144,7 @@ class Search:
     self._plain_flops = count_flops(jax.grad(without_remat(self.build(False, None))), params)
     self.names = sorted(_tagged_names(self.build(True, None), params))
     self.exact = len(self.names) <= max_names_exact
-    host = _has_host_memory(self.target) if offload is None else offload
+    host = targets.has_host_memory(self.target) if offload is None else offload
     plans = self._plans(presets, host, tuple(groups), max_names_exact)
     for i, (label, pol, grp, source) in enumerate(plans):
       self.measure(label, pol, grp, source, progress=f"{i + 1}/{len(plans)}")
@@ -211,7 +204,8 @@ class Search:
     if key in self._keys:
       return self.measured[self._keys[key]]
     if label in self.measured:
-      return self.measured[label]
+      raise ValueError(f"`auto`: label {label!r} already names {self.measured[label].policy!r}"
+                       f" (groups {self.measured[label].groups!r}); give {pol!r} another label.")
     fn = self.build(pol, groups)
     grad = jax.grad(fn)
     compiled = targets.compile_for(grad, self.target, self.params)
