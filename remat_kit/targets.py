@@ -32,7 +32,8 @@ from typing import Any
 
 import jax
 
-__all__ = ["CHIPS", "GPU_SPECS", "Target", "compile_for", "has_host_memory", "hbm_bytes_moved",
+__all__ = ["CHIPS", "GPU_SPECS", "Target", "bytes_moved", "compile_for", "has_host_memory",
+           "hbm_bytes_moved",
            "parse_target", "place"]
 
 EXAMPLES = ("cpu", "tpu:v5e:2x2", "tpu:v6e:2x2", "tpu:v5e:16x16", "tpu:v4:2x2x1",
@@ -48,24 +49,40 @@ class Chip:
     hbm_bandwidth: HBM bytes/s.
     hbm_bytes: HBM capacity per chip.
     source: where the figures come from.
+    host_bandwidth: bytes/s one way between the chip and host memory (PCIe),
+      what an offloaded activation's copy out and back runs at.
+    host_source: where that figure comes from.
   """
 
   peak_flops: float
   hbm_bandwidth: float
   hbm_bytes: int
   source: str
+  host_bandwidth: float
+  host_source: str
 
 
 # Vendor datasheets (Google Cloud TPU system architecture pages; NVIDIA H100/A100 SXM).
+# Host links: Google publishes no per-chip PCIe figure for TPUs; the JAX scaling
+# book ("How to Think About TPUs") works with 1.5e10 B/s per chip, one way. NVIDIA's
+# datasheets give PCIe Gen5 x16 128 GB/s (H100) and Gen4 x16 64 GB/s (A100), both
+# directions together.
+_TPU_PCIE = (1.5e10, "PCIe ~1.5e10 B/s per chip one way (JAX scaling book, TPU chapter)")
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(275e12, 1228e9, 32 * 2**30, "Cloud TPU v4: 275 TFLOP/s bf16, 1228 GB/s, 32 GiB"),
-    "v5e": Chip(197e12, 819e9, 16 * 2**30, "Cloud TPU v5e: 197 TFLOP/s bf16, 819 GB/s, 16 GiB"),
-    "v5p": Chip(459e12, 2765e9, 95 * 2**30, "Cloud TPU v5p: 459 TFLOP/s bf16, 2765 GB/s, 95 GiB"),
-    "v6e": Chip(918e12, 1640e9, 32 * 2**30, "Cloud TPU v6e: 918 TFLOP/s bf16, 1640 GB/s, 32 GiB"),
+    "v4": Chip(275e12, 1228e9, 32 * 2**30, "Cloud TPU v4: 275 TFLOP/s bf16, 1228 GB/s, 32 GiB",
+               *_TPU_PCIE),
+    "v5e": Chip(197e12, 819e9, 16 * 2**30, "Cloud TPU v5e: 197 TFLOP/s bf16, 819 GB/s, 16 GiB",
+                *_TPU_PCIE),
+    "v5p": Chip(459e12, 2765e9, 95 * 2**30, "Cloud TPU v5p: 459 TFLOP/s bf16, 2765 GB/s, 95 GiB",
+                *_TPU_PCIE),
+    "v6e": Chip(918e12, 1640e9, 32 * 2**30, "Cloud TPU v6e: 918 TFLOP/s bf16, 1640 GB/s, 32 GiB",
+                *_TPU_PCIE),
     "h100": Chip(989e12, 3350e9, 80 * 10**9,
-                 "NVIDIA H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB"),
+                 "NVIDIA H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB",
+                 64e9, "PCIe Gen5 x16: 64 GB/s one way (NVIDIA H100 datasheet: 128 GB/s)"),
     "a100": Chip(312e12, 2039e9, 80 * 10**9,
-                 "NVIDIA A100 SXM 80GB: 312 TFLOP/s dense bf16, 2.039 TB/s HBM2e, 80 GB"),
+                 "NVIDIA A100 SXM 80GB: 312 TFLOP/s dense bf16, 2.039 TB/s HBM2e, 80 GB",
+                 32e9, "PCIe Gen4 x16: 32 GB/s one way (NVIDIA A100 datasheet: 64 GB/s)"),
 }
 
 # stream_executor.GpuTargetConfigProto text, written from each GPU's published
@@ -276,16 +293,19 @@ def compile_for(fn: Callable[..., Any], target: Any, *args: Any,
 _ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
              "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
              "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\](\{[^}]*\})?")
+_HOST_SPACE = "S(5)"  # XLA's host memory space, in a layout: {1,0:T(8,128)S(5)}
 # Ops whose operands and result cross HBM: fused kernels, library calls, copies.
 _MOVING = ("fusion", "custom-call", "convolution", "dot", "copy", "copy-start", "all-gather",
            "all-reduce", "reduce-scatter", "dynamic-update-slice", "dynamic-slice", "scatter",
            "gather", "reduce", "transpose", "sort")
 
 
-def _shape_bytes(text: str) -> int:
-  total = 0
-  for dtype, dims in _SHAPE.findall(text):
+def _split_bytes(text: str) -> tuple[int, int]:
+  """``(device bytes, host bytes)`` of the arrays in a shape text; an array whose layout
+  names the host memory space ``S(5)`` counts as host."""
+  dev = host = 0
+  for dtype, dims, layout in _SHAPE.findall(text):
     size = _ITEMSIZE.get(dtype)
     if size is None:
       continue
@@ -293,8 +313,15 @@ def _shape_bytes(text: str) -> int:
     for d in dims.split(","):
       if d:
         n *= int(d)
-    total += n * size
-  return total
+    if _HOST_SPACE in layout:
+      host += n * size
+    else:
+      dev += n * size
+  return dev, host
+
+
+def _shape_bytes(text: str) -> int:
+  return sum(_split_bytes(text))
 
 
 def _operands(args: str) -> list[str]:
@@ -309,8 +336,48 @@ def _operands(args: str) -> list[str]:
   return re.findall(r"%([\w.\-]+)", args[:end])
 
 
+def _kernel_bytes(op: str, rhs: str, op_m: Any, table: dict[str, str],
+                  comps: dict[str, list[Any]], param_reads: Callable[[str], dict[int, int]]
+                  ) -> list[tuple[int, bool]]:
+  """What one top-level kernel moves: ``(bytes, over the host link)`` pairs."""
+  operands = [_split_bytes(table.get(o, "")) for o in _operands(rhs[op_m.end():])]
+  sizes = [(d + h, h > 0) for d, h in operands]
+  result = op_m.group(1)
+  if op == "copy-start":  # (destination, source alias, context): only the destination is new
+    first = _SHAPE.search(result)
+    result = first.group(0) if first else ""
+  d, h = _split_bytes(result)
+  out = (d + h, h > 0)
+  callee = re.search(r"calls=%?([\w.\-]+)", rhs)
+  if op == "fusion" and callee:
+    sliced = param_reads(callee.group(1))
+    sizes = [(sliced.get(i, b), on_host) for i, (b, on_host) in enumerate(sizes)]
+    root = next((r for n, r in reversed(comps.get(callee.group(1), ()))), "")
+    if " dynamic-update-slice(" in root:
+      # Written in place: the update operands are read, and written into the buffer
+      # (over the host link when the buffer lives there).
+      return [(b, on_host or out[1]) for b, on_host in sizes]
+    return [out, *sizes]
+  if "dynamic_update_slice" in rhs or op == "dynamic-update-slice":
+    # In place: the big buffer is neither read nor rewritten, only the update.
+    big = max(range(len(sizes)), key=lambda i: sizes[i][0], default=None)
+    rest = [s for i, s in enumerate(sizes) if i != big]
+    into_host = big is not None and sizes[big][1]
+    return [pair for b, on_host in rest for pair in ((b, on_host), (b, on_host or into_host))]
+  if "dynamic_slice" in rhs or op == "dynamic-slice":
+    from_host = any(on_host for _, on_host in sizes)
+    return [(out[0], from_host), out]  # reads the slice, writes it
+  return [out, *sizes]
+
+
 def hbm_bytes_moved(hlo_text: str) -> int:
-  """Bytes read and written by the top-level kernels of a compiled HLO module.
+  """HBM bytes of :func:`bytes_moved`: what the estimate divides by HBM bandwidth."""
+  return bytes_moved(hlo_text)[0]
+
+
+def bytes_moved(hlo_text: str) -> tuple[int, int]:
+  """``(HBM bytes, host-link bytes)`` read and written by the top-level kernels of a
+  compiled HLO module.
 
   Each fusion, library call (custom-call), convolution, copy or collective
   of the entry computation counts its operand and result bytes once; the
@@ -372,8 +439,9 @@ def hbm_bytes_moved(hlo_text: str) -> int:
     return out
 
   @functools.cache
-  def cost(name: str) -> int:
-    total = 0
+  def cost(name: str) -> tuple[int, int]:
+    """``(HBM bytes, host-link bytes)`` of one computation's kernels."""
+    hbm = host = 0
     table = shapes.get(name, {})
     for _, rhs in comps.get(name, ()):
       op_m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\(", rhs)
@@ -383,28 +451,18 @@ def hbm_bytes_moved(hlo_text: str) -> int:
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rhs)
         n = int(trips.group(1)) if trips else 1
         if body:
-          total += n * cost(body.group(1))
+          b = cost(body.group(1))
+          hbm, host = hbm + n * b[0], host + n * b[1]
       elif op in ("call", "conditional"):
         for callee in re.findall(r"(?:to_apply|branch_computations|calls)=\{?%?([\w.\-]+)", rhs):
-          total += cost(callee)
+          b = cost(callee)
+          hbm, host = hbm + b[0], host + b[1]
       elif op in _MOVING:
-        sizes = [_shape_bytes(table.get(o, "")) for o in _operands(rhs[op_m.end():])]
-        out = _shape_bytes(op_m.group(1))
-        callee = re.search(r"calls=%?([\w.\-]+)", rhs)
-        if op == "fusion" and callee:
-          sliced = param_reads(callee.group(1))
-          sizes = [sliced.get(i, b) for i, b in enumerate(sizes)]
-          root = next((r for n, r in reversed(comps.get(callee.group(1), ()))), "")
-          if " dynamic-update-slice(" in root:
-            out = 0  # written in place: the update operand is counted above
-          total += out + sum(sizes)
-        elif "dynamic_update_slice" in rhs or op == "dynamic-update-slice":
-          # In place: the big buffer is neither read nor rewritten, only the update.
-          total += 2 * (sum(sizes) - max(sizes, default=0))
-        elif "dynamic_slice" in rhs or op == "dynamic-slice":
-          total += 2 * out  # reads the slice, writes it
-        else:
-          total += out + sum(sizes)
-    return total
+        for nbytes, on_host in _kernel_bytes(op, rhs, op_m, table, comps, param_reads):
+          if on_host:
+            host += nbytes
+          else:
+            hbm += nbytes
+    return hbm, host
 
-  return cost(entry) if entry else 0
+  return cost(entry) if entry else (0, 0)

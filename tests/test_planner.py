@@ -199,3 +199,30 @@ def test_auto_on_a_chain_of_uneven_layers():
   chex.assert_trees_all_close(jax.grad(loss)(ws, x), want(ws, x), rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="one entry of `params` per layer"):
     rk.auto(layers, ws[:2], x, budget=budget)
+
+
+def test_a_tie_broken_by_memory_is_timed_again_first(monkeypatch):
+  """Where the memory tie-break would pick a plan over a faster median, those plans are
+  timed again by themselves; a tie that was noise separates, and the faster plan wins."""
+  from remat_kit.planner import search as search_mod
+  from remat_kit.report.timing import Timing
+
+  medians = {"none": 10.0, "save:up": 10.5, "save:act": 10.9, "save:down": 11.0, "full": 11.5}
+  calls = []
+
+  def fake(steps, repeats):
+    calls.append(sorted(steps))
+    spread = 1.0 if len(calls) == 1 else 0.1  # the first pass cannot tell them apart
+    return {k: Timing(medians.get(k, 12.0) * 1e-3, spread * 1e-3, repeats) for k in steps}
+
+  monkeypatch.setattr(search_mod, "time_interleaved", fake)
+  search = Search(build, WS, presets=[], max_names_exact=0, groups=())
+  # First pass: all tied, so the largest budget would get the least memory (full remat).
+  everything = search.none.temp_bytes
+  res = search.solve(everything)
+  # calls: the first pass, its confirmation, then the knapsack subsets' pass (and theirs).
+  assert len(calls) >= 2 and set(calls[1]) <= set(calls[0])
+  assert {"none", "full"} <= set(calls[1])
+  assert res.choice.label == "none"  # separated by the second pass: the fastest wins
+  assert "re-timed among" in search.none.cost_source
+  assert search.solve(search.full.temp_bytes).choice.label == "full"

@@ -6,6 +6,7 @@ import pytest
 
 import remat_kit as rk
 from remat_kit import targets
+from remat_kit.report.estimate import estimate_seconds
 
 try:
   import libtpu  # noqa: F401
@@ -136,3 +137,31 @@ ENTRY %main (a: f32[8,4,4], i: s32[], u: f32[1,4,4]) -> f32[8,4,4] {
   # slice fusion: reads 64 of the stack + 4 (index), writes 64; update fusion: reads the
   # 64-byte update + 4 (index), writes nothing beyond it in place.
   assert targets.hbm_bytes_moved(hlo) == (64 + 4 + 64) + (0 + 64 + 4)
+
+
+def test_host_copies_count_on_the_host_link_once():
+  """An offloaded value's copy out (``S(5)``) and back moves its bytes once over the host
+  link and once in HBM, not the copy-start tuple's three arrays."""
+  hlo = """HloModule m
+
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %out = (f32[4,4]{1,0:S(5)}, f32[4,4]{1,0}, u32[]) copy-start(%a)
+  %h = f32[4,4]{1,0:S(5)} copy-done(%out)
+  %back = (f32[4,4]{1,0}, f32[4,4]{1,0:S(5)}, u32[]) copy-start(%h)
+  ROOT %d = f32[4,4]{1,0} copy-done(%back)
+}
+"""
+  assert targets.bytes_moved(hlo) == (64 + 64, 64 + 64)
+  assert targets.hbm_bytes_moved(hlo) == 128
+
+
+def test_estimate_charges_host_bytes_at_the_host_link():
+  chip = targets.CHIPS["v5e"]
+  fields = {"hbm_bytes_moved": 0, "host_bytes_moved": 3e9}
+  seconds, source = estimate_seconds(0, fields, "tpu:v5e:2x2")
+  assert seconds == pytest.approx(3e9 / chip.host_bandwidth)
+  assert chip.host_bandwidth < chip.hbm_bandwidth / 10 and "host-link" in source
+  # Rates passed by hand carry no host bandwidth: say so rather than leave the term out.
+  seconds, source = estimate_seconds(0, fields, "tpu:v5e:2x2", rates=(1e12, 1e11, "given"))
+  assert seconds is None and "host" in source

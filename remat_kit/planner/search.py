@@ -211,7 +211,7 @@ class Search:
     compiled = targets.compile_for(grad, self.target, self.params)
     mem = memory_fields(compiled, self.target, hbm_bytes=self.cost != "measured")
     if self.cost == "measured":
-      self._compiled[label] = compiled  # timed at the first solve, then dropped
+      self._compiled[label] = compiled  # timed at the first solve
     flops = count_flops(grad, self.params)
     acts = sum(r.bytes for r in saved_residuals(fn, self.params) if r.kind == "activation")
     cost_s, cost_source = self.coster(flops, mem)
@@ -229,22 +229,51 @@ class Search:
     return cand
 
   def _time_all(self) -> None:
-    """Times every untimed candidate's step in one interleaved pass."""
+    """Times every untimed candidate's step in one interleaved pass, then confirms ties."""
     todo = [c for c in self.measured.values() if c.cost_s is None]
     if not todo:
       return
     if self.verbose:
       print(f"auto: timing {len(todo)} candidates in interleaved rounds", file=sys.stderr,
             flush=True)
-    compiled = {c.label: self._compiled.pop(c.label) for c in todo}
-    steps = {label: functools.partial(step, self.params) for label, step in compiled.items()}
+    self._retime([c.label for c in todo], "interleaved steps")
+    self._confirm_ties()
+
+  def _retime(self, labels: Sequence[str], what: str) -> None:
+    steps = {label: functools.partial(self._compiled[label], self.params) for label in labels}
     timed: dict[str, Timing] = time_interleaved(steps, self.repeats)
-    for c in todo:
-      t = timed[c.label]
-      self.measured[c.label] = dataclasses.replace(
-          c, cost_s=t.median_s, cost_spread_s=t.spread_s,
-          cost_source=f"timed: median of {t.n} interleaved steps, spread +-"
-                      f"{t.spread_s * 1e3:.3f} ms")
+    for label in labels:
+      t = timed[label]
+      self.measured[label] = dataclasses.replace(
+          self.measured[label], cost_s=t.median_s, cost_spread_s=t.spread_s,
+          cost_source=f"timed: median of {t.n} {what}, spread +-{t.spread_s * 1e3:.3f} ms")
+
+  def _confirm_ties(self) -> None:
+    """Times again, by themselves, the plans a memory tie-break could pick over a faster
+    median, together with those faster ones.
+
+    Wherever :func:`choose` would return a plan that is not the fastest median
+    within the budget (a tie within spreads, broken by memory), that plan and
+    the faster ones are re-timed in a pass of their own: fewer steps per round
+    leave less room for a slow spell, so a tie that was only noise separates.
+    Done once per timing pass, for every budget at once, so that every
+    ``solve`` reads the same timings (the monotone guarantee needs that).
+    """
+    cands = [c for c in self.measured.values() if c.cost_s is not None]
+    contenders: set[str] = set()
+    for kind in ("temp", "peak"):
+      for budget in {c.nbytes(kind) for c in cands}:
+        chosen = choose(cands, budget, kind)
+        quicker = [c.label for c in cands
+                   if c.nbytes(kind) <= budget and c.cost_s < chosen.cost_s]
+        if quicker:
+          contenders |= {chosen.label, *quicker}
+    if len(contenders) < 2:
+      return
+    if self.verbose:
+      print(f"auto: timing {len(contenders)} near-tied candidates again, by themselves",
+            file=sys.stderr, flush=True)
+    self._retime(sorted(contenders), f"steps re-timed among {len(contenders)} near-tied plans")
 
   def _knapsack(self, budget: int, budget_kind: str) -> None:
     """Above ``max_names_exact`` names: compile the subsets a knapsack ranks best."""

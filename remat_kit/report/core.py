@@ -351,8 +351,8 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     A JSON-serializable dict with the byte fields of
     ``compiled.memory_analysis()`` (``temp_size``, ``argument_size``, ...,
     and ``peak_memory`` where the compiler reports one), ``peak_bytes``, the
-    ``backend`` and ``target``, and ``hbm_bytes_moved`` (see
-    :func:`remat_kit.targets.hbm_bytes_moved`) where ``hbm_bytes`` asks for it.
+    ``backend`` and ``target``, and ``hbm_bytes_moved`` and ``host_bytes_moved``
+    (see :func:`remat_kit.targets.bytes_moved`) where ``hbm_bytes`` asks for them.
     ``peak_bytes`` is the compiler's own peak on TPU and GPU targets;
     locally it is temp + argument + output - alias (which matched the live
     peak on an H100 within 0.01 MiB).
@@ -378,7 +378,7 @@ def memory_fields(compiled: Any, target: Any, hbm_bytes: bool | None = None) -> 
   if hbm_bytes is None:
     hbm_bytes = not t.is_local
   if hbm_bytes:
-    out["hbm_bytes_moved"] = targets.hbm_bytes_moved(compiled.as_text())
+    out["hbm_bytes_moved"], out["host_bytes_moved"] = targets.bytes_moved(compiled.as_text())
   return out
 
 

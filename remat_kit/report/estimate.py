@@ -5,16 +5,19 @@ on ordinary programs, and its ``flops`` and ``bytes accessed`` count a loop
 body once, so neither is used. Instead::
 
   estimated_seconds = FLOPs / peak FLOP/s  +  HBM bytes moved / HBM bandwidth
+                      +  host-link bytes / host (PCIe) bandwidth
 
 * FLOPs: remat_kit's count from the jaxpr of the gradient, recomputation
   included and every scan or while trip multiplied in
   (:func:`remat_kit.report.count_flops`);
 * HBM bytes: the operand and result bytes of each top-level kernel of the
   compiled program, loop bodies times their trip counts
-  (:func:`remat_kit.targets.hbm_bytes_moved`);
+  (:func:`remat_kit.targets.bytes_moved`);
+* host-link bytes: what copies to and from host memory (offloaded
+  activations, memory space ``S(5)``) carry over PCIe, counted apart from HBM;
 * the chip's published peak rates (:data:`remat_kit.targets.CHIPS`).
 
-The two terms are added (no overlap of compute and memory traffic), so the
+The terms are added (no overlap of compute and memory traffic), so the
 estimate is an upper bound of an ideal kernel schedule; it is for ranking
 plans on one target, not for predicting wall time to the millisecond.
 """
@@ -43,11 +46,13 @@ def estimate_seconds(total_flops: int | float, compiled: dict[str, Any], target:
       ``(None, reason)``: it is timed, not estimated.
   """
   t = targets.parse_target(target)
+  host_rate = None
   if rates is None:
     chip = t.chip
     if t.is_local or chip is None:
       return None, "none: the local backend is timed, not estimated"
     rates = (chip.peak_flops, chip.hbm_bandwidth, chip.source)
+    host_rate = (chip.host_bandwidth, chip.host_source)
   moved = compiled.get("hbm_bytes_moved")
   if moved is None:
     return None, "none: the compile reported no HBM bytes"
@@ -56,6 +61,13 @@ def estimate_seconds(total_flops: int | float, compiled: dict[str, Any], target:
   source = (f"roofline sum: remat_kit FLOPs ({total_flops:.3g}, trip counts included) / "
             f"{flops_s:.3g} FLOP/s + compiled HBM bytes ({moved:.3g}) / "
             f"{bytes_s:.3g} B/s [{where}]")
+  host = compiled.get("host_bytes_moved") or 0
+  if host:
+    if host_rate is None:
+      return None, (f"none: the program moves {host:.3g} bytes to and from host memory and "
+                    "the given rates have no host bandwidth")
+    seconds += float(host) / host_rate[0]
+    source += f" + host-link bytes ({host:.3g}) / {host_rate[0]:.3g} B/s [{host_rate[1]}]"
   return seconds, source
 
 
