@@ -22,8 +22,10 @@ Dropout, output layer). This prints ``Peak memory: X MB with Checkpoint =
   layer under ``jax.checkpoint`` (full remat), as a plain-JAX port would.
 * ``best``: remat_kit chooses among strategies (the policy inside each
   layer, keeping the dropout masks or recomputing them from their keys, the
-  dropout PRNG) the one with the least peak whose step time is at most 1.25x
-  of no remat, and prints both ratios.
+  dropout PRNG, offloading layer inputs where the target has host memory,
+  and cutting the batch into microbatches with
+  ``rk.microbatched_value_and_grad``) the one with the least peak whose step
+  time is at most 1.25x of no remat, and prints both ratios.
 
 Where the peak comes from: on a GPU or TPU, the device's live peak after the
 step (``memory_stats()``), as the seed does; for a ``--target`` compiled
@@ -99,23 +101,33 @@ class PreActMLP(nn.Module):
     return last(OUTPUTS, name="output")(z, train)
 
 
-# (label, model policy, dropout PRNG): what `best` chooses among.
+# (label, model policy, dropout PRNG, microbatches): what `best` chooses among.
 CANDIDATES = (
-    ("full remat", "full", None),
-    ("keep dropout masks", "prims:lt", None),
-    ("full remat, rbg dropout", "full", "unsafe_rbg"),
-    ("keep dropout masks, rbg dropout", "prims:lt", "unsafe_rbg"),
+    ("full remat", "full", None, 1),
+    ("keep dropout masks", "prims:lt", None, 1),
+    ("full remat, rbg dropout", "full", "unsafe_rbg", 1),
+    ("keep dropout masks, rbg dropout", "prims:lt", "unsafe_rbg", 1),
+    # The batch cut into slices (rk.microbatched_value_and_grad): what a layer's backward
+    # holds at full batch (its input, output gradient and input gradient) divided.
+    # "seed": the seed's model and Python loop, no remat (a scan only adds stacked buffers).
+    ("4 microbatches, the seed's layers", "seed", None, 4),
+    ("8 microbatches, the seed's layers", "seed", None, 8),
+    ("16 microbatches, the seed's layers", "seed", None, 16),
+    ("8 microbatches, the seed's layers, rbg dropout", "seed", "unsafe_rbg", 8),
+    ("8 microbatches, full remat, rbg dropout", "full", "unsafe_rbg", 8),
 )
 # Where the target has host memory (GPU, TPU): each layer's input offloaded to it.
-OFFLOAD = (("offload layer inputs", "offload:carry", None),
-           ("offload layer inputs, rbg dropout", "offload:carry", "unsafe_rbg"))
-STRATEGY_NOTES = {
+OFFLOAD = (("offload layer inputs", "offload:carry", None, 1),
+           ("offload layer inputs, rbg dropout", "offload:carry", "unsafe_rbg", 1))
+STRATEGY_NOTES: dict[Any, str] = {
+    "microbatches": "the batch is cut into {k} slices whose gradients add up in one buffer "
+                    "(rk.microbatched_value_and_grad); each slice draws its own dropout masks",
     "prims:lt": "each layer's bool dropout mask is kept (1 byte/element; `prims:lt` saves "
                 "bernoulli's compare), ReLU is recomputed",
     "full": "everything inside each layer is recomputed, masks from their keys",
     "offload:carry": "each layer's input is offloaded to host memory and fetched back for "
-                     "the backward; the rest is recomputed (an estimated time does not count "
-                     "the host transfers)",
+                     "the backward; the rest is recomputed",
+    "seed": "the seed's layers as they are, nothing recomputed",
     "unsafe_rbg": "dropout bits from XLA's RngBitGenerator (`jax.random.key(.., "
                   "impl='unsafe_rbg')`): the same Bernoulli(0.9) masks in distribution, one op "
                   "instead of threefry's large temporaries",
@@ -137,8 +149,8 @@ class Setup:
   """One configuration: its model, step, arguments and compile for a target."""
 
   def __init__(self, model: nn.Module, sizes: dict[str, int], target: targets.Target,
-               prng: str | None = None):
-    self.model, self.target = model, target
+               prng: str | None = None, microbatches: int = 1):
+    self.model, self.target, self.microbatches = model, target, microbatches
     self.cache: dict[Any, Any] = {}
     b, din = sizes["batch"], sizes["din"]
     x = jax.ShapeDtypeStruct((b, din), jnp.float32)
@@ -153,10 +165,13 @@ class Setup:
     self.abstract = (params, state, x, jax.ShapeDtypeStruct((b,), jnp.int32), key)
 
   def step(self, params: Any, state: Any, x: Any, y: Any, key: Any) -> Any:
-    def loss(p: Any) -> Any:
+    def loss(p: Any, x: Any, y: Any, key: Any) -> Any:
       logits = self.model.apply({"params": p}, x, rngs={"dropout": key})
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    value, grads = jax.value_and_grad(loss)(params)
+    # One slice is the whole batch when microbatches == 1 (no scan, the seed's step).
+    vg = rk.microbatched_value_and_grad(loss, self.microbatches, batch_argnums=(1, 2),
+                                        key_argnums=3)
+    value, grads = vg(params, x, y, key)
     updates, state = self.opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, value
 
@@ -327,9 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  step time {result['time_ratio']:.2f}x of no checkpointing "
           f"({result['time_source']})")
   if args.checkpoint == "best":
-    err = _gradient_check(chosen, sizes)
-    print(f"  gradients equal the same model without remat (same dropout key): max |diff| "
-          f"{err:.1e}")
+    err, what = _gradient_check(chosen, sizes)
+    print(f"  gradients equal {what}: max |diff| {err:.1e}")
     result["gradient_max_abs_diff"] = err
   if args.checkpoint is not False:
     print(f"  the seed, on an H100 at its sizes: {PYTORCH}; {PLAIN_JAX}")
@@ -356,30 +370,50 @@ def _time_against(base: Setup, chosen: Setup, t: targets.Target, result: dict[st
     result["time_source"] = f"estimated for {t.name} ({pb['seconds_source']})"
 
 
-def _gradient_check(setup: Setup, sizes: dict[str, int]) -> float:
-  """Max |grad(chosen) - grad(same model, no remat)| at a small batch, same dropout key."""
-  model = setup.model
-  plain = model.clone(policy=False)
+def _gradient_check(setup: Setup, sizes: dict[str, int]) -> tuple[float, str]:
+  """Max |grad(chosen) - grad(reference)| at a small batch, and what the reference was.
+
+  The reference is the same model without remat, with the same dropout keys (sliced
+  the same way); for a sliced batch, also the whole batch's gradient with dropout off
+  (slices draw their own masks, so only without dropout is the whole batch the same
+  function).
+  """
+  model, k = setup.model, setup.microbatches
+  plain = model.clone(policy=False) if hasattr(model, "policy") else model
   x = jax.random.normal(jax.random.key(0), (64, sizes["din"]))
   y = jax.random.randint(jax.random.key(1), (64,), 0, OUTPUTS)
   key = jax.random.key(4, impl=setup.prng) if setup.prng else jax.random.key(4)
   params = model.init({"params": jax.random.key(2), "dropout": key}, x)["params"]
 
-  def grad_of(m: nn.Module) -> Any:
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        m.apply({"params": p}, x, rngs={"dropout": key}), y).mean()
-    return jax.jit(jax.grad(loss))(params)
+  def grad_of(m: nn.Module, slices: int, train: bool) -> Any:
+    def loss(p: Any, x: Any, y: Any, key: Any) -> Any:
+      logits = m.apply({"params": p}, x, train, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    vg = rk.microbatched_value_and_grad(loss, slices, batch_argnums=(1, 2), key_argnums=3)
+    return jax.jit(vg)(params, x, y, key)[1]
 
-  diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), grad_of(model), grad_of(plain))
-  return float(max(jax.tree.leaves(diffs)))
+  def max_diff(a: Any, b: Any) -> float:
+    return float(max(jax.tree.leaves(jax.tree.map(lambda u, v: jnp.max(jnp.abs(u - v)), a, b))))
+
+  err = max_diff(grad_of(model, k, True), grad_of(plain, k, True))
+  what = "the same model without remat (same dropout keys)"
+  if k > 1:
+    err = max(err, max_diff(grad_of(model, k, False), grad_of(plain, 1, False)))
+    what += f"; and, dropout off, the whole batch's gradient without the {k} slices"
+  return err, what
 
 
 def _choose_best(base: Setup, sizes: dict[str, int], t: targets.Target, layout: str,
                  result: dict[str, Any]) -> Setup:
   """The candidate with the least peak whose step time is at most TIME_LIMIT x no remat."""
   candidates = CANDIDATES + (OFFLOAD if targets.has_host_memory(t) else ())
-  setups = {label: Setup(PreActMLP(sizes["width"], policy=policy, layout=layout), sizes, t,
-                         prng) for label, policy, prng in candidates}
+  def model(policy: Any) -> nn.Module:
+    if policy == "seed":
+      return models.CheckpointedMLP(width=sizes["width"], depth=DEPTH, checkpoint=False)
+    return PreActMLP(sizes["width"], policy=policy, layout=layout)
+
+  setups = {label: Setup(model(policy), sizes, t, prng, k)
+            for label, policy, prng, k in candidates}
   peaks = {"no checkpointing": _peak(base, keep_remat=False)}
   for label, s in setups.items():
     print(f"  trying: {label}", flush=True)
@@ -398,17 +432,18 @@ def _choose_best(base: Setup, sizes: dict[str, int], t: targets.Target, layout: 
   rows = []
   for k in setups:
     rows.append((k, peaks[k]["peak_bytes"] / base_peak, seconds[k] / base_s))
-  print("  candidate                          memory   time")
+  print(f"  {'candidate':42s} memory   time")
   for k, m, s in rows:
-    print(f"  {k:34s} {m:5.2f}x {s:5.2f}x")
+    print(f"  {k:42s} {m:5.2f}x {s:5.2f}x")
   fits = [r for r in rows if r[2] <= TIME_LIMIT]
   if not fits:
     print(f"  no candidate is within {TIME_LIMIT}x step time; taking the fastest")
     fits = [min(rows, key=lambda r: r[2])]
   name, mem, sec = min(fits, key=lambda r: r[1])
-  policy, prng = next((p, g) for label, p, g in candidates if label == name)
+  policy, prng, k = next((p, g, k) for label, p, g, k in candidates if label == name)
   print(f"  chosen: {name}: {STRATEGY_NOTES[policy]}"
-        + (f"; {STRATEGY_NOTES[prng]}" if prng else ""))
+        + (f"; {STRATEGY_NOTES[prng]}" if prng else "")
+        + (f"; {STRATEGY_NOTES['microbatches'].format(k=k)}" if k > 1 else ""))
   result.update(candidates=[{"label": k, "memory_ratio": m, "time_ratio": s} for k, m, s in rows],
                 chosen=name, time_ratio=sec, time_source=source,
                 baseline_peak_bytes=base_peak)

@@ -5,16 +5,19 @@ gradients do not change.
 
 Layers, each importing only those before it: ``_jax`` (the JAX boundary) ->
 ``policies`` -> ``_dispatch`` (classic remat or jax_remat3) -> ``transforms``
--> ``flax`` -> ``models`` -> ``report`` -> ``solver``/``planner``.
+-> ``flax`` -> ``models`` -> ``report`` -> ``solver``/``planner``; ``microbatch``
+(gradient accumulation in one step) stands apart, on JAX alone.
 """
 
 from remat_kit import flax as flax
+from remat_kit import microbatch as microbatch
 from remat_kit import models as models
 from remat_kit import planner as planner
 from remat_kit import policies as policies
 from remat_kit import report as report
 from remat_kit import solver as solver
 from remat_kit import testing as testing
+from remat_kit.microbatch import microbatched_value_and_grad as microbatched_value_and_grad
 from remat_kit.planner import auto as auto
 from remat_kit.policies import Policy as Policy
 from remat_kit.policies import from_config as from_config
@@ -45,6 +48,8 @@ __all__ = [
     "from_config",
     "lint",
     "memory_report",
+    "microbatch",
+    "microbatched_value_and_grad",
     "models",
     "planner",
     "plan_groups",
