@@ -1,5 +1,9 @@
 """The bench's "auto" strategy: `remat_kit.auto` at a budget, one search per model.
 
+The search holds the bench's fixed strategies as candidates and times them
+with its own in one interleaved pass; the bench reports those timings for
+both (:func:`timing_of`), so auto's choice and the plot read one measurement.
+
 The budget is a fraction of the compiled temp bytes of the gradient without
 remat; the plan must fit it. (The tests use fractions of the activation
 bytes instead; temp also holds gradient buffers and workspace, so on small
@@ -13,11 +17,12 @@ from typing import Any
 import jax
 
 from remat_kit.planner import Search
+from remat_kit.report.timing import RELIABLE
 
 _SEARCHES: dict[str, Search] = {}
 
 
-def _search(model: Any) -> Search:
+def _search(model: Any, repeats: int = 5) -> Search:
   if model.describe in _SEARCHES:
     return _SEARCHES[model.describe]
   inputs = model.inputs(jax.random.key(1))
@@ -32,18 +37,50 @@ def _search(model: Any) -> Search:
              if "policy" in kw and "groups" not in kw]
   search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)},
                   presets=presets, max_names_exact=0, max_subsets=2, groups=(2,),
-                  verbose=True)
+                  repeats=repeats, verbose=True)
+  # Every fixed strategy is a candidate too (nested and offload ones included), so the
+  # bench's rows are timed in the same interleaved pass that auto chooses from.
+  for name, kw in model.strategies.items():
+    if set(kw) <= {"policy", "groups"}:
+      search.measure(f"bench: {name}", kw.get("policy", True), kw.get("groups"), "bench")
   _SEARCHES[model.describe] = search
   return search
 
 
-def plan_for(model: Any, fraction: float) -> dict[str, Any]:
+def timing_of(model: Any, kw: dict[str, Any]) -> dict[str, Any] | None:
+  """The bench's timing fields for the plan ``kw``, from the search's timing pass.
+
+  None where the search has no such plan, or has not timed it (no auto budget ran).
+  """
+  search = _SEARCHES.get(model.describe)
+  if search is None or not set(kw) <= {"policy", "groups"}:
+    return None
+  cand = search.candidate(kw.get("policy", True), kw.get("groups"))
+  if cand is None or cand.cost_s is None:
+    return None
+  return {"step_ms_median": cand.cost_s * 1e3, "step_ms_spread": cand.cost_spread_s * 1e3,
+          "step_ms_n": int(cand.cost_source.split("median of ")[1].split()[0]),
+          "timing_reliable": cand.cost_spread_s <= RELIABLE * cand.cost_s,
+          "timing_source": "auto's search: " + cand.cost_source}
+
+
+def plan_for(model: Any, fraction: float, repeats: int = 5, fractions: tuple[float, ...] = ()
+             ) -> dict[str, Any]:
   """``{"policy": ..., "groups": ...}`` for ``model`` within ``fraction`` of its no-remat temp.
 
   Raises:
     ValueError: if no plan fits (with the least memory reached).
   """
-  search = _search(model)
+  fresh = model.describe not in _SEARCHES
+  search = _search(model, repeats)
+  if fresh:
+    # Every budget first: each may add knapsack subsets, and their timing pass may time
+    # near ties again; the plans are then read from the timings as they end up.
+    for f in fractions:
+      try:
+        search.solve(int(f * search.none.temp_bytes))
+      except ValueError:
+        pass
   budget = int(fraction * search.none.temp_bytes)
   result = search.solve(budget)
   return {"policy": result.choice.policy, "groups": result.choice.groups,

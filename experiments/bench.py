@@ -38,7 +38,8 @@ import numpy as np
 
 from remat_kit import models
 from remat_kit.flax import LayerStack
-from remat_kit.report import compiled_memory, flop_breakdown, live_peak_bytes, saved_residuals
+from remat_kit.report import flop_breakdown, live_peak_bytes, saved_residuals
+from remat_kit.report.core import memory_fields
 from remat_kit.report.timing import RELIABLE
 from remat_kit.report.timing import summary as _summary
 
@@ -162,10 +163,10 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
   try:
     loss, ref = _loss(model, kw, inputs), _loss(model, base_kw, inputs)
     grad = jax.grad(loss)
-    mem = compiled_memory(grad, params)
+    step = jax.jit(grad).lower(params).compile()  # read and timed: one compile
+    mem = memory_fields(step, None)
     fb = flop_breakdown(loss, params)
     res = saved_residuals(loss, params)
-    step = jax.jit(grad)
     before = live_peak_bytes()
     g = jax.block_until_ready(step(params))  # compile and warm up
     live = live_peak_bytes()
@@ -187,7 +188,7 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
     if timed:
       row.update(_timing([_time(step, (params,), 1)[0] for _ in range(2 * repeats)]))
     else:
-      row["_step"], row["_args"] = step, (params,)
+      row["_step"], row["_args"], row["_kw"] = step, (params,), kw
     if row["offloaded_bytes"] and jax.default_backend() == "cpu":
       row["note"] = ("XLA:CPU has one memory: offloaded residuals are marked for the host "
                      "but stay in temp")
@@ -227,6 +228,29 @@ def time_interleaved(rows: list[dict[str, Any]], repeats: int, max_rounds: int =
   for r in live:
     r.update(_timing(times[id(r)]))
     del r["_step"], r["_args"]
+
+
+def _time_rows(model: Model, rows: list[dict[str, Any]], repeats: int) -> None:
+  """Times the rows' compiled steps. Where auto ran on the model, its search has already
+  timed every one of these plans in one interleaved pass with its own candidates (see
+  ``experiments.auto_plan``): the rows take those timings, so that the plot shows the
+  measurement auto chose from. Rows the search does not hold are timed here."""
+  rest = []
+  if any("budget_bytes" in r for r in rows):
+    from experiments.auto_plan import timing_of
+
+    for r in rows:
+      t = timing_of(model, r["_kw"]) if "_step" in r else None
+      if t is None:
+        rest.append(r)
+      else:
+        r.update(t)
+        del r["_step"], r["_args"]
+  else:
+    rest = rows
+  time_interleaved(rest, repeats)
+  for r in rows:
+    r.pop("_kw", None)
 
 
 _REFERENCE: dict[str, Any] = {}
@@ -339,7 +363,8 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
       "timing": ("each strategy in its own process, 2 x repeats steps" if isolate else
                  "interleaved rounds over a model's strategies (one step each per round), "
                  f"repeated until every spread is within {RELIABLE:.0%} of its median or "
-                 f"{3 * repeats} rounds"),
+                 f"{3 * repeats} rounds; where auto ran, the rounds of its search, which "
+                 "holds every strategy of the model, and near ties timed again by themselves"),
       "models": {m.name: m.describe for m in mods},
       "live_peak_note": ("live peak from memory_stats(), each strategy in a fresh process"
                          if isolate else
@@ -356,10 +381,11 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
         continue
       progress.start(f"{m.name} / {s}")
       rows.append(_run_isolated(size, m.name, s, repeats) if isolate
-                  else measure_named(size, m.name, s, repeats, timed=False))
+                  else measure_named(size, m.name, s, repeats, timed=False,
+                                     fractions=auto_budgets))
     if not isolate:
       progress.start(f"{m.name}: timing {len(rows)} strategies, interleaved")
-      time_interleaved(rows, repeats)
+      _time_rows(m, rows, repeats)
     result["rows"].extend(rows)
     result["pareto"][m.name] = pareto(rows)
     result.setdefault("auto_beaten", {})[m.name] = auto_beaten(rows)
@@ -370,14 +396,15 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
 
 
 def measure_named(size: str, model_name: str, strategy: str, repeats: int,
-                  timed: bool = True) -> dict[str, Any]:
+                  timed: bool = True, fractions: tuple[float, ...] = ()) -> dict[str, Any]:
+  """One row by model and strategy name; ``fractions``: every auto budget of the run."""
   model = next(m for m in SIZES[size]() if m.name == model_name)
   if strategy.startswith("auto "):
     from experiments.auto_plan import plan_for
 
     budget = float(strategy.split()[1].rstrip("%")) / 100
     try:
-      plan = plan_for(model, budget)
+      plan = plan_for(model, budget, repeats, fractions)
     except ValueError as e:
       return {"model": model_name, "strategy": strategy, "error": f"infeasible: {e}"}
     label = plan.pop("auto_choice")

@@ -141,6 +141,7 @@ class Search:
     self.measured: dict[str, Candidate] = {}
     self._compiled: dict[str, Any] = {}
     self._keys: dict[tuple[Any, Any], str] = {}
+    self._knapsacked: set[tuple[int, str]] = set()
     self._plain_flops = count_flops(jax.grad(without_remat(self.build(False, None))), params)
     self.names = sorted(_tagged_names(self.build(True, None), params))
     self.exact = len(self.names) <= max_names_exact
@@ -228,6 +229,11 @@ class Search:
             f"{cost} ({self.cost})", file=sys.stderr, flush=True)
     return cand
 
+  def candidate(self, policy: Any, groups: Any = None) -> Candidate | None:
+    """The measured candidate of ``policy`` and ``groups``, or None if it was not tried."""
+    label = self._keys.get((from_config(policy), groups))
+    return None if label is None else self.measured[label]
+
   def _time_all(self) -> None:
     """Times every untimed candidate's step in one interleaved pass, then confirms ties."""
     todo = [c for c in self.measured.values() if c.cost_s is None]
@@ -276,7 +282,11 @@ class Search:
     self._retime(sorted(contenders), f"steps re-timed among {len(contenders)} near-tied plans")
 
   def _knapsack(self, budget: int, budget_kind: str) -> None:
-    """Above ``max_names_exact`` names: compile the subsets a knapsack ranks best."""
+    """Above ``max_names_exact`` names: compile the subsets a knapsack ranks best (once per
+    budget, so that asking a budget again reads the same candidates)."""
+    if (budget, budget_kind) in self._knapsacked:
+      return
+    self._knapsacked.add((budget, budget_kind))
     singles = {n: self.measured[self._keys[(SaveNames((n,)), None)]] for n in self.names}
     full = self.full
     gain = {n: (s.nbytes(budget_kind) - full.nbytes(budget_kind), full.cost_s - s.cost_s)
