@@ -143,6 +143,9 @@ def _offload_supported() -> bool:
   return "pinned_host" in kinds
 
 
+_PARAMS: dict[str, Any] = {}
+
+
 def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
             timed: bool = True) -> dict[str, Any]:
   """One row: every readout of one strategy on one model.
@@ -154,8 +157,10 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
   inputs = model.inputs(jax.random.key(1))
   base_kw = model.strategies["no remat"]
   kw = dict(model.strategies[strategy]) if plan is None else dict(plan)
-  params = jax.jit(lambda k: model.build(**base_kw).init(
-      {"params": k, "dropout": jax.random.key(3)}, *inputs))(key)["params"]
+  if model.describe not in _PARAMS:  # initialized once per model: the same for every row
+    _PARAMS[model.describe] = jax.jit(lambda k: model.build(**base_kw).init(
+        {"params": k, "dropout": jax.random.key(3)}, *inputs))(key)["params"]
+  params = _PARAMS[model.describe]
   row: dict[str, Any] = {"model": model.name, "strategy": strategy, "config": _jsonable(kw)}
   if "offload" in strategy and not _offload_supported():
     row["error"] = "skipped: this backend has no pinned_host memory for offloading"
@@ -404,7 +409,7 @@ def measure_named(size: str, model_name: str, strategy: str, repeats: int,
 
     budget = float(strategy.split()[1].rstrip("%")) / 100
     try:
-      plan = plan_for(model, budget, repeats, fractions)
+      plan = plan_for(model, budget, min(repeats, 5), fractions)
     except ValueError as e:
       return {"model": model_name, "strategy": strategy, "error": f"infeasible: {e}"}
     label = plan.pop("auto_choice")
