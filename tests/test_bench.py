@@ -83,3 +83,21 @@ def test_ctrl_c_keeps_finished_models_and_exits_cleanly(tmp_path, monkeypatch, c
   data = json.loads(out.read_text())
   assert data["complete"] is False and {r["model"] for r in data["rows"]} == {"mlp"}
   assert all("step_ms_median" in r for r in data["rows"])
+
+
+def test_where_auto_runs_the_rows_show_the_timings_it_chose_from(tmp_path):
+  out = tmp_path / "r.json"
+  code = bench.main(["--out", str(out), "--models", "mlp", "--only", "no remat", "full",
+                     "--auto", "1.0", "--repeats", "1", "--also-target", "none"])
+  assert code == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert all(r["timing_source"].startswith("auto's search: timed") for r in rows), rows
+  from experiments.auto_plan import _SEARCHES
+
+  search = next(s for k, s in _SEARCHES.items() if k.startswith("dropout MLP"))
+  for r in rows:  # each row's timing is its candidate's in auto's search: one measurement
+    cand = search.measured[r["auto_choice"]] if r.get("auto_choice") else \
+        search.candidate(r["config"]["policy"], r["config"].get("groups"))
+    assert r["step_ms_median"] == cand.cost_s * 1e3
+    assert r["step_ms_spread"] == cand.cost_spread_s * 1e3
+  assert bench.auto_beaten(rows) == []
