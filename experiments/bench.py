@@ -505,15 +505,18 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     err = lambda r: r["step_ms_spread"] / base["step_ms_median"]
     front = set(result["pareto"].get(name, []))
     key = []
+    at: dict[tuple[float, float], list[str]] = {}  # an auto point sits on the plan it chose
     for i, r in enumerate(rows, 1):
       auto = r["strategy"].startswith("auto")
       color = "tab:red" if auto else "tab:green" if r["strategy"] in front else "tab:blue"
       ax.errorbar(mem(r), rel(r), yerr=err(r), fmt="*" if auto else "o", ms=8 if auto else 5,
                   color=color, capsize=2, lw=0.8)
-      ax.annotate(str(i), (mem(r), rel(r)), fontsize=7, xytext=(4, 2),
-                  textcoords="offset points")
+      at.setdefault((round(mem(r), 3), round(rel(r), 4)), []).append(str(i))
       label = r["strategy"] + (f" = {r['auto_choice']}" if r.get("auto_choice") else "")
       key.append(f"{i} {label[:34]}")
+    for (x, y), numbers in at.items():
+      ax.annotate(",".join(numbers), (x, y), fontsize=7, xytext=(4, 2),
+                  textcoords="offset points")
     pts = sorted((r for r in rows if r["strategy"] in front), key=mem)
     if len(pts) > 1:
       ax.plot([mem(r) for r in pts], [rel(r) for r in pts], "--", color="tab:green", lw=1,
