@@ -213,8 +213,8 @@ def _compile_peak(setup: Setup, keep_remat: bool) -> dict[str, Any]:
   out = {"peak_bytes": rep.peak_bytes, "by_kind": rep.by_kind, "rows": rep.to_dict()["rows"],
          "compiler": rep.compiler, "compiled": compiled}
   if not setup.target.is_local:
-    out["peak_bytes"] = rep.compiler.get("peak_memory") or rep.peak_bytes
     fields = memory_fields(compiled, setup.target)
+    out["peak_bytes"] = fields["peak_bytes"]
     out["seconds"], out["seconds_source"] = estimate_seconds(setup.flops(), fields,
                                                              setup.target)
   return out

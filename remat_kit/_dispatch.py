@@ -1,20 +1,32 @@
 """Classic remat or ``jax_remat3``: decided here, once, for every caller.
 
-JAX has two remat implementations. The classic one (``remat_p``) consults any
-callable policy during partial evaluation. ``jax_remat3`` (a flag since JAX
-0.10.2) recognises only JAX's own policy classes by type and treats every
-other callable as "save nothing", silently. So a remat_kit policy is applied:
+JAX has two remat implementations. The classic one (``remat_p``) consults a
+callable policy at every primitive during partial evaluation. ``jax_remat3``
+(a flag since JAX 0.10.2, off by default up to 0.12) consults a plain
+callable only at some primitives, and treats every other primitive as
+"recompute", silently:
+
+* JAX 0.10.2: at none; it recognises its own policy classes by type.
+* JAX 0.11: at ``checkpoint_name`` tags, and its classes at matmuls.
+* JAX 0.12: at tags, ``dot_general`` and ``conv_general_dilated`` (the classes are gone).
+
+:func:`remat_kit._jax.remat3_consulted` finds which, by tracing. A remat_kit
+policy is applied:
 
 * not at all (``skip``) when it saves everything: the same values, no boundary;
 * as ``policy=None`` (``full``) for full remat, under either implementation;
-* as JAX's own class (``native``) when one expresses it exactly and remat3 is on;
+* under remat3 (``native``) as itself, where every primitive it may save at
+  is one remat3 consults, else as JAX's own class where one means the same;
 * otherwise on the classic implementation (``classic``), which consults it.
+  The classic implementation is selected both when the wrapper is built
+  (JAX up to 0.11 decides there) and when it is called (JAX 0.12 decides there).
 
 :data:`TO_JAX` is the table from our policy types to JAX's classes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -81,6 +93,12 @@ class Plan(NamedTuple):
 
 
 def _native(policy: Policy) -> Any:
+  """What remat3 honours as meaning exactly ``policy``, or None."""
+  if policy.excluded_names():
+    return None
+  may_save = policy.saving_primitives()
+  if may_save is not None and may_save <= _jax.remat3_consulted():
+    return policy
   translate = TO_JAX.get(type(policy))
   return None if translate is None else translate(policy)
 
@@ -94,7 +112,7 @@ def plan(policy: Policy, remat3: bool | None = None) -> Plan:
   remat3 = _jax.remat3_enabled() if remat3 is None else remat3
   if not remat3:
     return Plan("classic", policy)
-  native = None if policy.excluded_names() else _native(policy)
+  native = _native(policy)
   return Plan("native", native) if native is not None else Plan("classic", policy)
 
 
@@ -104,10 +122,17 @@ def checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: bool = True
   p = plan(policy)
   if p.kind == "skip":
     return fn
-  if p.kind == "classic":
+  if p.kind != "classic":
+    return jax.checkpoint(fn, policy=p.policy, prevent_cse=prevent_cse)
+  with _jax.remat3(False):
+    ck = jax.checkpoint(fn, policy=p.policy, prevent_cse=prevent_cse)
+
+  @functools.wraps(fn)
+  def classic(*args: Any, **kwargs: Any) -> Any:
     with _jax.remat3(False):
-      return jax.checkpoint(fn, policy=p.policy, prevent_cse=prevent_cse)
-  return jax.checkpoint(fn, policy=p.policy, prevent_cse=prevent_cse)
+      return ck(*args, **kwargs)
+
+  return classic
 
 
 def apply_transform(transform: Callable[..., Any], fn: Callable[..., Any], policy: Policy,
@@ -129,11 +154,17 @@ def to_jax_policy(policy: Any) -> Any:
   """``policy`` as an object that ``jax.checkpoint``-based wrappers honour as is.
 
   Third-party wrappers (``jax.checkpoint``, ``nn.remat``,
-  ``eqx.filter_checkpoint``, ``hk.remat``) pass the policy to JAX, and under
-  ``jax_remat3`` JAX honours only its own classes: anything else, remat_kit
-  policies included, is treated as "save nothing" without a word. This
-  returns JAX's own object where one means the same (``None`` for full
-  remat, ``everything_saveable`` for none), and raises where none exists.
+  ``eqx.filter_checkpoint``, ``hk.remat``) pass the policy to JAX. Under
+  ``jax_remat3`` JAX consults a plain callable only at some primitives
+  (tags and matmuls on JAX 0.12, tags on 0.11, none on 0.10.2, which
+  recognises its own classes) and recomputes the rest without a word. This
+  returns what the installed JAX honours as meaning exactly ``policy`` under
+  both implementations:
+
+  * ``None`` for full remat, ``everything_saveable`` for no remat;
+  * the policy itself where JAX has no remat3 (0.10.0), or where remat3
+    consults callables at every primitive the policy may save at;
+  * else JAX's own policy class where one means the same (0.10.2, 0.11).
 
   Args:
     policy: anything :func:`remat_kit.policies.from_config` accepts.
@@ -142,25 +173,34 @@ def to_jax_policy(policy: Any) -> Any:
     A policy for ``jax.checkpoint(..., policy=...)`` valid under both implementations.
 
   Raises:
-    ValueError: if JAX has no class for it; the message says to use
-      :func:`remat_kit.remat` (or the classic implementation) instead.
+    ValueError: where the installed JAX has no such form (a size or
+      primitive policy under remat3, say); the message says to use
+      :func:`remat_kit.remat` or :func:`remat_kit.classic_remat` instead.
 
   Example:
-    >>> import jax, remat_kit as rk
-    >>> rk.to_jax_policy("save:qkv")
-    SaveOnlyTheseNames(saveable_names=frozenset({'qkv'}))
+    >>> import jax, jax.numpy as jnp, remat_kit as rk
+    >>> def f(x):
+    ...   h = rk.checkpoint_name(jnp.sin(x), "h")
+    ...   return jnp.sin(h).sum()
+    >>> ck = jax.checkpoint(f, policy=rk.to_jax_policy("save:h"))
+    >>> [(r.kind, r.name) for r in rk.report.saved_residuals(ck, jnp.ones(3))]
+    [('argument', None), ('activation', 'h')]
   """
   pol = from_config(policy)
   if isinstance(pol, SaveEverything):
     return _jax.everything_saveable
   if isinstance(pol, SaveNothing):
     return None
-  native = None if pol.excluded_names() else _native(pol)
+  if not _jax.has_remat3():
+    return pol
+  native = _native(pol)
   if native is None:
+    consulted = sorted(_jax.remat3_consulted()) or "no plain callable"
     raise ValueError(
-        f"`to_jax_policy`: JAX {jax.__version__} has no policy class for {pol!r}, so a "
-        "`jax.checkpoint`-based wrapper would treat it as 'save nothing' under "
-        "`jax_remat3`. Apply it with `remat_kit.remat` (functions) or "
-        "`remat_kit.flax.remat_policy` (modules), which run it on JAX's classic remat, "
-        "or build the wrapper inside `remat_kit.classic_remat()`.")
+        f"`to_jax_policy`: under `jax_remat3`, JAX {jax.__version__} consults a callable "
+        f"policy only at {consulted} and has no policy class for {pol!r}, so a "
+        "`jax.checkpoint`-based wrapper would recompute what it saves elsewhere. Apply it "
+        "with `remat_kit.remat` (functions) or `remat_kit.flax.remat_policy` (modules), "
+        "which run it on JAX's classic remat, or build and call the wrapper inside "
+        "`remat_kit.classic_remat()`.")
   return native

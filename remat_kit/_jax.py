@@ -49,6 +49,11 @@ Offloadable = _ad.Offloadable
 checkpoint_name = _ad.checkpoint_name
 
 
+def aval_key(aval: Any) -> tuple[Any, str]:
+  """Shape and dtype of an abstract value, ignoring weak types and sharding."""
+  return (tuple(getattr(aval, "shape", ())), str(getattr(aval, "dtype", "")))
+
+
 def ensure_decision(value: Any) -> Any:
   """A policy's return value as ``Saveable``, ``Recompute`` or an ``Offloadable``."""
   if value is True:
@@ -163,7 +168,7 @@ class Markers(NamedTuple):
   """How one remat implementation shows up in a jaxpr."""
 
   name_primitive: Any  # the primitive `checkpoint_name` binds
-  name_class: type | None  # remat3: the hi-primitive class carried in `_prim`
+  name_classes: tuple[type, ...]  # remat3: the hi-primitive classes of the tags in `_prim`
   remat_primitive: Any  # the primitive `jax.checkpoint` binds
   remat_class: type | None  # remat3: the hi-primitive class carried in `_prim`
 
@@ -181,12 +186,20 @@ def _single_eqn(fn: Any) -> Any:
 @functools.cache
 def markers(remat3_on: bool) -> Markers:
   """The primitives (and remat3 hi-primitive classes) of each implementation."""
+  tags = [checkpoint_name]
+  if hasattr(_ad, "checkpoint_name_fwd"):  # JAX 0.11+: a tag of its own under remat3
+    tags.append(_ad.checkpoint_name_fwd)
   with remat3(remat3_on):
-    name_eqn = _single_eqn(lambda x: checkpoint_name(x, "probe"))
+    name_eqns = [_single_eqn(lambda x, t=t: t(x, "probe")) for t in tags]
     remat_eqn = _single_eqn(jax.checkpoint(lambda x: x * 2.0))
-  name_cls = type(name_eqn.params["_prim"]) if "_prim" in name_eqn.params else None
+  prims = {e.primitive for e in name_eqns}
+  if len(prims) != 1:  # pragma: no cover - a JAX whose tags bind different primitives
+    raise unknown("what `checkpoint_name` binds", "one primitive for every tag",
+                  sorted(p.name for p in prims))
+  name_cls = tuple(dict.fromkeys(type(e.params["_prim"]) for e in name_eqns
+                                 if "_prim" in e.params))
   remat_cls = type(remat_eqn.params["_prim"]) if "_prim" in remat_eqn.params else None
-  return Markers(name_eqn.primitive, name_cls, remat_eqn.primitive, remat_cls)
+  return Markers(name_eqns[0].primitive, name_cls, remat_eqn.primitive, remat_cls)
 
 
 def _all_markers() -> list[Markers]:
@@ -197,10 +210,10 @@ def checkpoint_name_of(prim: Any, params: dict[str, Any]) -> str | None:
   """The ``checkpoint_name`` tag an equation carries, under either implementation."""
   for m in _all_markers():
     if prim is m.name_primitive:
-      if m.name_class is None:
+      if not m.name_classes:
         return params.get("name")
       inner = params.get("_prim")
-      if isinstance(inner, m.name_class):
+      if isinstance(inner, m.name_classes):
         return inner.name
   return None
 
@@ -290,11 +303,138 @@ def closure_policy_kind(policy: Any) -> str | None:
   return factory if factory in ("save_only_these_names", "save_any_names_but_these") else None
 
 
+def name_primitive_name() -> str:
+  """The name of the primitive the classic ``checkpoint_name`` binds (``"name"``).
+
+  A policy is called with it at every tag, under either implementation.
+  """
+  return markers(False).name_primitive.name
+
+
+@functools.cache
+def remat3_consulted() -> frozenset[str]:
+  """The primitives at which ``jax_remat3`` calls a plain callable policy.
+
+  Discovered by tracing: a recording policy is handed to ``jax.checkpoint``
+  under ``jax_remat3`` around a tag, a matmul, a convolution and a ``sin``.
+  JAX 0.12 calls it at the tag (``name``), ``dot_general`` and
+  ``conv_general_dilated``; 0.10.2 and 0.11 call no plain callable (they
+  recognise their own policy classes by type); without the flag, empty.
+  """
+  if not has_remat3():
+    return frozenset()
+  seen: set[str] = set()
+
+  def record(prim: Any, *_: Any, **__: Any) -> bool:
+    seen.add(prim.name)
+    return False
+
+  def f(x: Any, w: Any, k: Any) -> Any:
+    y = checkpoint_name(jax.numpy.sin(x @ w), "probe")
+    z = jax.lax.conv_general_dilated(y[None, None], k, (1, 1), "SAME")
+    return jax.numpy.sin(z).sum()
+
+  s = jax.ShapeDtypeStruct
+  with remat3(True):
+    ck = jax.checkpoint(f, policy=record)
+    jax.make_jaxpr(jax.grad(ck, argnums=(0, 1, 2)))(
+        s((4, 4), "float32"), s((4, 4), "float32"), s((1, 1, 3, 3), "float32"))
+  return frozenset(seen)
+
+
+# --------------------------------------------------------------------------
+# Errors for JAX structures remat_kit does not know.
+# --------------------------------------------------------------------------
+class UnknownJaxStructure(RuntimeError):
+  """A JAX structure (an equation's parameters, a remat layout) remat_kit does not know."""
+
+
+def unknown(what: str, expected: str, found: Any) -> UnknownJaxStructure:
+  return UnknownJaxStructure(
+      f"remat_kit does not know {what} in jax {jax.__version__}: expected {expected}, "
+      f"found {found}. remat_kit supports JAX {'.'.join(map(str, MIN_JAX))} to 0.12; "
+      "please report this with your JAX version.")
+
+
+# --------------------------------------------------------------------------
+# The compiler's memory analysis.
+# --------------------------------------------------------------------------
+# `CompiledMemoryStats` fields, in bytes, by the name remat_kit reports them under.
+# JAX 0.12 adds the last three; a field this JAX lacks is left out.
+MEMORY_FIELDS = {
+    "temp_size": "temp_size_in_bytes", "argument_size": "argument_size_in_bytes",
+    "output_size": "output_size_in_bytes", "alias_size": "alias_size_in_bytes",
+    "generated_code_size": "generated_code_size_in_bytes",
+    "host_argument_size": "host_argument_size_in_bytes",
+    "host_output_size": "host_output_size_in_bytes",
+    "host_alias_size": "host_alias_size_in_bytes",
+    "host_temp_size": "host_temp_size_in_bytes",
+    "host_generated_code_size": "host_generated_code_size_in_bytes",
+    "peak_memory": "peak_memory_in_bytes",
+    "total_allocation": "total_allocation_bytes",
+    "peak_unpadded_heap": "peak_unpadded_heap_bytes",
+    "indefinite_allocations": "indefinite_allocations",
+}
+
+
+def memory_fields(stats: Any) -> dict[str, int]:
+  """The integer fields of a ``compiled.memory_analysis()`` result, by short name.
+
+  Raises where the object has none of the fields every admitted JAX reports.
+  """
+  if stats is None:
+    return {}
+  out = {k: int(v) for k, f in MEMORY_FIELDS.items()
+         if isinstance(v := getattr(stats, f, None), int) and not isinstance(v, bool)}
+  if "temp_size" not in out or "argument_size" not in out:
+    raise unknown("this compiler's memory analysis",
+                   "`temp_size_in_bytes` and `argument_size_in_bytes`",
+                   sorted(a for a in dir(stats) if not a.startswith("_")))
+  return out
+
+
+def _binds(remat3_on: bool, name: bool) -> str:
+  def one(m: Markers) -> str:
+    prim = m.name_primitive if name else m.remat_primitive
+    classes = m.name_classes if name else (m.remat_class,) if m.remat_class else ()
+    return prim.name + (f"[{', '.join(c.__name__ for c in classes)}]" if classes else "")
+  return "; ".join(one(m) for m in _all_markers())
+
+
+def _scan_params() -> list[str]:
+  closed = jax.make_jaxpr(lambda c: jax.lax.scan(lambda c, _: (c, c), c, None, length=2))(0.0)
+  return sorted(closed.jaxpr.eqns[0].params)
+
+
+@functools.cache
+def remat3_decided_at() -> str:
+  """When ``jax.checkpoint`` picks its implementation: ``"built"`` (JAX 0.10.2, 0.11) or
+  ``"called"`` (0.12), discovered by building under one setting and calling under the
+  other."""
+  with remat3(False):
+    ck = jax.checkpoint(lambda x: x * 2.0)
+  with remat3(True):
+    eqn = _single_eqn(ck)
+  return "called" if eqn.primitive is markers(True).remat_primitive and (
+      markers(True).remat_class is None
+      or isinstance(eqn.params.get("_prim"), markers(True).remat_class)) else "built"
+
+
 def version_report() -> dict[str, Any]:
   """What this module found in the installed JAX (shown by ``python -m remat_kit``)."""
   return {
       "jax": jax.__version__,
       "jax_remat3 flag": has_remat3(),
+      "jax_remat3 on by default": bool(jax.config.values.get("jax_remat3", False)),
+      "jax_remat3 calls plain callable policies at": sorted(remat3_consulted()) or None,
+      "jax_remat3 picks the implementation when the wrapper is": (
+          remat3_decided_at() if has_remat3() else None),
+      "checkpoint_name binds (classic; remat3)": _binds(False, True),
+      "jax.checkpoint binds (classic; remat3)": _binds(False, False),
+      "scan equation layout": "+".join(sorted(set(_scan_params()) & {
+          "num_consts", "num_carry", "ft_in", "ft_out"})),
+      "ClosedJaxpr is Jaxpr": ClosedJaxpr is Jaxpr,
+      "checkpoint_name_fwd": hasattr(_ad, "checkpoint_name_fwd"),
       "remat3 thread-local override (private jax._src.config.remat3)":
           _remat3_state() is not None if has_remat3() else None,
       **{f"policy class {n}": c is not None for n, c in [

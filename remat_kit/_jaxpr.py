@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -21,15 +21,137 @@ Literal = _jax.Literal
 Var = _jax.Var
 
 
+# --------------------------------------------------------------------------
+# Equation layouts: the parameter names of the structured primitives, by JAX version.
+# --------------------------------------------------------------------------
+def closed_parts(j: Any) -> tuple[Jaxpr, list[Any]]:
+  """``(jaxpr, consts)`` of a closed jaxpr (JAX 0.11+: a ``Jaxpr`` that holds its consts)."""
+  if isinstance(j, _jax.ClosedJaxpr) and _jax.ClosedJaxpr is not _jax.Jaxpr:
+    return j.jaxpr, list(j.consts)
+  if isinstance(j, _jax.Jaxpr):
+    return j, list(getattr(j, "consts", ()) or ())
+  raise _jax.unknown("this jaxpr type", "a ClosedJaxpr or Jaxpr", type(j).__name__)
+
+
+def as_open(j: Any) -> Jaxpr:
+  """The jaxpr of a closed or open jaxpr."""
+  return closed_parts(j)[0]
+
+
+def _require(eqn: Any, *keys: str) -> dict[str, Any]:
+  params = eqn.params
+  missing = [k for k in keys if k not in params]
+  if missing:
+    raise _jax.unknown(f"the layout of `{eqn.primitive.name}` equations",
+                   f"parameters {list(keys)}", f"parameters {sorted(params)}")
+  return params
+
+
+class ScanLayout(NamedTuple):
+  """A ``scan`` equation: ``invars = consts + carry + xs``, ``outvars = carry + ys``."""
+
+  length: int
+  num_consts: int
+  num_carry: int
+  body: Jaxpr
+  body_consts: list[Any]
+
+
+def scan_layout(eqn: Any) -> ScanLayout:
+  """The layout of a ``scan`` equation (``num_consts``/``num_carry`` up to JAX 0.10,
+  the ``ft_in`` flat tree of (consts, carry, xs) from 0.11)."""
+  params = eqn.params
+  body, consts = closed_parts(_require(eqn, "length", "jaxpr")["jaxpr"])
+  if "num_consts" in params and "num_carry" in params:
+    return ScanLayout(params["length"], params["num_consts"], params["num_carry"], body, consts)
+  ft_in = params.get("ft_in")
+  if ft_in is not None and hasattr(ft_in, "update") and hasattr(ft_in, "unpack"):
+    parts = ft_in.update(list(range(len(eqn.invars)))).unpack()
+    if len(parts) == 3:
+      n_consts, n_carry = len(list(parts[0])), len(list(parts[1]))
+      return ScanLayout(params["length"], n_consts, n_carry, body, consts)
+  raise _jax.unknown("the layout of `scan` equations",
+                 "`num_consts`/`num_carry` or an `ft_in` flat tree of (consts, carry, xs)",
+                 f"parameters {sorted(params)}")
+
+
+class WhileLayout(NamedTuple):
+  """A ``while`` equation: ``invars = cond consts + body consts + carry``."""
+
+  cond: Jaxpr
+  body: Jaxpr
+  cond_nconsts: int
+  body_nconsts: int
+
+
+def while_layout(eqn: Any) -> WhileLayout:
+  p = _require(eqn, "cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts")
+  return WhileLayout(as_open(p["cond_jaxpr"]), as_open(p["body_jaxpr"]),
+                     p["cond_nconsts"], p["body_nconsts"])
+
+
+def cond_branches(eqn: Any) -> list[Jaxpr]:
+  """The branch jaxprs of a ``cond`` equation."""
+  return [as_open(b) for b in _require(eqn, "branches")["branches"]]
+
+
+# Primitives whose body runs once per application, as a call: (primitive name, parameter).
+CALL_BODIES: dict[str, str] = {
+    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
+    "remat": "jaxpr",
+}
+
+
+def call_body(eqn: Any) -> Jaxpr | None:
+  """The body of a call-like equation (jit, custom rules, remat), or None for others."""
+  key = CALL_BODIES.get(eqn.primitive.name)
+  if key is None:
+    return None
+  if key not in eqn.params:
+    raise _jax.unknown(f"the layout of `{eqn.primitive.name}` equations", f"a `{key}` parameter",
+                   f"parameters {sorted(eqn.params)}")
+  return as_open(eqn.params[key])
+
+
+def is_jit(eqn: Any) -> bool:
+  """Whether ``eqn`` is a ``jax.jit`` call (``pjit`` up to JAX 0.6, ``jit`` since)."""
+  return eqn.primitive.name in ("jit", "pjit")
+
+
+def dot_batch_dims(params: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(lhs batch dims, rhs batch dims)`` of a ``dot_general``'s parameters."""
+  dn = params.get("dimension_numbers")
+  try:
+    (_, _), (lhs_b, rhs_b) = dn
+  except (TypeError, ValueError):
+    raise _jax.unknown("the `dot_general` parameters",
+                   "`dimension_numbers` = ((lhs contract, rhs contract), (lhs batch, rhs batch))",
+                   repr(dn)) from None
+  return tuple(lhs_b), tuple(rhs_b)
+
+
+def dot_contracting_dims(params: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(lhs contracting dims, rhs contracting dims)`` of a ``dot_general``."""
+  dn = params.get("dimension_numbers")
+  try:
+    (lc, rc), (_, _) = dn
+  except (TypeError, ValueError):
+    raise _jax.unknown("the `dot_general` parameters", "`dimension_numbers`", repr(dn)) from None
+  return tuple(lc), tuple(rc)
+
+
+# --------------------------------------------------------------------------
+# Walking jaxprs
+# --------------------------------------------------------------------------
 def sub_jaxprs(params: dict[str, Any]) -> Iterator[Jaxpr]:
   """The jaxprs nested in an equation's parameters (scan, cond, jit, remat)."""
   for v in params.values():
     vals = v if isinstance(v, (list, tuple)) else (v,)
     for x in vals:
-      if isinstance(x, ClosedJaxpr):
-        yield x.jaxpr
-      elif isinstance(x, Jaxpr):
-        yield x
+      if isinstance(x, (ClosedJaxpr, Jaxpr)):
+        yield as_open(x)
 
 
 inner_jaxpr_of_hi = _jax.hi_inner_jaxpr
@@ -58,9 +180,7 @@ def tags_and_primitives(closed: ClosedJaxpr) -> tuple[frozenset[str], frozenset[
   return frozenset(names), frozenset(prims)
 
 
-def aval_key(aval: Any) -> tuple[Any, str]:
-  """Shape and dtype of an abstract value, ignoring weak types and sharding."""
-  return (tuple(getattr(aval, "shape", ())), str(getattr(aval, "dtype", "")))
+aval_key = _jax.aval_key
 
 
 def producer_signatures(closed: ClosedJaxpr, names: frozenset[str]
@@ -100,10 +220,7 @@ def producer_signatures(closed: ClosedJaxpr, names: frozenset[str]
 
 def remat_body(eqn: Any) -> tuple[Jaxpr, list[Any]]:
   """The body jaxpr of a remat equation and its constants."""
-  j = _jax.remat_params(eqn)["jaxpr"]
-  if isinstance(j, ClosedJaxpr):
-    return j.jaxpr, list(j.consts)
-  return j, []
+  return closed_parts(_jax.remat_params(eqn)["jaxpr"])
 
 
 def policy_of(eqn: Any) -> Any:
@@ -123,7 +240,7 @@ def remat_sites(jaxpr: Jaxpr) -> Iterator[tuple[Any, int]]:
     for eqn in j.eqns:
       if is_remat(eqn):
         yield eqn, layers
-      inner = layers * eqn.params["length"] if eqn.primitive.name == "scan" else layers
+      inner = layers * scan_layout(eqn).length if eqn.primitive.name == "scan" else layers
       for sub in sub_jaxprs(eqn.params):
         yield from visit(sub, inner)
       hi = inner_jaxpr_of_hi(eqn.params)

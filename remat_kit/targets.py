@@ -11,7 +11,8 @@ Target strings:
 
 * ``None`` / ``"cpu"`` / ``"local"``: the local default backend.
 * ``"tpu:<generation>:<topology>"`` as libtpu names them, e.g. ``"tpu:v5e:2x2"``,
-  ``"tpu:v6e:2x2"``, ``"tpu:v5e:16x16"``, ``"tpu:v4:2x2x1"``, ``"tpu:v5p:2x2x1"``.
+  ``"tpu:v6e:2x2"``, ``"tpu:v5e:16x16"``, ``"tpu:v4:2x2x1"``, ``"tpu:v5p:2x2x1"``,
+  ``"tpu:tpu7x:2x2x1"`` (libtpu 0.0.50 and later: JAX 0.12).
 * ``"gpu:h100"``, ``"gpu:a100"``: one GPU of that model, from the published
   facts in :data:`GPU_SPECS`. Deviceless GPU compiles skip GEMM autotuning,
   so temp may differ a little from a real card's.
@@ -32,12 +33,14 @@ from typing import Any
 
 import jax
 
+from remat_kit import _xla
+
 __all__ = ["CHIPS", "GPU_SPECS", "Target", "bytes_moved", "compile_for", "has_host_memory",
            "hbm_bytes_moved",
            "parse_target", "place"]
 
 EXAMPLES = ("cpu", "tpu:v5e:2x2", "tpu:v6e:2x2", "tpu:v5e:16x16", "tpu:v4:2x2x1",
-            "tpu:v5p:2x2x1", "gpu:h100", "gpu:a100")
+            "tpu:v5p:2x2x1", "tpu:tpu7x:2x2x1", "gpu:h100", "gpu:a100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,11 @@ CHIPS: dict[str, Chip] = {
                 *_TPU_PCIE),
     "v6e": Chip(918e12, 1640e9, 32 * 2**30, "Cloud TPU v6e: 918 TFLOP/s bf16, 1640 GB/s, 32 GiB",
                 *_TPU_PCIE),
+    # A TPU7x chip has two TensorCores, and JAX shows each as a device ("tpu:tpu7x:2x2x1"
+    # has 8): the figures are per device, half the chip's 2307 TFLOP/s, 192 GiB, 7380 GB/s.
+    "tpu7x": Chip(2307e12 / 2, 7380e9 / 2, 96 * 2**30,
+                  "Cloud TPU7x (Ironwood) per TensorCore device: half of 2307 TFLOP/s bf16, "
+                  "7380 GB/s, 192 GiB per chip", *_TPU_PCIE),
     "h100": Chip(989e12, 3350e9, 80 * 10**9,
                  "NVIDIA H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB",
                  64e9, "PCIe Gen5 x16: 64 GB/s one way (NVIDIA H100 datasheet: 128 GB/s)"),
@@ -201,7 +209,8 @@ def parse_target(value: Any) -> Target:
     if len(parts) != 3 or not re.fullmatch(r"\d+(x\d+)+", parts[2]):
       raise _bad(value, "a TPU target is 'tpu:<generation>:<topology>'")
     if parts[1] not in CHIPS or parts[1] in GPU_SPECS:
-      raise _bad(value, f"unknown TPU generation {parts[1]!r} (known: v4, v5e, v5p, v6e)")
+      known = ", ".join(g for g in CHIPS if g not in GPU_SPECS)
+      raise _bad(value, f"unknown TPU generation {parts[1]!r} (known: {known})")
     return Target(value, "tpu", parts[1], f"{parts[1]}:{parts[2]}")
   if parts[0] == "gpu":
     if len(parts) != 2 or parts[1] not in GPU_SPECS:
@@ -229,7 +238,8 @@ def _topology(target: Target) -> Any:
     except Exception as e:  # noqa: BLE001 - libtpu's error, made readable
       raise ValueError(
           f"`target`: libtpu refused topology {target.topology!r} ({e}). Topologies known to "
-          "work: v5e:2x2, v5e:4x4, v5e:16x16, v4:2x2x1, v5p:2x2x1, v6e:2x2 (not v5e:1x1).") from e
+          "work: v5e:2x2, v5e:4x4, v5e:16x16, v4:2x2x1, v5p:2x2x1, v6e:2x2, tpu7x:2x2x1 "
+          "(the last with libtpu 0.0.50, JAX 0.12; not v5e:1x1).") from e
   try:
     import jax_plugins.xla_cuda12  # noqa: F401
   except ImportError:
@@ -237,8 +247,18 @@ def _topology(target: Target) -> Any:
         f"`target`={target.name!r} needs the CUDA plugin to compile for a GPU without one. "
         f'Install it with: pip install "jax-cuda12-plugin=={jax.__version__}"') from None
   config = _GPU_TEMPLATE.format(**GPU_SPECS[target.generation])
-  return topologies.get_topology_desc(platform="cuda", target_config=config,
-                                      topology=target.topology)
+  try:
+    return topologies.get_topology_desc(platform="cuda", target_config=config,
+                                        topology=target.topology)
+  except NotImplementedError as e:
+    # The plugin registers the "cuda" platform when JAX starts, after checking for the
+    # CUDA libraries (cuDNN, cuBLAS) unless JAX_PLATFORMS leaves CUDA out.
+    raise RuntimeError(
+        f"`target`={target.name!r}: the CUDA plugin is installed but did not register when "
+        "JAX started; it checks for the CUDA libraries (cuDNN, ...) first, and this machine "
+        "has none. A deviceless compile needs none of them: start Python with "
+        "`JAX_PLATFORMS=cpu` (or `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`) in the environment, "
+        "set before JAX is imported.") from e
 
 
 def _sharding(target: Target) -> Any:
@@ -287,182 +307,6 @@ def compile_for(fn: Callable[..., Any], target: Any, *args: Any,
   return lowered.compile(compiler_options) if compiler_options else lowered.compile()
 
 
-# --------------------------------------------------------------------------
-# HBM bytes the compiled program moves.
-# --------------------------------------------------------------------------
-_ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-             "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-             "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\](\{[^}]*\})?")
-_HOST_SPACE = "S(5)"  # XLA's host memory space, in a layout: {1,0:T(8,128)S(5)}
-# Ops whose operands and result cross HBM: fused kernels, library calls, copies.
-_MOVING = ("fusion", "custom-call", "convolution", "dot", "copy", "copy-start", "all-gather",
-           "all-reduce", "reduce-scatter", "dynamic-update-slice", "dynamic-slice", "scatter",
-           "gather", "reduce", "transpose", "sort")
-
-
-def _split_bytes(text: str) -> tuple[int, int]:
-  """``(device bytes, host bytes)`` of the arrays in a shape text; an array whose layout
-  names the host memory space ``S(5)`` counts as host."""
-  dev = host = 0
-  for dtype, dims, layout in _SHAPE.findall(text):
-    size = _ITEMSIZE.get(dtype)
-    if size is None:
-      continue
-    n = 1
-    for d in dims.split(","):
-      if d:
-        n *= int(d)
-    if _HOST_SPACE in layout:
-      host += n * size
-    else:
-      dev += n * size
-  return dev, host
-
-
-def _shape_bytes(text: str) -> int:
-  return sum(_split_bytes(text))
-
-
-def _operands(args: str) -> list[str]:
-  """The ``%name`` operands of an instruction's argument text (up to its closing paren)."""
-  depth, end = 1, len(args)
-  for i, ch in enumerate(args):
-    depth += ch == "("
-    depth -= ch == ")"
-    if depth == 0:
-      end = i
-      break
-  return re.findall(r"%([\w.\-]+)", args[:end])
-
-
-def _kernel_bytes(op: str, rhs: str, op_m: Any, table: dict[str, str],
-                  comps: dict[str, list[Any]], param_reads: Callable[[str], dict[int, int]]
-                  ) -> list[tuple[int, bool]]:
-  """What one top-level kernel moves: ``(bytes, over the host link)`` pairs."""
-  operands = [_split_bytes(table.get(o, "")) for o in _operands(rhs[op_m.end():])]
-  sizes = [(d + h, h > 0) for d, h in operands]
-  result = op_m.group(1)
-  if op == "copy-start":  # (destination, source alias, context): only the destination is new
-    first = _SHAPE.search(result)
-    result = first.group(0) if first else ""
-  d, h = _split_bytes(result)
-  out = (d + h, h > 0)
-  callee = re.search(r"calls=%?([\w.\-]+)", rhs)
-  if op == "fusion" and callee:
-    sliced = param_reads(callee.group(1))
-    sizes = [(sliced.get(i, b), on_host) for i, (b, on_host) in enumerate(sizes)]
-    root = next((r for n, r in reversed(comps.get(callee.group(1), ()))), "")
-    if " dynamic-update-slice(" in root:
-      # Written in place: the update operands are read, and written into the buffer
-      # (over the host link when the buffer lives there).
-      return [(b, on_host or out[1]) for b, on_host in sizes]
-    return [out, *sizes]
-  if "dynamic_update_slice" in rhs or op == "dynamic-update-slice":
-    # In place: the big buffer is neither read nor rewritten, only the update.
-    big = max(range(len(sizes)), key=lambda i: sizes[i][0], default=None)
-    rest = [s for i, s in enumerate(sizes) if i != big]
-    into_host = big is not None and sizes[big][1]
-    return [pair for b, on_host in rest for pair in ((b, on_host), (b, on_host or into_host))]
-  if "dynamic_slice" in rhs or op == "dynamic-slice":
-    from_host = any(on_host for _, on_host in sizes)
-    return [(out[0], from_host), out]  # reads the slice, writes it
-  return [out, *sizes]
-
-
-def hbm_bytes_moved(hlo_text: str) -> int:
-  """HBM bytes of :func:`bytes_moved`: what the estimate divides by HBM bandwidth."""
-  return bytes_moved(hlo_text)[0]
-
-
-def bytes_moved(hlo_text: str) -> tuple[int, int]:
-  """``(HBM bytes, host-link bytes)`` read and written by the top-level kernels of a
-  compiled HLO module.
-
-  Each fusion, library call (custom-call), convolution, copy or collective
-  of the entry computation counts its operand and result bytes once; the
-  body of a ``while`` counts ``known_trip_count`` times (once where the
-  compiler gives none), and ``call``/``conditional`` bodies count as inlined.
-  What happens inside a fusion stays on chip and is not counted. Dynamic
-  (update-)slices in loops, which XLA does in place, count the slice only.
-  """
-  text = re.sub(r"/\*.*?\*/", "", hlo_text)
-  comps: dict[str, list[str]] = {}
-  shapes: dict[str, dict[str, str]] = {}
-  entry, cur = None, None
-  for line in text.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{") and " = " not in line:
-      m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->", line)
-      if m is None:
-        continue
-      cur = m.group(2)
-      comps[cur], shapes[cur] = [], {}
-      for pname, ptype in re.findall(r"([\w.\-]+):\s*(\([^)]*\)|[^,()]+)", m.group(3)):
-        shapes[cur][pname] = ptype
-      if m.group(1):
-        entry = cur
-      continue
-    ins = line.strip()
-    if cur is None or " = " not in ins:
-      continue
-    ins = ins.removeprefix("ROOT ")
-    name, rhs = ins.split(" = ", 1)
-    op_m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\(", rhs)
-    if op_m is None:
-      continue
-    shapes[cur][name.lstrip("%")] = op_m.group(1)
-    comps[cur].append((name.lstrip("%"), rhs))
-
-  @functools.cache
-  def param_reads(callee: str) -> dict[int, int]:
-    """For a fused computation: parameters read only through dynamic-slices, and the
-    bytes those slices read (a stacked buffer sliced per loop trip is not read whole)."""
-    params: dict[str, int] = {}
-    uses: dict[str, list[tuple[str, str]]] = {}
-    for ins_name, rhs in comps.get(callee, ()):
-      m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\((.*)", rhs)
-      if m is None:
-        continue
-      if m.group(2) == "parameter":
-        params[ins_name] = int(re.match(r"(\d+)", m.group(3)).group(1))
-        continue
-      ops = _operands(m.group(3))
-      for k, o in enumerate(ops):
-        uses.setdefault(o, []).append((m.group(2), m.group(1) if k == 0 else ""))
-    out = {}
-    for pname, index in params.items():
-      u = uses.get(pname, [])
-      if u and all(op == "dynamic-slice" and shape for op, shape in u):
-        out[index] = sum(_shape_bytes(shape) for _, shape in u)
-      elif u and all(op == "dynamic-update-slice" and shape for op, shape in u):
-        out[index] = 0  # the buffer updated in place: only the update is written
-    return out
-
-  @functools.cache
-  def cost(name: str) -> tuple[int, int]:
-    """``(HBM bytes, host-link bytes)`` of one computation's kernels."""
-    hbm = host = 0
-    table = shapes.get(name, {})
-    for _, rhs in comps.get(name, ()):
-      op_m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\(", rhs)
-      op = op_m.group(2)
-      if op == "while":
-        body = re.search(r"body=%?([\w.\-]+)", rhs)
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rhs)
-        n = int(trips.group(1)) if trips else 1
-        if body:
-          b = cost(body.group(1))
-          hbm, host = hbm + n * b[0], host + n * b[1]
-      elif op in ("call", "conditional"):
-        for callee in re.findall(r"(?:to_apply|branch_computations|calls)=\{?%?([\w.\-]+)", rhs):
-          b = cost(callee)
-          hbm, host = hbm + b[0], host + b[1]
-      elif op in _MOVING:
-        for nbytes, on_host in _kernel_bytes(op, rhs, op_m, table, comps, param_reads):
-          if on_host:
-            host += nbytes
-          else:
-            hbm += nbytes
-    return hbm, host
-
-  return cost(entry) if entry else (0, 0)
+# The HLO byte count lives with the other XLA text parsers.
+bytes_moved = _xla.bytes_moved
+hbm_bytes_moved = _xla.hbm_bytes_moved

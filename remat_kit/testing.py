@@ -1,7 +1,7 @@
 """Assertions for your own tests: remat changes memory and nothing else.
 
 Use them in pytest, like ``chex`` assertions (the pytest plugin,
-:mod:`remat_kit.pytest_plugin`, adds a ``remat_impl`` fixture and the
+``pytest_remat_kit``, adds a ``remat_impl`` fixture and the
 ``--remat-update-fingerprints`` option):
 
 * :func:`assert_remat_equivalent`: each policy gives the same outputs,
@@ -397,7 +397,7 @@ def assert_recompute_deterministic(fn: Callable[..., Any], *args: Any, policy: A
   run, marks, leaves = _jaxpr.marked(lambda *a: jax.grad(f, argnums=nums)(*a), *args)
   closed = jax.make_jaxpr(run)(*leaves)
   seen: dict[str, list[Any]] = {}
-  _record(closed.jaxpr, closed.consts, leaves, marks, seen)
+  _record(*_jaxpr.closed_parts(closed), leaves, marks, seen)
   if not seen:
     raise ValueError("`assert_recompute_deterministic`: the function tags no values with "
                      "`checkpoint_name`; tag the intermediates to check.")
@@ -427,9 +427,9 @@ def _record(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], marks: Any,
     env[v] = x
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
-    body = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
-    if body is not None:
-      outs = _record(body.jaxpr, body.consts, invals, marks, seen)
+    if _jaxpr.is_jit(eqn):
+      body, body_consts = _jaxpr.closed_parts(eqn.params["jaxpr"])
+      outs = _record(body, body_consts, invals, marks, seen)
     elif _jaxpr.is_remat(eqn):
       b, c = _jaxpr.remat_body(eqn)
       outs = _record(b, c, invals, marks, seen)

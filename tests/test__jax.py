@@ -54,3 +54,46 @@ def test_jax_policy_names():
   assert _jax.jax_policy_names(cp.save_and_offload_only_these_names(
       names_which_can_be_saved=["s"], names_which_can_be_offloaded=["o"],
       offload_src="device", offload_dst="pinned_host")) == {"s", "o"}
+
+
+@pytest.mark.skipif(not hasattr(jax.ad_checkpoint, "checkpoint_name_fwd"),
+                    reason="JAX 0.10 has no checkpoint_name_fwd")
+def test_checkpoint_name_fwd_is_a_tag_under_both_implementations(remat_impl):
+  f = lambda x: jnp.sin(jax.ad_checkpoint.checkpoint_name_fwd(jnp.cos(x), "fwd"))
+  eqns = jax.make_jaxpr(f)(jnp.ones(3)).jaxpr.eqns
+  assert [_jax.checkpoint_name_of(e.primitive, e.params) for e in eqns] == [None, "fwd", None]
+
+
+def test_remat3_consulted_is_what_remat3_asks_a_callable_about():
+  consulted = _jax.remat3_consulted()
+  if not _jax.has_remat3():
+    assert consulted == frozenset()
+    return
+  assert consulted <= {_jax.name_primitive_name(), "dot_general", "conv_general_dilated"}
+  # a policy that saves at tags is honoured by remat3 exactly where the tag is consulted
+  seen = []
+  pol = lambda prim, *_, **params: seen.append(prim.name) or prim.name == "name"
+  with _jax.remat3(True):
+    jax.make_jaxpr(jax.grad(jax.checkpoint(lambda x: _f(x).sum(), policy=pol)))(jnp.ones(3))
+  assert set(seen) == consulted - {"dot_general", "conv_general_dilated"}
+
+
+def test_remat3_decided_at():
+  if not _jax.has_remat3():
+    pytest.skip("this JAX has no jax_remat3")
+  when = _jax.remat3_decided_at()
+  assert when in ("built", "called")
+  with _jax.remat3(False):
+    ck = jax.checkpoint(lambda x: x * 2.0)
+  with _jax.remat3(True):
+    (eqn,) = jax.make_jaxpr(ck)(1.0).jaxpr.eqns
+  assert _jax.remat_uses_remat3(eqn) == (when == "called")
+
+
+def test_memory_fields_read_every_field_and_refuse_an_unknown_object():
+  compiled = jax.jit(lambda x: jnp.sin(x) @ x).lower(jnp.ones((8, 8))).compile()
+  fields = _jax.memory_fields(compiled.memory_analysis())
+  assert fields["argument_size"] == 8 * 8 * 4 and fields["output_size"] == 8 * 8 * 4
+  assert set(fields) <= set(_jax.MEMORY_FIELDS)
+  with pytest.raises(_jax.UnknownJaxStructure, match=r"jax \d.*temp_size_in_bytes"):
+    _jax.memory_fields(object())

@@ -144,8 +144,11 @@ def test_linen_scanned_stack_equals_unrolled(name, policy, groups):
   x, vu, (lu, gu) = _unrolled_reference(name)
   scanned = LayerStack(block, 6, policy=policy, groups=groups)
   v = jax.jit(lambda k, x: scanned.init(k, x, *args))(KEYS, x)["params"]
-  chex.assert_trees_all_equal(unstack_params(v), vu)  # same init, converted
-  chex.assert_trees_all_equal(stack_params(vu), v)
+  # Same init, converted. Equal to float rounding only: XLA may compile the initializers'
+  # arithmetic differently inside the init scan (JAX 0.12: 7e-9 in one of 576 kernel
+  # entries of the CNN).
+  chex.assert_trees_all_close(unstack_params(v), vu, rtol=1e-6, atol=1e-8)
+  chex.assert_trees_all_close(stack_params(vu), v, rtol=1e-6, atol=1e-8)
   ls, gs = jax.jit(jax.value_and_grad(_stack_loss(scanned, x, args)))(v, KEY)
   chex.assert_trees_all_close(ls, lu, **SCAN_TOL)
   chex.assert_trees_all_close(unstack_params(gs), gu, **SCAN_TOL)

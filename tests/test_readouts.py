@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+from _facts import TANH_DERIVATIVE
 
 import remat_kit as rk
 from remat_kit.__main__ import main
@@ -30,7 +31,7 @@ def test_a_named_tanh_output_is_one_buffer():
   args = jnp.ones((64, 168)), jnp.ones((168, 4)), jnp.ones((64, 64))
   assert activation_bytes(f, *args) == 86_016
   rows = [r for r in saved_residuals(f, *args) if r.kind == "activation"]
-  assert sorted(r.primitive for r in rows) == ["sub", "tanh"]
+  assert sorted(r.primitive for r in rows) == sorted([TANH_DERIVATIVE, "tanh"])
   assert next(r for r in rows if r.primitive == "tanh").names == ("h",)
 
 
@@ -96,6 +97,13 @@ WIDE_ARGS = (jax.ShapeDtypeStruct((256, 4096), jnp.float32),
 WIDE_BYTES = 2048 * 4096 * 4
 
 
+def _allocated(rep):
+  """What the GPU compiler allocates for the step: `total_allocation_bytes` (JAX 0.12),
+  else temp + arguments + output (JAX 0.10/0.11, whose `peak_memory_in_bytes` it was)."""
+  c = rep.compiler
+  return c.get("total_allocation", c["temp_size"] + c["argument_size"] + c["output_size"])
+
+
 def _check_peak(rep, compiler_fields=True):
   d = rep.to_dict()
   assert set(d["rows"][0]) >= {"bytes", "name", "op", "kind", "source"}
@@ -112,9 +120,15 @@ def test_explain_peak_names_the_large_residual_and_adds_up(target):
   rep = explain_peak(_wide, *WIDE_ARGS, target=target, top=5, argnums=(0, 1))
   _check_peak(rep)
   assert rep.peak_bytes >= WIDE_BYTES
-  wide = [r for r in rep.rows if r.name == "wide"]
-  assert wide and wide[0].bytes == WIDE_BYTES and wide[0].kind == "saved residual"
-  assert wide[0].op == "exp" and wide[0].source.startswith("test_readouts.py:")
+  saved = [r for r in rep.rows if r.kind == "saved residual"]
+  assert saved and saved[0].bytes >= WIDE_BYTES
+  assert saved[0].source.startswith("test_readouts.py:")
+  if target is None:
+    assert (saved[0].name, saved[0].op, saved[0].bytes) == ("wide", "exp", WIDE_BYTES)
+  else:
+    # XLA:GPU may keep the matmul (padded to its tile) and fuse `exp` into the kernels
+    # that read it, forward and backward: then the matmul is the residual, untagged.
+    assert (saved[0].name, saved[0].op) in (("wide", "exp"), (None, "dot_general"))
   assert rep.rows[-1].kind == "other"
   table = rep.table()
   assert table.index("saved residual") < table.index("instruction")  # kinds first
@@ -134,7 +148,7 @@ def test_explain_peak_equals_the_h100_compilers_peak(policy):
           jax.ShapeDtypeStruct((512, 256), jnp.float32))
   rep = explain_peak(loss, *args, target="gpu:h100")
   _check_peak(rep)
-  assert abs(rep.peak_bytes - rep.compiler["peak_memory"]) <= 0.01 * rep.compiler["peak_memory"]
+  assert abs(rep.peak_bytes - _allocated(rep)) <= 0.01 * _allocated(rep)
 
 
 def test_explain_peak_of_a_training_step_labels_optimizer_state():
@@ -214,10 +228,18 @@ def test_lint_dominated_flags_a_name_after_the_nonlinearity_only():
 
 
 def test_lint_no_effect_when_the_compiler_keeps_what_remat_drops():
-  """XLA:CPU merges recomputation back in a Python loop; a scan keeps the saving."""
+  """The lint fires exactly when the compiled temp does not shrink. XLA:CPU merged the
+  recomputation back in a Python loop up to JAX 0.10 (not from 0.11 on); a scan keeps
+  the saving on every version."""
   loop = _stack(rk.remat(_mlp(False), policy="full"))
-  assert "no-effect" in _codes(loop, PARAMS, X)
-  assert "XLA:CPU" in str(next(w for w in rk.lint(loop, PARAMS, X) if w.code == "no-effect"))
+  temp = lambda f: rk.report.compiled_memory(jax.grad(f), PARAMS, X)["temp_size"]
+  undone = temp(loop) >= 0.99 * temp(_stack(_mlp(False)))
+  assert ("no-effect" in _codes(loop, PARAMS, X)) == undone
+  if undone:
+    assert "XLA:CPU" in str(next(w for w in rk.lint(loop, PARAMS, X) if w.code == "no-effect"))
+  # remat of a layer whose backward reads only its inputs saves nothing on any compiler
+  linear = _stack(rk.remat(lambda p, x: x * jnp.mean(p["up"]), policy="full"))
+  assert "no-effect" in _codes(linear, PARAMS, X)
 
   def body(x, p):
     return _mlp(False)(p, x), None
@@ -269,4 +291,4 @@ def test_explain_peak_finds_the_residuals_a_scanned_gpt_stacks(target):
   share = lambda r: r.by_kind.get("saved residual", 0) / r.peak_bytes
   assert share(full) < share(plain) / 2
   if target == "gpu:h100":
-    assert abs(plain.peak_bytes - plain.compiler["peak_memory"]) <= 0.01 * plain.peak_bytes
+    assert abs(plain.peak_bytes - _allocated(plain)) <= 0.01 * plain.peak_bytes

@@ -165,3 +165,22 @@ def test_estimate_charges_host_bytes_at_the_host_link():
   # Rates passed by hand carry no host bandwidth: say so rather than leave the term out.
   seconds, source = estimate_seconds(0, fields, "tpu:v5e:2x2", rates=(1e12, 1e11, "given"))
   assert seconds is None and "host" in source
+
+
+def _tpu7x_known() -> bool:
+  if not HAVE_TPU:
+    return False
+  try:
+    targets.parse_target("tpu:tpu7x:2x2x1").devices()
+  except ValueError:  # an older libtpu refuses the topology
+    return False
+  return True
+
+
+@pytest.mark.skipif(not _tpu7x_known(), reason="this libtpu has no tpu7x (JAX 0.12's has)")
+def test_tpu7x_compiles_deviceless_with_per_device_figures():
+  t = targets.parse_target("tpu:tpu7x:2x2x1")
+  assert len(t.devices()) == 8  # four chips, two TensorCores each
+  rep = rk.memory_report(_loss("full"), WS, X, target=t)
+  assert rep.compiled["temp_size"] >= 0 and rep.estimated_seconds > 0
+  assert t.chip.hbm_bytes == 96 * 2**30 and "TensorCore" in t.chip.source

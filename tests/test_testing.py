@@ -174,5 +174,15 @@ def test_readme_pytest_example_runs(tmp_path):
 
 
 def test_plugin_and_testing_agree_on_the_update_variable():
-  from remat_kit import pytest_plugin
-  assert pytest_plugin.UPDATE_ENV == rkt.UPDATE_ENV
+  import pytest_remat_kit
+  assert pytest_remat_kit.UPDATE_ENV == rkt.UPDATE_ENV
+
+
+def test_the_plugin_imports_no_jax(tmp_path):
+  """pytest loads the plugin (an entry point) before any conftest.py: it must not import
+  JAX, so a conftest can still set JAX_PLATFORMS (the CUDA plugin reads it at startup)."""
+  import subprocess
+  import sys
+  code = "import sys, pytest_remat_kit; print('jax' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"

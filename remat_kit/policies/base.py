@@ -99,6 +99,16 @@ class Policy:
     """The primitive names this policy refers to."""
     return frozenset().union(*(c.referenced_primitives() for c in self.children()))
 
+  def saving_primitives(self) -> frozenset[str] | None:
+    """The primitives at whose outputs this policy may save or offload; None for any.
+
+    A tag counts as the primitive ``checkpoint_name`` binds (``"name"``). Where
+    every such primitive is one at which ``jax_remat3`` consults a callable
+    policy (:func:`remat_kit._jax.remat3_consulted`), the policy runs on
+    remat3 as it is; otherwise remat_kit runs it on JAX's classic remat.
+    """
+    return None
+
   def excluded_names(self) -> frozenset[str]:
     """Names whose producers must be recomputed (see `SaveAnythingExcept`)."""
     return frozenset().union(*(c.excluded_names() for c in self.children()))
@@ -131,6 +141,9 @@ class Offload(Policy):
 
   def children(self):
     return (self.policy,)
+
+  def saving_primitives(self):
+    return self.policy.saving_primitives()
 
   def with_children(self, children):
     return dataclasses.replace(self, policy=children[0])
@@ -182,6 +195,10 @@ class Union(_Combination):
   _decisive = _jax.Saveable
   _otherwise = _jax.Recompute
 
+  def saving_primitives(self):
+    parts = [p.saving_primitives() for p in self.policies]
+    return None if any(x is None for x in parts) else frozenset().union(*parts)
+
 
 @dataclasses.dataclass(frozen=True)
 class Intersection(_Combination):
@@ -189,3 +206,7 @@ class Intersection(_Combination):
 
   _decisive = _jax.Recompute
   _otherwise = _jax.Saveable
+
+  def saving_primitives(self):
+    known = [x for p in self.policies if (x := p.saving_primitives()) is not None]
+    return frozenset.intersection(*known) if known else None

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from remat_kit import _jax
+from remat_kit import _jax, _jaxpr
 from remat_kit.policies.base import DEFAULT_OFFLOAD_DST, DEFAULT_OFFLOAD_SRC, Policy, names_arg
 
 __all__ = [
@@ -56,6 +56,9 @@ class SaveNothing(Policy):
   Memory: the function's inputs only. Compute: one extra forward pass.
   """
 
+  def saving_primitives(self):
+    return frozenset()
+
   def decide(self, prim, avals, params):
     return _jax.Recompute
 
@@ -65,7 +68,7 @@ def _is_dot(prim: Any, params: dict[str, Any], no_batch_dims: bool) -> bool:
   if name == "dot_general":
     if not no_batch_dims:
       return True
-    (_, _), (lhs_b, rhs_b) = params["dimension_numbers"]
+    lhs_b, rhs_b = _jaxpr.dot_batch_dims(params)
     return not lhs_b and not rhs_b
   return name == "conv_general_dilated" and not no_batch_dims
 
@@ -83,6 +86,10 @@ class SaveDots(Policy):
   """
 
   no_batch_dims: bool = False
+
+  def saving_primitives(self):
+    return frozenset({"dot_general"} if self.no_batch_dims
+                     else {"dot_general", "conv_general_dilated"})
 
   def decide(self, prim, avals, params):
     return _jax.Saveable if _is_dot(prim, params, self.no_batch_dims) else _jax.Recompute
@@ -103,6 +110,9 @@ class SaveNames(Policy):
 
   def __post_init__(self):
     object.__setattr__(self, "names", names_arg(self.names, "SaveNames(names=...)"))
+
+  def saving_primitives(self):
+    return frozenset({_jax.name_primitive_name()})
 
   def decide(self, prim, avals, params):
     n = _jax.checkpoint_name_of(prim, params)
@@ -131,6 +141,9 @@ class OffloadNames(Policy):
 
   def __post_init__(self):
     object.__setattr__(self, "names", names_arg(self.names, "OffloadNames(names=...)"))
+
+  def saving_primitives(self):
+    return frozenset({_jax.name_primitive_name()})
 
   def decide(self, prim, avals, params):
     n = _jax.checkpoint_name_of(prim, params)
@@ -172,6 +185,9 @@ class NamePlan(Policy):
     object.__setattr__(self, "save", save)
     object.__setattr__(self, "offload", off)
 
+  def saving_primitives(self):
+    return frozenset({_jax.name_primitive_name()})
+
   def decide(self, prim, avals, params):
     n = _jax.checkpoint_name_of(prim, params)
     if n is None:
@@ -194,6 +210,9 @@ class SaveAnyNamesBut(Policy):
 
   def __post_init__(self):
     object.__setattr__(self, "names", names_arg(self.names, "SaveAnyNamesBut(names=...)"))
+
+  def saving_primitives(self):
+    return frozenset({_jax.name_primitive_name()})
 
   def decide(self, prim, avals, params):
     n = _jax.checkpoint_name_of(prim, params)
@@ -235,8 +254,7 @@ class SaveAnythingExcept(Policy):
     if n is not None:
       return _jax.Recompute if n in self.names else _jax.Saveable
     if self.producers:
-      sig = (prim.name, tuple((tuple(getattr(a, "shape", ())), str(getattr(a, "dtype", "")))
-                              for a in avals))
+      sig = (prim.name, tuple(_jax.aval_key(a) for a in avals))
       if sig in self.producers:
         return _jax.Recompute
     return _jax.Saveable
@@ -260,6 +278,9 @@ class SavePrimitives(Policy):
   def __post_init__(self):
     object.__setattr__(
         self, "primitives", names_arg(self.primitives, "SavePrimitives(primitives=...)"))
+
+  def saving_primitives(self):
+    return frozenset(self.primitives)
 
   def decide(self, prim, avals, params):
     return _jax.Saveable if getattr(prim, "name", None) in self.primitives else _jax.Recompute

@@ -89,8 +89,7 @@ _PASS = frozenset("name reduce_precision device_put copy copy_p".split())
 _ALIAS = _PASS | frozenset("reshape squeeze expand_dims convert_element_type optimization_barrier"
                            .split())
 # Calls whose outputs are their body's outputs.
-_CALLS = frozenset("jit pjit closed_call core_call checkpoint remat custom_jvp_call "
-                   "custom_vjp_call".split())
+_CALLS = frozenset(_jaxpr.CALL_BODIES)
 
 
 def _arg_names(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
@@ -110,8 +109,7 @@ def _frame(jaxpr: Any, eqn: Any = None) -> _Frame:
 
 
 def _body(eqn: Any) -> Any:
-  j = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-  return getattr(j, "jaxpr", j)
+  return _jaxpr.call_body(eqn)
 
 
 def _follow(v: Any, frames: list[_Frame], through: frozenset[str]
@@ -135,7 +133,8 @@ def _follow(v: Any, frames: list[_Frame], through: frozenset[str]
       i = fr.jaxpr.invars.index(v)
       parent = fr.eqn
       if parent.primitive.name == "scan":
-        lo = parent.params["num_consts"] + parent.params["num_carry"]
+        scan = _jaxpr.scan_layout(parent)
+        lo = scan.num_consts + scan.num_carry
         if i < lo:  # a carry or a constant: not a slice of an outer array
           return v, frames, layers, name, cast
       frames.pop()
@@ -147,10 +146,11 @@ def _follow(v: Any, frames: list[_Frame], through: frozenset[str]
       name = n
     if pname == "scan":
       k = eqn.outvars.index(v)
-      if k < eqn.params["num_carry"]:
+      scan = _jaxpr.scan_layout(eqn)
+      if k < scan.num_carry:
         return v, frames, layers, name, cast
-      layers *= eqn.params["length"]
-      body = eqn.params["jaxpr"].jaxpr
+      layers *= scan.length
+      body = scan.body
       frames.append(_frame(body, eqn))
       v = body.outvars[k]
       continue
@@ -233,7 +233,7 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
     site, role = None, ""
     if eqn is not None:
       prim = eqn.primitive.name
-      if prim == "jit":
+      if _jaxpr.is_jit(eqn):
         prim = f"jit:{eqn.params.get('name', '')}"
       site = marks.site_of(str(eqn.source_info.name_stack))
       role = "inside" if site is not None else ""
@@ -319,19 +319,6 @@ def activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
   return sum(r.bytes for r in saved_residuals(fn, *args, **kwargs) if r.kind == "activation")
 
 
-_MEMORY_FIELDS = (
-    "argument_size_in_bytes",
-    "output_size_in_bytes",
-    "alias_size_in_bytes",
-    "temp_size_in_bytes",
-    "generated_code_size_in_bytes",
-    "host_argument_size_in_bytes",
-    "host_output_size_in_bytes",
-    "host_alias_size_in_bytes",
-    "host_temp_size_in_bytes",
-    "host_generated_code_size_in_bytes",
-    "peak_memory_in_bytes",
-)
 
 
 def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
@@ -364,16 +351,16 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
 def memory_fields(compiled: Any, target: Any, hbm_bytes: bool | None = None) -> dict[str, Any]:
   """:func:`compiled_memory`'s dict for an already compiled program."""
   t = targets.parse_target(target)
-  ma = compiled.memory_analysis()
   out: dict[str, Any] = {"backend": jax.default_backend() if t.is_local else t.platform,
                          "target": t.name}
-  for f in _MEMORY_FIELDS:
-    v = getattr(ma, f, None)
-    if v is not None:
-      out[f.removesuffix("_in_bytes")] = int(v)
+  out.update(_jax.memory_fields(compiled.memory_analysis()))
+  # What the step holds: every allocation, reserved whole for the step (CPU, GPU; JAX
+  # 0.12 reports it as `total_allocation_bytes`); the TPU compiler's own peak.
   out["peak_bytes"] = (out.get("temp_size", 0) + out.get("argument_size", 0)
                        + out.get("output_size", 0) - out.get("alias_size", 0))
-  if not t.is_local and out.get("peak_memory"):
+  if t.platform == "gpu" and out.get("total_allocation"):
+    out["peak_bytes"] = out["total_allocation"]
+  elif t.platform == "tpu" and out.get("peak_memory"):
     out["peak_bytes"] = out["peak_memory"]
   if hbm_bytes is None:
     hbm_bytes = not t.is_local

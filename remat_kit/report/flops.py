@@ -39,7 +39,7 @@ def _size(aval: Any) -> int:
 def _eqn_flops(eqn: Any) -> int:
   name = eqn.primitive.name
   if name == "dot_general":
-    (lc, _), _ = eqn.params["dimension_numbers"]
+    lc, _ = _jaxpr.dot_contracting_dims(eqn.params)
     lhs = eqn.invars[0].aval
     k = math.prod(lhs.shape[d] for d in lc)
     return 2 * _size(eqn.outvars[0].aval) * k
@@ -61,9 +61,10 @@ def _jaxpr_flops(jaxpr: Any) -> int:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "scan":
-      total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+      scan = _jaxpr.scan_layout(eqn)
+      total += scan.length * _jaxpr_flops(scan.body)
     elif name == "cond":
-      total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+      total += max(_jaxpr_flops(b) for b in _jaxpr.cond_branches(eqn))
     elif name == "while":
       trips = _while_trips(eqn)
       if trips is None:
@@ -72,8 +73,8 @@ def _jaxpr_flops(jaxpr: Any) -> int:
             "constant counter (`i < n` with literal start, bound and step); it is unknown "
             "before it runs. Use `lax.scan` (fixed length) or `lax.fori_loop` with static "
             "bounds, which lowers to a scan.")
-      body = eqn.params["body_jaxpr"].jaxpr
-      cond = eqn.params["cond_jaxpr"].jaxpr
+      loop = _jaxpr.while_layout(eqn)
+      body, cond = loop.body, loop.cond
       total += trips * _jaxpr_flops(body) + (trips + 1) * _jaxpr_flops(cond)
     else:
       total += _eqn_flops(eqn)
@@ -91,9 +92,7 @@ def _literal(v: Any) -> Any:
 
 def _while_trips(eqn: Any) -> int | None:
   """Trip count of ``while i < n: i += step`` with literal start, bound and step, else None."""
-  cj, bj = eqn.params["cond_jaxpr"], eqn.params["body_jaxpr"]
-  nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-  cond, body = cj.jaxpr, bj.jaxpr
+  cond, body, nc, nb = _jaxpr.while_layout(eqn)
   if len(cond.eqns) != 1 or cond.eqns[0].primitive.name not in ("lt", "le", "ne"):
     return None
   cmp = cond.eqns[0]
@@ -166,7 +165,7 @@ def _rewrite(fn: Callable[..., Any], full: bool) -> Callable[..., Any]:
   def rewritten(*args: Any, **kwargs: Any) -> Any:
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
     leaves = jax.tree_util.tree_leaves((args, kwargs))
-    outs = _jaxpr.eval_inlined(closed.jaxpr, closed.consts, *leaves, full=full)
+    outs = _jaxpr.eval_inlined(*_jaxpr.closed_parts(closed), *leaves, full=full)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return rewritten

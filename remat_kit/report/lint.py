@@ -145,8 +145,9 @@ def _no_effect(fn: Callable[..., Any], args: tuple[Any, ...], t: targets.Target
   a, b = mem.get(key, 0), ref.get(key, 0)
   if b == 0 or a < 0.99 * b:
     return []
-  why = (" XLA:CPU merges the recomputation back when layers are a Python loop: scan them "
-         "(`remat_scan`), or check on the accelerator you train on with `target=`."
+  why = (" XLA:CPU can merge the recomputation back when layers are a Python loop (it "
+         "does with the XLA of JAX 0.10): scan them (`remat_scan`), or check on the "
+         "accelerator you train on with `target=`."
          if t.is_local and jax.default_backend() == "cpu" else "")
   return [LintWarning(
       "no-effect",

@@ -21,10 +21,14 @@ values live at once (a buffer shared by several values, an in-place update or
 an alias, counted once) add up to the most: ``live_bytes``. The runtime
 reserves each temp allocation whole, so what the compiler's packing leaves
 unused at that point is held too, and is a "packing" row. ``peak_bytes`` is
-the sum: the memory the step holds at its peak, at most temp + arguments +
-output; on the H100 target it is the compiler's ``peak_memory_in_bytes``. On
-TPU it counts on-chip (VMEM) buffers too, in rows whose ``memory`` says so;
-the TPU compiler's own ``peak_memory_in_bytes`` is kept in ``compiler``.
+the sum: the memory the step holds at its peak. On CPU and GPU that is what
+the compiler allocates, temp + arguments + output (JAX 0.12's
+``total_allocation_bytes``; its ``peak_memory_in_bytes`` is the heap's peak
+without the packing, smaller); on a real H100 it matched the device's
+``peak_bytes_in_use``. On TPU it counts on-chip (VMEM) buffers too, in rows
+whose ``memory`` says so; the TPU compiler's own ``peak_memory_in_bytes`` (which
+counts the program too) is kept in ``compiler``. Every report is checked against
+the compiler's figures and raises where they disagree (see ``_reconcile``).
 
 Values are credited by provenance: the function is re-traced with named
 scopes on each remat site and each `checkpoint_name`'d op
@@ -43,8 +47,8 @@ from typing import Any
 
 import jax
 
-from remat_kit import _jaxpr, targets
-from remat_kit.report import _dumps
+from remat_kit import _jax, _jaxpr, targets
+from remat_kit import _xla as _dumps
 from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["PeakReport", "PeakRow", "compile_explained", "explain_peak"]
@@ -94,9 +98,11 @@ class PeakReport:
   compiler: dict[str, int]  # the compiler's own fields, for comparison
   by_kind: dict[str, int]  # bytes live at the peak per kind (all buffers, not only top)
   live_bytes: int = 0  # the buffers live at the peak, without the temp packing
+  by_memory: dict[str, int] = dataclasses.field(default_factory=dict)  # device, on-chip
 
   def to_dict(self) -> dict[str, Any]:
     return {"peak_bytes": self.peak_bytes, "live_bytes": self.live_bytes,
+            "by_memory": dict(self.by_memory),
             "target": self.target, "at": self.at,
             "compiler": dict(self.compiler), "by_kind": dict(self.by_kind),
             "rows": [{"bytes": r.bytes, "name": r.name, "op": r.op, "kind": r.kind,
@@ -206,15 +212,53 @@ def compile_explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     hlo, assignment, live = (_dumps.read(d, s) for s in (
         "after_optimizations.txt", "after_optimizations-buffer-assignment.txt",
         "after_optimizations-live-range.txt"))
-  ma = compiled.memory_analysis()
-  compiler = {f.removesuffix("_in_bytes"): int(getattr(ma, f)) for f in (
-      "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-      "alias_size_in_bytes", "peak_memory_in_bytes") if getattr(ma, f, None) is not None}
+  compiler = _jax.memory_fields(compiled.memory_analysis())
   out_leaf_kind = _out_labels(jax.eval_shape(target_fn, *leaves), grad, out_kinds)
   ranges, horizon = _dumps.live_ranges(live)
   report = _explain(_dumps.Program(hlo), _dumps.allocations(assignment), ranges, horizon, marks, leaf_kind,
                     leaf_name, out_leaf_kind, top, t.name, compiler)
+  _reconcile(report, t)
   return compiled, report
+
+
+def _reconcile(report: PeakReport, t: targets.Target) -> None:
+  """Raises where the explained total disagrees with the compiler's own figures.
+
+  On CPU and GPU the runtime reserves every allocation whole for the step, so the
+  peak is what the compiler allocates: ``total_allocation_bytes`` (JAX 0.11+), else
+  temp + arguments + output - aliased. On TPU the compiler's figures cover HBM only
+  (on-chip VMEM buffers are outside them) and their meaning moves between libtpu
+  versions, so the HBM part of the explained peak must lie between the arguments
+  plus outputs and the largest of ``peak_memory_in_bytes``,
+  ``total_allocation_bytes`` and temp + arguments + outputs.
+  """
+  c, got = report.compiler, report.peak_bytes
+  if t.platform == "tpu":
+    # HBM only: on-chip (VMEM) buffers are the compiler's own, outside its figures.
+    got = report.by_memory.get("device", got)
+    floor = c.get("argument_size", 0) + c.get("output_size", 0) - c.get("alias_size", 0)
+    ceiling = max(c.get("peak_memory", 0), c.get("total_allocation", 0),
+                  c.get("temp_size", 0) + floor)
+    if floor <= got <= 1.005 * ceiling + 4096:
+      return
+    want = (f"between {floor:,} (arguments + outputs) and {ceiling:,} (the most the "
+            "compiler says it allocates) bytes of HBM")
+  else:
+    ref = c.get("total_allocation")
+    what = "total_allocation_bytes"
+    if ref is None:
+      ref = (c.get("temp_size", 0) + c.get("argument_size", 0) + c.get("output_size", 0)
+             - c.get("alias_size", 0))
+      what = "temp + argument + output - alias"
+    if abs(got - ref) <= 0.005 * ref + 4096:
+      return
+    want = f"{ref:,} (the compiler's {what})"
+  raise RuntimeError(
+      f"`explain_peak`: on {t.name}, the buffers read from the compiler's dumps add up to "
+      f"{got:,} bytes at the peak, but its memory analysis says {want}. This JAX/XLA "
+      f"(jax {jax.__version__}) lays out its dumps in a way remat_kit does not read "
+      "correctly; please report it with your JAX version. Compiler figures: "
+      f"{dict(c)}.")
 
 
 # --------------------------------------------------------------------------
@@ -367,7 +411,10 @@ def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str,
     shown.append(PeakRow(sum(r.bytes for r in rest), None, None, "other", None,
                          f"{len(rest)} smaller buffers"))
   at = next((v for v, (s, _) in ranges.items() if s == best_t), f"step {best_t}")
-  return PeakReport(total, shown, target, at, compiler, by_kind, live_total)
+  by_memory: dict[str, int] = {}
+  for r in rows:
+    by_memory[r.memory] = by_memory.get(r.memory, 0) + r.bytes
+  return PeakReport(total, shown, target, at, compiler, by_kind, live_total, by_memory)
 
 
 def _value_row(size: int, label: str, kind: str, prog: _dumps.Program, marks: Any, memory: str,
