@@ -31,11 +31,14 @@ VMID_PY  := $(VMID)/bin/python
 VMID_STAMP := $(VMID)/.installed
 PY312    := $(shell .ci/pick-python 3.12 2>/dev/null)
 
-# The subsets run on the older legs: the JAX boundary, policies, transforms, Flax and
-# the readouts that parse jaxprs (scan layouts differ across these versions).
+# The subsets run on the older legs: the JAX boundary, policies, dispatch, transforms,
+# Flax, the jax.checkpoint conformance suite and the readouts that parse jaxprs (scan
+# layouts differ across these versions).
 SMOKE    := tests/test__jax.py tests/test__jaxpr.py tests/test__xla.py tests/test_dispatch.py tests/test_layout.py \
-            tests/test_policies.py tests/test_transforms.py tests/test_flax_linen.py
-MID_TESTS := $(SMOKE) tests/test_flax_nnx.py tests/test_report_core.py tests/test_report_summary.py
+            tests/test_policies.py tests/test_transforms.py tests/test_flax_linen.py \
+            tests/test_conformance.py
+MID_TESTS := $(SMOKE) tests/test_flax_nnx.py tests/test_flax_signatures.py tests/test_report_core.py \
+             tests/test_report_summary.py
 
 .PHONY: install test test-new test-mid test-min bench bench-refresh lint check clean versions
 

@@ -116,12 +116,12 @@ def plan(policy: Policy, remat3: bool | None = None) -> Plan:
   return Plan("native", native) if native is not None else Plan("classic", policy)
 
 
-def checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: bool = True
+def checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: Any = True
                ) -> Callable[..., Any]:
   """``jax.checkpoint(fn)`` applying ``policy`` faithfully under either implementation."""
   p = plan(policy)
   if p.kind == "skip":
-    return fn
+    return _traced(fn)
   if p.kind != "classic":
     return jax.checkpoint(fn, policy=p.policy, prevent_cse=prevent_cse)
   with _jax.remat3(False):
@@ -133,6 +133,22 @@ def checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: bool = True
       return ck(*args, **kwargs)
 
   return classic
+
+
+def _as_array(x: Any) -> Any:
+  return x if isinstance(x, jax.Array) else jax.numpy.asarray(x)
+
+
+def _traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with no remat boundary, taking and giving arrays as ``jax.checkpoint`` does
+  (a Python float in becomes a weakly typed array; NumPy in, a jax.Array out)."""
+
+  @functools.wraps(fn)
+  def traced(*args: Any, **kwargs: Any) -> Any:
+    args, kwargs = jax.tree_util.tree_map(_as_array, (args, kwargs))
+    return jax.tree_util.tree_map(_as_array, fn(*args, **kwargs))
+
+  return traced
 
 
 def apply_transform(transform: Callable[..., Any], fn: Callable[..., Any], policy: Policy,

@@ -114,7 +114,8 @@ def _is_nnx(x: Any) -> bool:
 def assert_remat_equivalent(fn_or_module: Any, *args: Any, policies: Sequence[Any] = ("full",),
                             rtol: float = 1e-6, atol: float = 1e-6, rngs: Any = None,
                             argnums: int | Sequence[int] = 0, jit: Sequence[bool] = (False, True),
-                            impls: Sequence[str] | None = None, **kwargs: Any) -> None:
+                            impls: Sequence[str] | None = None,
+                            static_argnames: str | Sequence[str] = (), **kwargs: Any) -> None:
   """Each policy gives the same outputs and gradients as no remat.
 
   Args:
@@ -130,6 +131,8 @@ def assert_remat_equivalent(fn_or_module: Any, *args: Any, policies: Sequence[An
     argnums: for a function, which arguments to differentiate.
     jit: run without jit, with it, or both.
     impls: remat implementations to check (default: all this JAX has).
+    static_argnames: for a Linen module, the call's arguments that must be static
+      (a ``train`` flag), as :func:`remat_kit.flax.remat_policy` takes them.
     **kwargs: more arguments of the function or module call.
 
   Raises:
@@ -140,7 +143,7 @@ def assert_remat_equivalent(fn_or_module: Any, *args: Any, policies: Sequence[An
     from_config(p)  # an unknown policy is a clear error before any work
   impls = list(impls) if impls is not None else implementations()
   if _is_linen(fn_or_module):
-    check = _linen_case(fn_or_module, args, kwargs, rngs)
+    check = _linen_case(fn_or_module, args, kwargs, rngs, static_argnames)
   elif _is_nnx(fn_or_module):
     check = _nnx_case(fn_or_module, args, kwargs)
   elif callable(fn_or_module):
@@ -187,7 +190,8 @@ def _mean_square(out: Any) -> Any:
   return sum(jnp.mean(x * x) for x in leaves)
 
 
-def _linen_case(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], rngs: Any
+def _linen_case(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], rngs: Any,
+                static_argnames: str | Sequence[str] = ()
                 ) -> Callable[[Any, bool], dict[str, Any]]:
   from remat_kit.flax import remat_policy
   if not args:
@@ -198,7 +202,9 @@ def _linen_case(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], rngs
             if f.init and f.name not in ("parent", "name")}
 
   def build(policy: Any) -> Any:
-    return module if policy is None else remat_policy(policy)(type(module))(**fields)
+    if policy is None:
+      return module
+    return remat_policy(policy, static_argnames=static_argnames)(type(module))(**fields)
 
   def check(policy: Any, use_jit: bool) -> dict[str, Any]:
     m = build(policy)

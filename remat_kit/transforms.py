@@ -18,7 +18,7 @@ import jax
 from jax import ad_checkpoint as _ad_checkpoint
 from jax import lax
 
-from remat_kit import _dispatch, _jax, _jaxpr
+from remat_kit import _args, _dispatch, _jax, _jaxpr
 from remat_kit._dispatch import to_jax_policy
 from remat_kit.policies import Policy, from_config
 
@@ -40,21 +40,20 @@ def classic_remat() -> Any:
   return _jax.remat3(False)
 
 
-def _as_tuple(x: Any, api: str, arg: str, kind: type) -> tuple[Any, ...]:
-  if isinstance(x, kind) and not isinstance(x, bool):
-    return (x,)
-  if isinstance(x, (tuple, list)) and all(isinstance(i, kind) and not isinstance(i, bool)
-                                          for i in x):
-    return tuple(x)
-  raise TypeError(f"`{api}`: `{arg}` must be a {kind.__name__} or a tuple of them, got {x!r}.")
-
-
-def _check_names(api: str, policy: Policy, closed: Any) -> None:
+def _check_names(api: str, policy: Policy, closed: Any,
+                 rules: Callable[[], Any] | None = None) -> None:
   want_names = policy.referenced_names()
   want_prims = policy.referenced_primitives() - {"dot_general"}
   if not want_names and not want_prims:
     return
   have_names, have_prims = _jaxpr.tags_and_primitives(closed)
+  if (want_names - have_names or want_prims - have_prims) and rules is not None:
+    # Tags and ops inside custom_vjp forwards and custom_jvp rules show up only once the
+    # function is differentiated: look there before calling a name missing.
+    more = rules()
+    if more is not None:
+      extra_names, extra_prims = _jaxpr.tags_and_primitives(more)
+      have_names, have_prims = have_names | extra_names, have_prims | extra_prims
   missing = sorted(want_names - have_names)
   if missing:
     raise ValueError(
@@ -71,38 +70,53 @@ def _check_names(api: str, policy: Policy, closed: Any) -> None:
 
 @overload
 def remat(fn: F, *, policy: Any = ..., static_argnums: int | Sequence[int] = ...,
-          static_argnames: str | Sequence[str] = ..., prevent_cse: bool = ...,
+          static_argnames: str | Sequence[str] = ..., prevent_cse: Any = ...,
           check_names: bool = ...) -> F: ...
 @overload
 def remat(fn: None = None, *, policy: Any = ..., static_argnums: int | Sequence[int] = ...,
-          static_argnames: str | Sequence[str] = ..., prevent_cse: bool = ...,
+          static_argnames: str | Sequence[str] = ..., prevent_cse: Any = ...,
           check_names: bool = ...) -> Callable[[F], F]: ...
 def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
           static_argnums: int | Sequence[int] = (),
           static_argnames: str | Sequence[str] = (),
-          prevent_cse: bool = True, check_names: bool = True) -> Any:
+          prevent_cse: Any = True, check_names: bool = True) -> Any:
   """``jax.checkpoint`` with config policies and checks; bare or with arguments.
+
+  A drop-in for ``jax.checkpoint``: the same arguments mean the same things,
+  inputs are traced (Python and NumPy values become arrays) whatever the
+  policy, and nothing of the user's outlives the returned wrapper. One
+  deliberate difference: a policy naming a tag ``fn`` never makes raises
+  (JAX saves nothing, silently); pass ``check_names=False`` for JAX's behaviour.
+
+  Static arguments, the one rule of :func:`remat` and
+  :func:`remat_kit.flax.remat_policy`: those named in ``static_argnums``
+  (positions) or ``static_argnames`` (names; a position passed by keyword is static
+  too), as in ``jax.checkpoint``, and values JAX cannot trace (a ``str``, an enum
+  member, a tuple of these). Everything else is traced, Python scalars included.
 
   Args:
     fn: the function to rematerialize. Omit it to use ``remat`` as a
       decorator with arguments.
     policy: anything :func:`remat_kit.policies.from_config` accepts: a policy,
       a preset string such as ``"save_dots"``, a dict such as
-      ``{"qkv": "save", "*": "recompute"}``, ``True``/``None`` (full remat)
-      or ``False`` (no remat).
+      ``{"qkv": "save", "*": "recompute"}``, ``True``/``None`` (full remat, as
+      ``jax.checkpoint``'s default) or ``False`` (no remat).
     static_argnums: positions of arguments that are Python values, not arrays
       (flags such as ``train``). They must be hashable.
     static_argnames: names of such arguments.
-    prevent_cse: as in ``jax.checkpoint``; keep True except inside ``scan``.
+    prevent_cse: as in ``jax.checkpoint``: a bool, or a pytree prefix of the
+      arguments with a bool per subtree (keep True except inside ``scan``).
     check_names: at trace time, raise if a name the policy refers to is not
-      tagged anywhere in ``fn`` (JAX silently saves nothing then).
+      tagged anywhere in ``fn`` (its custom rules included).
 
   Returns:
-    ``fn`` rematerialized: same values and gradients, less saved memory.
+    ``fn`` rematerialized: the same values, and the same gradients up to float
+    rounding (the recomputation may be fused differently), less saved memory.
 
   Raises:
     ValueError: for a policy name that ``fn`` never tags, or bad static args.
-    TypeError: for an unhashable static argument or a non-callable ``fn``.
+    TypeError: for an unhashable static argument, a bad ``prevent_cse`` or a
+      non-callable ``fn``.
 
   Example:
     >>> import jax, jax.numpy as jnp, remat_kit as rk
@@ -121,8 +135,9 @@ def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
   if not callable(fn):
     raise TypeError(f"`remat`: `fn` must be callable, got {fn!r}.")
   pol = from_config(policy)
-  argnums = _as_tuple(static_argnums, "remat", "static_argnums", int)
-  argnames = _as_tuple(static_argnames, "remat", "static_argnames", str)
+  cse = _args.check_prevent_cse(prevent_cse)
+  argnums = _args.as_tuple(static_argnums, "remat", "static_argnums", int)
+  argnames = _args.as_tuple(static_argnames, "remat", "static_argnames", str)
   try:
     sig = inspect.signature(fn)
   except (TypeError, ValueError):
@@ -152,108 +167,61 @@ def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
   needs_trace = bool(pol.excluded_names()) or (
       check_names and bool(pol.referenced_names() or pol.referenced_primitives()))
   static_set = bool(argnums or name_pos or argnames)
+  # The wrapper's own caches: the function of the dynamic arguments per static values
+  # (JAX's trace cache keys on it), the checkpointed function, the resolved policy.
+  dyn_fns, built, resolved_cache = _args.LRU(), _args.LRU(), _args.LRU()
 
   @functools.wraps(fn)
   def wrapper(*args: Any, **kwargs: Any) -> Any:
-    if not static_set and not kwargs:
-      dyn_fn, dyn = fn, args  # the common case: JAX's trace cache sees `fn` itself
+    auto = tuple(i for i, a in enumerate(args) if _args.untraceable(a))
+    auto_kw = tuple(k for k, v in kwargs.items() if _args.untraceable(v))
+    if not static_set and not kwargs and not auto:
+      key, dyn_fn, dyn = (), fn, args  # JAX's trace cache sees `fn` itself
+      dyn_cse = cse if isinstance(cse, bool) else _args.cse_for(cse, args, {}, (), ())
     else:
-      dyn_fn, dyn = _split_statics(fn, argnums, name_pos, argnames, args, kwargs, num_names)
+      key, raw, dyn, static_pos, kw_dyn = _args.split_statics(
+          fn, argnums, name_pos + auto, argnames + auto_kw, args, kwargs, num_names)
+      if key is None:  # an unhashable static value: traced anew, as jax.checkpoint does
+        dyn_fn = _args.dyn_fn(fn, *raw)
+        return _dispatch.checkpoint(dyn_fn, _resolve(dyn_fn, pol, check_names, dyn)
+                                    if needs_trace else pol,
+                                    cse if isinstance(cse, bool) else _args.cse_for(
+                                        cse, args, kwargs, static_pos, kw_dyn))(*dyn)
+      dyn_fn = dyn_fns.get(key) or dyn_fns.put(key, _args.dyn_fn(fn, *key))
+      dyn_cse = cse if isinstance(cse, bool) else _args.cse_for(cse, args, kwargs, static_pos,
+                                                           kw_dyn)
     resolved = pol
     if needs_trace:
       leaves, tree = jax.tree_util.tree_flatten(dyn)
-      resolved = _resolve(dyn_fn, pol, check_names, tree,
-                          tuple(_jaxpr.aval_key(jax.typeof(x)) for x in leaves), dyn)
-    return _built(dyn_fn, resolved, prevent_cse, _jax.remat3_enabled())(*dyn)
+      rkey = (key, tree, tuple(_jaxpr.aval_key(jax.typeof(x)) for x in leaves))
+      resolved = resolved_cache.get(rkey) or resolved_cache.put(
+          rkey, _resolve(dyn_fn, pol, check_names, dyn))
+    bkey = (key, resolved, _args.freeze(dyn_cse), _jax.remat3_enabled())
+    ck = built.get(bkey) or built.put(bkey, _dispatch.checkpoint(dyn_fn, resolved, dyn_cse))
+    return ck(*dyn)
 
   wrapper.policy = pol  # type: ignore[attr-defined]
   return wrapper
 
 
-def _split_statics(fn: Callable[..., Any], argnums: tuple[int, ...], name_pos: tuple[int, ...],
-                   argnames: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-                   num_names: dict[int, str]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-  """The function of the dynamic arguments alone (cached per statics), and those arguments."""
-  nargs = len(args)
-  for i in argnums:
-    if not -nargs <= i < nargs and num_names.get(i) not in kwargs:
-      raise ValueError(
-          f"`remat`: `static_argnums` contains {i}, but {getattr(fn, '__name__', fn)} "
-          f"was called with {nargs} positional arguments.")
-  pos = sorted({i % nargs for i in argnums if -nargs <= i < nargs}
-               | {i for i in name_pos if i < nargs})
-  statics = []
-  for i in pos:
-    _require_hashable(args[i], f"static argument {i}")
-    statics.append((i, args[i]))
-  kw_statics = []
-  for k in sorted(kwargs):
-    if k in argnames:
-      _require_hashable(kwargs[k], f"static argument {k!r}")
-      kw_statics.append((k, kwargs[k]))
-  static_kw = {k for k, _ in kw_statics}
-  kw_dyn = tuple(k for k in kwargs if k not in static_kw)
-  skip = set(pos)
-  dyn = tuple(a for i, a in enumerate(args) if i not in skip) + tuple(kwargs[k] for k in kw_dyn)
-  return _dyn_fn(fn, tuple(statics), tuple(kw_statics), nargs, kw_dyn), dyn
-
-
-@functools.lru_cache(maxsize=256)
-def _dyn_fn(fn: Callable[..., Any], statics: tuple[tuple[int, Any], ...],
-            kw_statics: tuple[tuple[str, Any], ...], nargs: int,
-            kw_dyn: tuple[str, ...]) -> Callable[..., Any]:
-  """One function object per (fn, statics): JAX's trace cache keys on it."""
-  static_pos = dict(statics)
-  n_pos = nargs - len(static_pos)
-
-  def dyn_fn(*dyn: Any) -> Any:
-    it = iter(dyn[:n_pos])
-    full = [static_pos[i] if i in static_pos else next(it) for i in range(nargs)]
-    kwargs = dict(zip(kw_dyn, dyn[n_pos:]))
-    kwargs.update(kw_statics)
-    return fn(*full, **kwargs)
-
-  return dyn_fn
-
-
-@functools.lru_cache(maxsize=256)
-def _built(fn: Callable[..., Any], policy: Policy, prevent_cse: bool,
-           remat3: bool) -> Callable[..., Any]:
-  del remat3  # part of the cache key only: the flag picks the implementation
-  return _dispatch.checkpoint(fn, policy, prevent_cse)
-
-
-_RESOLVED: dict[Any, Policy] = {}
-
-
-def _resolve(fn: Callable[..., Any], pol: Policy, check_names: bool, tree: Any,
-             avals: tuple[Any, ...], dyn: tuple[Any, ...]) -> Policy:
-  """Checks ``pol``'s names against ``fn`` and fills in excluded producers, once per
-  function, policy and argument shapes (the trace is the costly part)."""
-  key = (fn, pol, check_names, tree, avals)
-  hit = _RESOLVED.get(key)
-  if hit is not None:
-    return hit
+def _resolve(fn: Callable[..., Any], pol: Policy, check_names: bool,
+             dyn: tuple[Any, ...]) -> Policy:
+  """Checks ``pol``'s names against ``fn`` and fills in excluded producers (cached by the
+  caller per static values, policy and argument shapes: the trace is the costly part)."""
   closed = jax.make_jaxpr(fn)(*dyn)
   if check_names:
-    _check_names("remat", pol, closed)
+    _check_names("remat", pol, closed, lambda: _rules_jaxpr(fn, dyn))
   excluded = pol.excluded_names()
-  out = pol.with_producers(_jaxpr.producer_signatures(closed, excluded)) if excluded else pol
-  if len(_RESOLVED) > 1024:
-    _RESOLVED.clear()
-  _RESOLVED[key] = out
-  return out
+  return pol.with_producers(_jaxpr.producer_signatures(closed, excluded)) if excluded else pol
 
 
-def _require_hashable(value: Any, what: str) -> None:
+def _rules_jaxpr(fn: Callable[..., Any], dyn: tuple[Any, ...]) -> Any:
+  """The jaxpr of ``fn``'s forward-and-backward, where custom_vjp forwards and custom_jvp
+  rules run (and tag what they tag); None where ``fn`` cannot be differentiated."""
   try:
-    hash(value)
-  except TypeError:
-    raise TypeError(
-        f"`remat`: {what} is {type(value).__name__} {value!r}, which is not hashable. "
-        "Static arguments key the trace cache: pass a tuple instead of a list, a "
-        "frozen dataclass instead of a dict, or make it a regular (array) argument."
-    ) from None
+    return jax.make_jaxpr(lambda *xs: jax.vjp(fn, *xs))(*dyn)
+  except Exception:  # noqa: BLE001 - integer inputs, non-differentiable ops: primal only
+    return None
 
 
 def remat_sequential(fns: Sequence[Callable[[Any], Any]], segments: int, *,
@@ -456,7 +424,7 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
       raise ValueError(f"`remat_scan`: `groups` must be >= 1, got {groups!r}.")
     levels = plan_groups(n, groups)
   else:
-    levels = _as_tuple(groups, "remat_scan", "groups", int)
+    levels = _args.as_tuple(groups, "remat_scan", "groups", int)
     if any(g < 1 for g in levels) or math.prod(levels) != n:
       raise ValueError(
           f"`remat_scan`: level lengths `groups`={levels} multiply to {math.prod(levels)}, "

@@ -109,6 +109,9 @@ def test_to_jax_policy_special_cases_and_errors():
     assert rk.to_jax_policy("prims:sin") == P.save_these_primitives("sin")
 
 
-def test_checkpoint_skips_save_everything():
+def test_checkpoint_skips_save_everything_but_still_traces_its_inputs():
   f = _dispatch.checkpoint(_loss, P.everything_saveable())
-  assert f is _loss
+  jaxpr = jax.make_jaxpr(f)(X).jaxpr
+  assert not any(_jax.is_remat(e) for e in jaxpr.eqns)  # no boundary: no remat at all
+  out = _dispatch.checkpoint(lambda x: x.sum(), P.everything_saveable())(3.0)
+  assert isinstance(out, jax.Array) and float(out) == 3.0  # a float in, as jax.checkpoint

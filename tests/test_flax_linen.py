@@ -87,14 +87,28 @@ def test_bare_decorator_and_keyword_static_argument():
   @remat_policy
   class Block(nn.Module):
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-      return nn.Dropout(0.5, deterministic=deterministic)(nn.Dense(4)(x))
+    def __call__(self, x, mode: str = "eval"):  # a str is static without being named
+      return nn.Dropout(0.5, deterministic=mode == "eval")(nn.Dense(4)(x))
 
   assert Block.__name__ == "Block" and Block.__remat_policy__ == rk.policies.SaveNothing()
   x = _x()
   v = Block().init(jax.random.key(0), x)
-  out = Block().apply(v, x, deterministic=True)
+  out = Block().apply(v, x, mode="eval")
   assert out.shape == (8, 4)
+
+
+def test_a_bool_flag_is_traced_unless_named_as_in_jax_checkpoint():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+      return nn.Dropout(0.5, deterministic=deterministic)(nn.Dense(4)(x))
+
+  x = _x()
+  v = Block().init(jax.random.key(0), x)
+  with pytest.raises(TypeError, match=r"`deterministic`.*static_argnames=\('deterministic',\)"):
+    remat_policy("full")(Block)().apply(v, x, deterministic=True)
+  named = remat_policy("full", static_argnames="deterministic")(Block)
+  assert named().apply(v, x, deterministic=True).shape == (8, 4)
 
 
 def test_reference_mlp_checkpoint_on_and_off():
@@ -146,3 +160,53 @@ def test_unhashable_static_argument_is_an_error():
   m = remat_policy("full", static_argnames="sizes")(Block)()
   with pytest.raises(TypeError, match=r"static argument `sizes`.*list \[4\].*not hashable"):
     m.init(jax.random.key(0), _x(), [4])
+
+
+# --------------------------------------------------------------------------
+# Misuse and double application
+# --------------------------------------------------------------------------
+def test_remat_policy_on_a_method_is_a_type_error_naming_the_fix():
+  with pytest.raises(TypeError, match=r"decorates a Module class, not a method.*above the `class`"):
+    class Block(nn.Module):  # noqa: F841
+      @remat_policy
+      def __call__(self, x):
+        return x
+
+
+def test_remat_policy_of_a_module_instance_is_a_type_error():
+  with pytest.raises(TypeError, match=r"module instance Dense.*decorates a Module \*class\*"):
+    remat_policy(nn.Dense(2))
+
+
+class _Inner(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="c1")(jnp.sin(x))
+
+
+def _remat_sites(cls, x):
+  model = cls()
+  v = model.init(jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda v: model.apply(v, x).sum()))(v).jaxpr
+  from remat_kit import _jaxpr
+  return v, sum(1 for _ in _jaxpr.remat_sites(jaxpr))
+
+
+@pytest.mark.parametrize("how", ["twice", "subclass", "other policy"])
+def test_applying_remat_policy_again_is_one_level(how):
+  once = remat_policy("full")(_Inner)
+  if how == "twice":
+    again = remat_policy("full")(once)
+  elif how == "subclass":
+    class Sub(once):
+      pass
+    again = remat_policy("full")(Sub)
+  else:
+    again = remat_policy("save_dots")(once)
+  x = jnp.ones((2, 3))
+  v1, n1 = _remat_sites(once, x)
+  v2, n2 = _remat_sites(again, x)
+  assert n1 == n2 == 1  # one checkpoint, not one per application
+  assert jax.tree_util.tree_structure(v1) == jax.tree_util.tree_structure(v2)
+  assert list(v2["params"]) == ["c1"]
+  chex.assert_trees_all_close(again().apply(v2, x), _Inner().apply(v2, x))

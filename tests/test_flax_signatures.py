@@ -28,7 +28,8 @@ class KwOnly(nn.Module):
 
 def test_linen_keyword_only_flags_ints_enums_and_tuples():
   x = jnp.ones((3, 4))
-  plain, rem = KwOnly(), remat_policy("full")(KwOnly)()
+  plain = KwOnly()
+  rem = remat_policy("full", static_argnames=("train", "reps", "dims"))(KwOnly)()
   kw = {"train": True, "reps": 2, "mode": Mode.B, "dims": (4,)}
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   v = plain.init(rngs, x, **kw)
@@ -50,7 +51,8 @@ class NnxKw(nnx.Module):
 
 def test_nnx_keyword_only_ints_and_floats():
   x = jnp.ones((3, 4))
-  plain, rem = NnxKw(nnx.Rngs(0)), remat_policy("full")(NnxKw)(nnx.Rngs(0))
+  plain = NnxKw(nnx.Rngs(0))
+  rem = remat_policy("full", static_argnames="reps")(NnxKw)(nnx.Rngs(0))
   loss = lambda m: jnp.sum(m(x, reps=3, scale=0.5))
   chex.assert_trees_all_close(nnx.grad(loss)(rem), nnx.grad(loss)(plain), rtol=1e-6)
 
@@ -105,9 +107,10 @@ RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
 
 
 def _same_everywhere(cls, x, *args, policy="full", methods="__call__", method="__call__",
-                     mutable=False, **kwargs):
+                     mutable=False, static=(), **kwargs):
   """Decorated and plain: same init tree/values, outputs (masks), updates and gradients."""
-  plain, rem = cls(), remat_policy(policy, methods=methods)(cls)()
+  plain = cls()
+  rem = remat_policy(policy, methods=methods, static_argnames=static)(cls)()
   init = lambda m: m.init(RNGS, x, *args, method=method, **kwargs)
   v = init(plain)
   chex.assert_trees_all_equal(v, init(rem))
@@ -134,7 +137,7 @@ class VarArgs(nn.Module):
 
 def test_linen_var_args_and_kwargs_pass_through():
   x = jnp.ones((3, 4))
-  _same_everywhere(VarArgs, x, x, 2 * x, scale=0.5, double=True)
+  _same_everywhere(VarArgs, x, x, 2 * x, scale=0.5, double=True, static="double")
 
 
 class Loop(nn.Module):
@@ -148,11 +151,12 @@ class Loop(nn.Module):
 def test_a_traced_int_names_the_argument_to_make_static():
   x = jnp.ones((3, 4))
   m = remat_policy("full")(Loop)()
-  v = m.init(RNGS, x, 2)
+  v = Loop().init(RNGS, x, 2)
   with pytest.raises(TypeError, match=r"Traced arguments: .*`n` \(int32\[\]\).*"
                                       r"static_argnames=\('n',\)"):
     jax.jit(lambda v, n: m.apply(v, x, n))(v, 2)
-  # Named static, the same value works under jit (a Python int is static anyway).
+  with pytest.raises(TypeError, match=r"`n` \(Python int 2\).*static_argnames=\('n',\)"):
+    m.apply(v, x, 2)  # a Python int is traced too, unless named (as in jax.checkpoint)
   m2 = remat_policy("full", static_argnames="n")(Loop)()
   assert m2.apply(v, x, 2).shape == (3, 4)
 
@@ -172,11 +176,12 @@ class SetupStyle(nn.Module):
 
 def test_linen_setup_style_and_a_method_other_than_call():
   x = jnp.linspace(-1, 1, 12).reshape(3, 4)
-  v = _same_everywhere(SetupStyle, x, methods="encode", method="encode")
-  rem = remat_policy(methods="encode")(SetupStyle)
+  v = _same_everywhere(SetupStyle, x, methods="encode", method="encode", static="train")
+  rem = remat_policy(methods="encode", static_argnames="train")(SetupStyle)
   by_function = rem().apply(v, x, False, method=rem.encode)  # method= a function
   chex.assert_trees_all_equal(by_function, SetupStyle().apply(v, x, False, method="encode"))
-  _same_everywhere(SetupStyle, x, policy="save_dots", methods=("encode", "__call__"))
+  _same_everywhere(SetupStyle, x, policy="save_dots", methods=("encode", "__call__"),
+                   static="train")
 
 
 class ScanVmapInside(nn.Module):
@@ -204,9 +209,9 @@ class WithBatchNorm(nn.Module):
 
 def test_linen_batch_stats_updates_under_the_decorator():
   x = jnp.linspace(-1, 1, 24).reshape(6, 4)
-  v = _same_everywhere(WithBatchNorm, x, True, mutable=["batch_stats"])
+  v = _same_everywhere(WithBatchNorm, x, True, mutable=["batch_stats"], static="train")
   assert "batch_stats" in v
-  _same_everywhere(WithBatchNorm, x, False)
+  _same_everywhere(WithBatchNorm, x, False, static="train")
 
 
 class NnxBN(nnx.Module):
@@ -224,7 +229,8 @@ class NnxBN(nnx.Module):
 
 def test_nnx_var_args_and_batch_stats_updates():
   x = jnp.linspace(-1, 1, 24).reshape(6, 4)
-  plain, rem = NnxBN(nnx.Rngs(0)), remat_policy("full")(NnxBN)(nnx.Rngs(0))
+  plain = NnxBN(nnx.Rngs(0))
+  rem = remat_policy("full", static_argnames="train")(NnxBN)(nnx.Rngs(0))
   loss = lambda m: jnp.sum(m(x, x, train=True, unused=None) ** 2)
   chex.assert_trees_all_close(nnx.grad(loss)(rem), nnx.grad(loss)(plain), rtol=1e-6)
   chex.assert_trees_all_close(nnx.state(rem, nnx.BatchStat), nnx.state(plain, nnx.BatchStat))

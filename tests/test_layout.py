@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "remat_kit"
 FILES = sorted(ROOT.rglob("*.py"))
 
 # Lower layers never import higher ones.
-LAYERS = ["remat_kit._jax", "remat_kit._xla", "remat_kit.microbatch", "remat_kit.targets", "remat_kit._jaxpr", "remat_kit.policies", "remat_kit._dispatch",
+LAYERS = ["remat_kit._jax", "remat_kit._xla", "remat_kit.microbatch", "remat_kit.targets", "remat_kit._jaxpr", "remat_kit.policies", "remat_kit._dispatch", "remat_kit._args",
           "remat_kit.transforms", "remat_kit.flax", "remat_kit.models", "remat_kit.report",
           "remat_kit.solver", "remat_kit.planner", "remat_kit.testing",
           "remat_kit.__main__"]

@@ -70,6 +70,7 @@ def test_linen_decorated_model_is_identical(name, remat_impl):
   cls, kwargs, shape, train, policies = LINEN_BLOCKS[name]
   x = jax.random.normal(jax.random.key(2), shape)
   rkt.assert_remat_equivalent(cls(**kwargs), x, *((True,) if train else ()), policies=policies,
+                              static_argnames=("train",) if train else (),
                               impls=[remat_impl], rngs=KEYS,
                               jit=(False, True) if name == "mlp" else (True,), **TOL)
   for policy in policies:

@@ -134,9 +134,9 @@ def test_auto_entry_point_and_bad_inputs():
   x = jax.random.normal(jax.random.key(2), (64, 32))
   params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
   params = params["params"]
-  result = rk.auto(stack, params, x, True, budget="64MiB", presets=("none", "full"), groups=())
+  result = rk.auto(stack, params, x, True, budget="64MiB", presets=("no_remat", "full"), groups=())
   assert result.choice.temp_bytes <= 64 * 2**20
-  assert {c.label for c in result.candidates} >= {"none", "full", "save:dense", "save:relu",
+  assert {c.label for c in result.candidates} >= {"no_remat", "full", "save:dense", "save:relu",
                                                   "save:dense,dropout,relu"}
   assert result.to_dict()["choice"]["label"] == result.choice.label
   with pytest.raises(ValueError, match=r"`budget` must be a positive number.*'4GiB'"):
@@ -154,7 +154,7 @@ def test_auto_entry_point_and_bad_inputs():
 def test_a_roofline_is_calibrated_and_labelled():
   r = Roofline.measure(repeats=3)
   assert r.flops_per_s > 0 and r.bytes_per_s > 0 and r.source.startswith("measured on")
-  search = Search(build, WS, cost="roofline", roofline=r, presets=("none", "full"),
+  search = Search(build, WS, cost="roofline", roofline=r, presets=("no_remat", "full"),
                   max_names_exact=0, groups=())
   c = search.full
   assert c.cost_kind == "roofline" and "measured on" in c.cost_source and c.cost_s > 0
@@ -169,7 +169,7 @@ def test_auto_on_an_accelerator_target_uses_its_estimate_and_offloads():
   x = jax.random.normal(jax.random.key(2), (256, 64))
   params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
   result = rk.auto(stack, params["params"], x, True, budget="1GiB", target="gpu:h100",
-                   presets=("none", "full"), max_names_exact=1, max_subsets=1, groups=())
+                   presets=("no_remat", "full"), max_names_exact=1, max_subsets=1, groups=())
   assert result.choice.temp_bytes <= 2**30
   assert {c.cost_kind for c in result.candidates} == {"estimated"}
   assert all(c.cost_s > 0 and "roofline sum" in c.cost_source for c in result.candidates)
@@ -207,7 +207,7 @@ def test_a_tie_broken_by_memory_is_timed_again_first(monkeypatch):
   from remat_kit.planner import search as search_mod
   from remat_kit.report.timing import Timing
 
-  medians = {"none": 10.0, "save:up": 10.5, "save:act": 10.9, "save:down": 11.0, "full": 11.5}
+  medians = {"no_remat": 10.0, "save:up": 10.5, "save:act": 10.9, "save:down": 11.0, "full": 11.5}
   calls = []
 
   def fake(steps, repeats):
@@ -222,7 +222,7 @@ def test_a_tie_broken_by_memory_is_timed_again_first(monkeypatch):
   res = search.solve(everything)
   # calls: the first pass, its confirmation, then the knapsack subsets' pass (and theirs).
   assert len(calls) >= 2 and set(calls[1]) <= set(calls[0])
-  assert {"none", "full"} <= set(calls[1])
-  assert res.choice.label == "none"  # separated by the second pass: the fastest wins
+  assert {"no_remat", "full"} <= set(calls[1])
+  assert res.choice.label == "no_remat"  # separated by the second pass: the fastest wins
   assert "re-timed among" in search.none.cost_source
   assert search.solve(search.full.temp_bytes).choice.label == "full"

@@ -93,7 +93,7 @@ def test_save_by_size_validates():
         (None, P.SaveNothing()),
         (False, P.SaveEverything()),
         ("full", P.SaveNothing()),
-        ("none", P.SaveEverything()),
+        ("no_remat", P.SaveEverything()),
         ("save_dots", P.SaveDots(False)),
         ("minimal", P.SaveDots(True)),
         ("save_qkv", P.SaveNames(("qkv",))),
@@ -167,3 +167,11 @@ def test_registry_rejects_duplicates_and_lists_descriptions():
   with pytest.raises(ValueError, match="already exists"):
     P.register("full", P.SaveNothing)
   assert "save_dots" in P.registered() and P.registered()["full"]
+
+
+def test_one_spelling_each_for_no_remat_and_full_remat():
+  assert P.from_config(None) == P.from_config(True) == P.from_config("full") == P.SaveNothing()
+  assert P.from_config(False) == P.from_config("no_remat") == P.SaveEverything()
+  for ambiguous in ("none", "None", " none "):
+    with pytest.raises(ValueError, match=r"ambiguous.*'no_remat'.*'full'"):
+      P.from_config(ambiguous)

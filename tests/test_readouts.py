@@ -135,7 +135,7 @@ def test_explain_peak_names_the_large_residual_and_adds_up(target):
 
 
 @pytest.mark.skipif(not HAVE_GPU, reason="no CUDA plugin")
-@pytest.mark.parametrize("policy", ["none", "full", "save:pre"])
+@pytest.mark.parametrize("policy", ["no_remat", "full", "save:pre"])
 def test_explain_peak_equals_the_h100_compilers_peak(policy):
   def body(c, w):
     h = rk.checkpoint_name(c @ w, "pre")

@@ -218,3 +218,22 @@ def test_command_line_report_compare_lint_and_policies(tmp_path, capsys):
     main(["report", f"{case}:three"])
   with pytest.raises(SystemExit, match="expected FILE.py:FUNCTION"):
     main(["report", str(case)])
+
+
+def test_a_loss_with_a_target_argument_never_collides_with_the_readouts_options():
+  def loss(w, x, *, target):
+    return jnp.sum((jnp.sin(x @ w) - target) ** 2)
+
+  w, x = _ones(D, D), _ones(B, D)
+  t = jnp.zeros((B, D))
+  rep = rk.memory_report(rk.remat(loss, policy="full"), w, x, fn_kwargs={"target": t},
+                         label="full", live=False)
+  assert rep.label == "full" and rep.target == "cpu"
+  peak = rk.explain_peak(loss, w, x, fn_kwargs={"target": t}, top=3)
+  assert peak.target == "cpu"
+  assert rk.report.compiled_memory(jax.grad(loss), w, x, fn_kwargs={"target": t})["temp_size"] >= 0
+  cmp = rk.compare({"a": loss}, w, x, live=False, fn_kwargs={"target": t})
+  assert list(cmp.reports) == ["a"]
+  with pytest.raises(TypeError, match=r"`memory_report`: got unexpected keyword arguments "
+                                      r"\['scale'\].*fn_kwargs=\{'scale': \.\.\.\}"):
+    rk.memory_report(loss, w, x, scale=2.0)

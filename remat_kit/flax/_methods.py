@@ -8,7 +8,6 @@ remat transform as :mod:`remat_kit._dispatch` decides.
 
 from __future__ import annotations
 
-import enum
 import functools
 import inspect
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 import jax
 
 from remat_kit import _dispatch, _jaxpr
+from remat_kit._args import untraceable
 from remat_kit.policies import Policy
 
 __all__ = ["bind_statics", "is_python_static", "method_signature", "missing_tags_error",
@@ -43,12 +43,15 @@ def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str,
     return orig  # no remat: saves everything, exactly as the undecorated method
   checked: set[Any] = set()
   wants_check = needs_tag_check(pol, check_names)
+  layouts: dict[tuple[int, tuple[str, ...]], Callable[..., Any]] = {}  # lives with the class
 
   @functools.wraps(orig)
   def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
     full, n_pos, kw_names, statics = bind_statics(
         sig, static_argnames, self, args, kwargs, cls, method)
-    call_orig = _positional(orig, n_pos, kw_names)
+    call_orig = layouts.get((n_pos, kw_names))
+    if call_orig is None:
+      call_orig = layouts.setdefault((n_pos, kw_names), _positional(orig, n_pos, kw_names))
     if wants_check:
       check(self, call_orig, full, statics, pol, checked, cls, method)
     try:
@@ -56,17 +59,17 @@ def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str,
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
       raise _static_hint(e, sig, full, statics, n_pos, kw_names, cls, method) from e
 
+  wrapped.__remat_kit_orig__ = orig  # type: ignore[attr-defined]
   return wrapped
 
 
-@functools.lru_cache(maxsize=1024)
 def _positional(orig: Callable[..., Any], n_pos: int, kw_names: tuple[str, ...]
                 ) -> Callable[..., Any]:
   """``orig`` taking every argument positionally: the transforms pass them so.
 
   The first ``n_pos`` (self included) go back by position, the rest by the
   names in ``kw_names`` (keyword-only parameters and ``**kwargs`` entries).
-  One function object per layout, so trace caches keyed on it hit.
+  The caller keeps one function object per layout, so trace caches keyed on it hit.
   """
 
   def call_orig(*args: Any) -> Any:
@@ -83,20 +86,23 @@ def _static_hint(err: Exception, sig: inspect.Signature, full: list[Any],
   traced = [f"`{labels[i]}` ({_describe(full[i])})" for i in range(1, len(full))
             if i not in statics and jax.tree_util.tree_leaves(full[i])]
   scalars = [labels[i] for i in range(1, len(full)) if i not in statics
-             and all(getattr(x, "shape", None) == () for x in jax.tree_util.tree_leaves(full[i]))
+             and all(isinstance(x, (bool, int, float)) or getattr(x, "shape", None) == ()
+                     for x in jax.tree_util.tree_leaves(full[i]))
              and jax.tree_util.tree_leaves(full[i])]
   hint = (f"`static_argnames=({', '.join(repr(n) for n in scalars)},)`" if scalars
           else "`static_argnames`")
   return TypeError(
       f"`remat_policy`: {cls.__name__}.{method} used a traced argument as a Python value "
       f"({type(err).__name__}). Traced arguments: {', '.join(traced) or 'none'}. Name the "
-      f"one that drives control flow or shapes in {hint}, or pass it as a plain Python "
-      "value (None, bool, int, float, str, enum or a tuple of these are static "
+      f"one that drives control flow or shapes in {hint} (bools, ints and floats are "
+      "traced unless named, as in `jax.checkpoint`; str and enum values are static "
       "automatically).")
 
 
 def _describe(value: Any) -> str:
   leaves = jax.tree_util.tree_leaves(value)
+  if isinstance(value, (bool, int, float)):
+    return f"Python {type(value).__name__} {value!r}"
   if len(leaves) == 1 and hasattr(leaves[0], "dtype"):
     x = leaves[0]
     return f"{x.dtype}[{','.join(map(str, x.shape))}]"
@@ -171,16 +177,20 @@ def bind_statics(sig: inspect.Signature, static_argnames: tuple[str, ...], self:
 
 
 def is_python_static(value: Any) -> bool:
-  """None, bool, int, float, str, an enum member, or a tuple of these."""
-  if value is None or isinstance(value, (bool, int, float, str, enum.Enum)):
-    return True
-  return isinstance(value, tuple) and all(is_python_static(v) for v in value)
+  """A value JAX cannot trace, so static whether named or not (see
+  :func:`remat_kit._args.untraceable`): None, a str, an enum member, or a tuple of
+  these. Python bools, ints and floats are traced unless named in ``static_argnames``,
+  as in :func:`remat_kit.remat` and ``jax.checkpoint``."""
+  return value is None or untraceable(value)
 
 
 def method_signature(cls: type, method: str, static_argnames: tuple[str, ...]
                      ) -> tuple[Callable[..., Any], inspect.Signature]:
   """The method and its signature, with ``static_argnames`` checked against it."""
   orig = getattr(cls, method)
+  # A method remat_kit already wrapped (a subclass of a decorated class, or the decorator
+  # applied twice) is wrapped afresh from the original: one level of remat, never two.
+  orig = getattr(orig, "__remat_kit_orig__", orig)
   if not callable(orig):
     raise TypeError(f"`remat_policy`: `{cls.__name__}.{method}` is not a method.")
   sig = inspect.signature(orig)

@@ -13,6 +13,7 @@ arguments are given by name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -47,8 +48,9 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
       remat by default. When the decorator is used bare, this is the class.
     static_argnames: names of arguments that must be static, passed by
       position or by keyword (``**kwargs`` keys too); names, not positions,
-      so no ``self`` off-by-one. Python ``None``, ``bool``, ``int``,
-      ``float``, ``str``, enum members and tuples of them are static anyway.
+      so no ``self`` off-by-one. The one rule of :func:`remat_kit.remat`: named
+      arguments, and ``str``/enum values (which JAX cannot trace), are static;
+      Python ``bool``, ``int`` and ``float`` are traced unless named.
       Arguments are bound by the method's signature, ``*args``/``**kwargs``
       passed through; a traced argument used as a Python value raises an
       error naming the candidates.
@@ -78,6 +80,7 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
   """
   if isinstance(policy, type):
     return remat_policy()(policy)
+  _refuse_misuse(policy)
   pol = from_config(policy)
   names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
   meths = (methods,) if isinstance(methods, str) else tuple(methods)
@@ -98,7 +101,12 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
     missing = [m for m in meths if not hasattr(cls, m)]
     if missing:
       raise ValueError(f"`remat_policy`: {cls.__name__} has no methods {missing}.")
-    body = {m: wrap(cls, m, pol, names, prevent_cse, check_names) for m in meths}
+    # Decorating a class this decorator made (twice, or with another policy) replaces
+    # its policy: the new class derives from the undecorated one, so it is one level.
+    if "__remat_policy__" in cls.__dict__:
+      cls = cls.__bases__[0]
+    body = {m: wrap(cls, m, pol, _names_for(cls, m, names, meths), prevent_cse, check_names)
+            for m in meths}
     body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
     new = type(cls.__name__, (cls,), body)
     # Set after creation: Flax wraps callable class attributes (policies are) as methods.
@@ -106,3 +114,39 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
     return new  # type: ignore[return-value]
 
   return decorate
+
+
+def _names_for(cls: type, method: str, names: tuple[str, ...], meths: tuple[str, ...]
+               ) -> tuple[str, ...]:
+  """The static names that apply to ``method``: each must be a parameter of at least one
+  of ``meths`` (else the error lists them), and applies where it is one."""
+  def takes(m: str) -> Callable[[str], bool]:
+    params = inspect.signature(getattr(cls, m)).parameters
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return lambda n: var_kw or n in params
+  unknown = [n for n in names if not any(takes(m)(n) for m in meths)]
+  if unknown:
+    valid = sorted({p for m in meths for p in inspect.signature(getattr(cls, m)).parameters}
+                   - {"self"})
+    raise ValueError(
+        f"`remat_policy`: `static_argnames` {unknown} are not parameters of "
+        f"{', '.join(f'{cls.__name__}.{m}' for m in meths)}. Valid names: {valid}.")
+  return tuple(n for n in names if takes(method)(n))
+
+
+def _refuse_misuse(policy: Any) -> None:
+  """A method or a module instance where a policy belongs: a TypeError naming the fix."""
+  if isinstance(policy, (flax_linen.Module, flax_nnx.Module)):
+    raise TypeError(
+        f"`remat_policy`: got the module instance {type(policy).__name__}(...) as `policy`. "
+        "`remat_policy` decorates a Module *class*: write `remat_policy(policy)(Block)` or "
+        "`@remat_policy(...)` above `class Block(nn.Module)`; to rematerialize one "
+        "instance's call, use `nn.remat`/`nnx.remat` or `remat_kit.remat`.")
+  if inspect.isfunction(policy):
+    params = list(inspect.signature(policy).parameters)
+    if params and params[0] == "self":
+      raise TypeError(
+          f"`remat_policy`: got the method `{policy.__qualname__}` as `policy`: "
+          "`remat_policy` decorates a Module class, not a method (as `nn.remat` users "
+          "often write it). Put `@remat_policy(...)` above the `class` line (with "
+          f"`methods=({policy.__name__!r},)` for a method other than `__call__`).")

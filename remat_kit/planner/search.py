@@ -153,7 +153,7 @@ class Search:
   @property
   def none(self) -> Candidate:
     """The no-remat candidate."""
-    return self.measured["none"]
+    return self.measured["no_remat"]
 
   @property
   def full(self) -> Candidate:
@@ -172,7 +172,7 @@ class Search:
         out.append((label, pol, grp, source))
 
     names = set(self.names)
-    add("none", from_config("none"), None, "preset")
+    add("no_remat", from_config("no_remat"), None, "preset")
     add("full", from_config("full"), None, "preset")
     for p in (registered() if presets is None else presets):
       pol = from_config(p)
@@ -187,7 +187,7 @@ class Search:
       for n in self.names:
         add(f"save:{n}", SaveNames((n,)), None, "names")
     free = [(label, pol) for label, pol, grp, _ in out
-            if grp is None and not pol.referenced_names() and label != "none"]
+            if grp is None and not pol.referenced_names() and label != "no_remat"]
     for g in levels:
       for label, pol in (free if g == levels[0] else [("full", from_config("full"))]):
         add(f"{label} + nested ({g} levels)", pol, g, "nested")

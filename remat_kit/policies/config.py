@@ -99,8 +99,8 @@ _T = "transformer names: qkv, attn_scores, attn_probs, attn_out, mlp_hidden, mlp
 for _name, _factory, _desc in [
     ("full", SaveNothing, "full remat: save only inputs, recompute everything"),
     ("nothing_saveable", SaveNothing, "alias of 'full'"),
-    ("none", SaveEverything, "no remat: save every intermediate"),
-    ("everything_saveable", SaveEverything, "alias of 'none'"),
+    ("no_remat", SaveEverything, "no remat: save every intermediate"),
+    ("everything_saveable", SaveEverything, "alias of 'no_remat'"),
     ("save_dots", lambda: SaveDots(False), "save matmul/conv outputs"),
     ("dots_saveable", lambda: SaveDots(False), "alias of 'save_dots'"),
     ("save_dots_no_batch", lambda: SaveDots(True),
@@ -160,6 +160,11 @@ def _from_string(s: str) -> Policy:
     return _PREFIXES[prefix](names)
   if text in _REGISTRY:
     return _REGISTRY[text]()
+  if text.lower() == "none":
+    raise ValueError(
+        f"`from_config`: {s!r} is ambiguous (`None` means full remat, as in "
+        "`jax.checkpoint`). Write 'no_remat' (or False) to save everything, or 'full' "
+        "(or None, True) to save nothing.")
   close = difflib.get_close_matches(text.lower(), list(_REGISTRY), n=3)
   hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
   raise ValueError(f"`from_config`: unknown policy {s!r}.{hint} Valid: {_choices()}.")

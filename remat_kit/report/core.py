@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -321,8 +321,25 @@ def activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
 
 
 
+def fn_kwargs_of(api: str, fn_kwargs: Any, stray: dict[str, Any]) -> dict[str, Any]:
+  """The keyword arguments a readout passes to the user's function: only ``fn_kwargs``, so
+  they never collide with the readout's own options (``target``, ``label``, ...)."""
+  if stray:
+    raise TypeError(
+        f"`{api}`: got unexpected keyword arguments {sorted(stray)}. Keyword arguments of "
+        f"the function go in `fn_kwargs`, e.g. `{api}(fn, *args, fn_kwargs="
+        f"{{{', '.join(repr(k) + ': ...' for k in sorted(stray))}}})`, so that they never "
+        f"collide with `{api}`'s own options.")
+  if fn_kwargs is None:
+    return {}
+  if not isinstance(fn_kwargs, Mapping) or not all(isinstance(k, str) for k in fn_kwargs):
+    raise TypeError(f"`{api}`: `fn_kwargs` must be a dict of str -> value, got {fn_kwargs!r}.")
+  return dict(fn_kwargs)
+
+
 def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
-                    hbm_bytes: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+                    hbm_bytes: bool | None = None, fn_kwargs: Mapping[str, Any] | None = None,
+                    **stray: Any) -> dict[str, Any]:
   """The compiler's memory analysis of ``jax.jit(fn)`` for these arguments.
 
   Args:
@@ -332,7 +349,7 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
       local backend, ``"tpu:v5e:2x2"``, ``"gpu:h100"``, ...
     hbm_bytes: parse the compiled program for ``hbm_bytes_moved``; by
       default only for accelerator targets (their step-time estimate needs it).
-    **kwargs: more arguments of ``fn``.
+    fn_kwargs: keyword arguments of ``fn``.
 
   Returns:
     A JSON-serializable dict with the byte fields of
@@ -344,8 +361,14 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     locally it is temp + argument + output - alias (which matched the live
     peak on an H100 within 0.01 MiB).
   """
+  kwargs = fn_kwargs_of("compiled_memory", fn_kwargs, stray)
   t = targets.parse_target(target)
-  return memory_fields(targets.compile_for(fn, t, *args, **kwargs), t, hbm_bytes)
+  if not kwargs:
+    return memory_fields(targets.compile_for(fn, t, *args), t, hbm_bytes)
+  # The keyword arguments travel as one positional (traced) dict, so none of them meets
+  # `compile_for`'s own parameters.
+  with_kwargs = lambda *a: fn(*a[:-1], **a[-1])
+  return memory_fields(targets.compile_for(with_kwargs, t, *args, kwargs), t, hbm_bytes)
 
 
 def memory_fields(compiled: Any, target: Any, hbm_bytes: bool | None = None) -> dict[str, Any]:

@@ -42,13 +42,14 @@ import inspect
 import json
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
 from remat_kit import _jax, _jaxpr, targets
 from remat_kit import _xla as _dumps
+from remat_kit.report.core import fn_kwargs_of
 from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["PeakReport", "PeakRow", "compile_explained", "explain_peak"]
@@ -134,7 +135,7 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
                  out_kinds: Sequence[str] | None = None,
                  compiler_options: dict[str, Any] | None = None,
                  donate_argnums: int | Sequence[int] = (),
-                 **kwargs: Any) -> PeakReport:
+                 fn_kwargs: Mapping[str, Any] | None = None, **stray: Any) -> PeakReport:
   """What is live when the compiled gradient of ``fn`` reaches its peak.
 
   Args:
@@ -154,7 +155,8 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
     donate_argnums: with ``grad=False``, positional arguments whose buffers the
       outputs may reuse (a training step's parameters and optimizer state), as
       ``jax.jit(..., donate_argnums=...)``.
-    **kwargs: more arguments of ``fn`` (not differentiated).
+    fn_kwargs: keyword arguments of ``fn`` (not differentiated), kept apart
+      from this function's own options.
 
   Returns:
     A :class:`PeakReport`; ``to_dict()`` is ``{"peak_bytes", "rows": [{"bytes",
@@ -169,6 +171,7 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
     >>> any(r.name == "wide" and r.kind == "saved residual" for r in rep.rows)
     True
   """
+  kwargs = fn_kwargs_of("explain_peak", fn_kwargs, stray)
   return compile_explained(fn, args, kwargs, target=target, top=top, argnums=argnums,
                            grad=grad, arg_kinds=arg_kinds, out_kinds=out_kinds,
                            compiler_options=compiler_options,

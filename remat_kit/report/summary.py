@@ -17,7 +17,13 @@ from typing import Any
 import jax
 
 from remat_kit import targets
-from remat_kit.report.core import Residual, live_peak_bytes, memory_fields, saved_residuals
+from remat_kit.report.core import (
+    Residual,
+    fn_kwargs_of,
+    live_peak_bytes,
+    memory_fields,
+    saved_residuals,
+)
 from remat_kit.report.estimate import estimate_seconds
 from remat_kit.report.explain import remat_sites, rule_for
 from remat_kit.report.flops import flop_breakdown
@@ -170,11 +176,11 @@ class MemoryReport:
 
 def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,
                   label: str | None = None, live: bool = True, target: Any = None,
-                  **kwargs: Any) -> MemoryReport:
+                  fn_kwargs: Mapping[str, Any] | None = None, **stray: Any) -> MemoryReport:
   """Bytes, residuals and FLOPs of the gradient of the scalar function ``fn``.
 
   Args:
-    fn: a scalar loss ``fn(*args, **kwargs)``.
+    fn: a scalar loss ``fn(*args, **fn_kwargs)``.
     *args: example arguments (real arrays when ``live``: the step is run).
     argnums: which arguments the gradient is taken with respect to.
     label: a name for the report; the function's name by default.
@@ -184,7 +190,8 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
       that need not be here, e.g. ``"tpu:v5e:2x2"`` or ``"gpu:h100"`` (see
       :mod:`remat_kit.targets`); arguments may then be ShapeDtypeStructs.
       An accelerator target adds ``estimated_seconds``.
-    **kwargs: more arguments of ``fn`` (not differentiated).
+    fn_kwargs: keyword arguments of ``fn`` (not differentiated). They are never
+      mixed with this function's own options, so a loss may take a ``target=``.
 
   Returns:
     A :class:`MemoryReport`.
@@ -201,6 +208,7 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   """
   if not callable(fn):
     raise TypeError(f"`memory_report`: `fn` must be callable, got {fn!r}.")
+  kwargs = fn_kwargs_of("memory_report", fn_kwargs, stray)
   label = label or getattr(fn, "__name__", "fn")
   t = targets.parse_target(target)
   grad = jax.grad(fn, argnums=argnums)
@@ -268,11 +276,13 @@ class Comparison:
 
 def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Sequence[int] = 0,
             live: bool = True, verbose: bool = False, target: Any = None,
-            **kwargs: Any) -> Comparison:
+            fn_kwargs: Mapping[str, Any] | None = None, **stray: Any) -> Comparison:
   """:func:`memory_report` for each ``{label: fn}`` on the same arguments.
 
-  The first entry is the baseline of the "x temp" column.
+  The first entry is the baseline of the "x temp" column; ``fn_kwargs`` go to every
+  function.
   """
+  fn_kwargs = fn_kwargs_of("compare", fn_kwargs, stray)
   if not isinstance(fns, Mapping) or not fns:
     raise TypeError(f"`compare`: `fns` must be a non-empty dict of label -> function, got "
                     f"{fns!r}.")
@@ -281,7 +291,7 @@ def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Se
     if verbose:
       print(f"[{i + 1}/{len(fns)}] {label}", flush=True)
     reports[label] = memory_report(fn, *args, argnums=argnums, label=label, live=live,
-                                   target=target, **kwargs)
+                                   target=target, fn_kwargs=fn_kwargs)
   return Comparison(reports)
 
 
