@@ -9,9 +9,12 @@
 # A leg whose Python is missing is skipped with a message, never silently.
 # `make bench` uses a Python that already has jax, flax, optax and chex (a GPU image)
 # as is; otherwise .venv.
+# `make docs` builds the site in docs/ strictly (warnings are errors) into site/ (git-ignored),
+# with the `docs` extra installed into .venv.
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 SYSPY  ?= python3
 JOBS   ?= auto
 HAVE_DEPS := $(shell $(SYSPY) -c "import jax, flax, optax, chex" >/dev/null 2>&1 && echo yes)
@@ -40,7 +43,7 @@ SMOKE    := tests/test__jax.py tests/test__jaxpr.py tests/test__xla.py tests/tes
 MID_TESTS := $(SMOKE) tests/test_flax_nnx.py tests/test_flax_signatures.py tests/test_report_core.py \
              tests/test_report_summary.py
 
-.PHONY: install test test-new test-mid test-min bench bench-refresh lint check clean versions
+.PHONY: install test test-new test-mid test-min bench bench-refresh lint check clean versions docs
 
 $(STAMP): pyproject.toml
 	@test -n "$(NEWPY)" || { .ci/pick-python; exit 1; }
@@ -65,13 +68,17 @@ $(VMID_STAMP): pyproject.toml
 	$(VMID_PY) -m pip install -q "jax==$(MID_JAX)" "jaxlib==$(MID_JAX)" -e ".[dev]"
 	touch $(VMID_STAMP)
 
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(VPY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
 install: $(STAMP)
 
 test: test-new test-mid test-min
 
 test-new: $(STAMP)
 	@$(VPY) -c "import sys, jax, flax; print('full suite on Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
-	$(VPY) -m pytest -q -n $(JOBS) remat_kit tests README.md
+	$(VPY) -m pytest -q -n $(JOBS) remat_kit tests README.md docs/*.md
 
 ifeq ($(PY312),)
 test-mid:
@@ -107,10 +114,14 @@ bench-refresh:
 versions: $(STAMP)
 	$(VPY) -m remat_kit versions
 
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about MkDocs 2.0 (not a build warning).
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(VPY) -m ruff check remat_kit tests experiments pytest_remat_kit.py conftest.py
 
 check: lint test
 
 clean:
-	rm -rf $(VENV) $(VMIN) $(VMID) .pytest_cache
+	rm -rf $(VENV) $(VMIN) $(VMID) .pytest_cache site

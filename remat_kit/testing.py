@@ -125,7 +125,8 @@ def assert_remat_equivalent(fn_or_module: Any, *args: Any, policies: Sequence[An
       module (its state's ``nnx.Param`` s).
     *args: example inputs.
     policies: anything :func:`remat_kit.from_config` accepts.
-    rtol, atol: tolerances (chex's ``assert_trees_all_close``).
+    rtol: relative tolerance (chex's ``assert_trees_all_close``).
+    atol: absolute tolerance.
     rngs: Linen rngs for ``init``/``apply`` (``{"params": key, "dropout": key}``);
       the same keys for both runs, so dropout masks must be identical.
     argnums: for a function, which arguments to differentiate.

@@ -111,8 +111,14 @@ class GPT(nn.Module):
   """Token and position embeddings, ``num_layers`` `GPTBlock` s, final LN, LM head.
 
   Attributes:
-    vocab_size, max_len, d_model, num_heads, num_layers, mlp_ratio,
-    dropout_rate, dtype: the architecture.
+    vocab_size: tokens in the vocabulary (embedding rows, LM head columns).
+    max_len: the longest sequence (position embedding rows).
+    d_model: the residual stream's width.
+    num_heads: attention heads per block.
+    num_layers: how many `GPTBlock` s.
+    mlp_ratio: the MLP's hidden width over ``d_model``.
+    dropout_rate: dropout on the embeddings and in every block (see `GPTBlock`).
+    dtype: the activations' dtype (parameters stay float32).
     policy: remat policy inside each block (``False``: no remat).
     groups: nesting of the layer scan (see :class:`remat_kit.flax.LayerStack`).
     scan: scan over the blocks (True) or unroll them (False).
