@@ -7,3 +7,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# mkdocs' helper (it imports griffe, from the `docs` extra), not a test module.
+collect_ignore = ["docs/_griffe_examples.py"]

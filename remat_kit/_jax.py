@@ -106,8 +106,13 @@ nothing_saveable = jax.checkpoint_policies.nothing_saveable
 # --------------------------------------------------------------------------
 # The jax_remat3 flag.
 # --------------------------------------------------------------------------
+@functools.cache
 def has_remat3() -> bool:
-  """Whether the installed JAX has the ``jax_remat3`` flag (0.10.2 and later)."""
+  """Whether the installed JAX has the ``jax_remat3`` flag (0.10.2 and later).
+
+  Cached: ``jax.config.values`` builds a dict of every flag on each access, and the
+  jaxpr walkers ask once per equation.
+  """
   return "jax_remat3" in jax.config.values
 
 
@@ -202,8 +207,9 @@ def markers(remat3_on: bool) -> Markers:
   return Markers(name_eqns[0].primitive, name_cls, remat_eqn.primitive, remat_cls)
 
 
-def _all_markers() -> list[Markers]:
-  return [markers(False), markers(True)] if has_remat3() else [markers(False)]
+@functools.cache
+def _all_markers() -> tuple[Markers, ...]:
+  return (markers(False), markers(True)) if has_remat3() else (markers(False),)
 
 
 def checkpoint_name_of(prim: Any, params: dict[str, Any]) -> str | None:

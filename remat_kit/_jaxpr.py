@@ -297,6 +297,11 @@ class Marks:
     return name if prim == primitive else None
 
 
+# Ops that pass a value on unchanged (for crediting a name to what XLA keeps).
+_PASS_ON = frozenset("reduce_precision copy copy_p optimization_barrier convert_element_type "
+                     "reshape device_put".split())
+
+
 def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: bool = False,
                  marks: Marks | None = None) -> list[Any]:
   """Evaluates ``jaxpr`` with every remat boundary inlined (its body run as is).
@@ -311,12 +316,19 @@ def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: bool = F
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  tagged = {}
+  tagged = {}  # the value a name tags (its producer is marked) -> the name
+  passed = {}  # a named value passed on unchanged (reduce_precision, a cast, ...) -> the name
   if marks is not None:
     for eqn in jaxpr.eqns:
       n = _jax.checkpoint_name_of(eqn.primitive, eqn.params)
       if n is not None:
         tagged.update({v: n for v in eqn.invars if isinstance(v, Var)})
+        passed.update({v: n for v in eqn.outvars})
+      elif (eqn.primitive.name in _PASS_ON and eqn.invars and len(eqn.outvars) == 1
+            and isinstance(eqn.invars[0], Var) and eqn.invars[0] in passed):
+        # What remat saves may be this op's output, not the named one's: XLA fuses the
+        # named op into it.
+        passed[eqn.outvars[0]] = tagged[eqn.outvars[0]] = passed[eqn.invars[0]]
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     name = next((tagged[v] for v in eqn.outvars if v in tagged), None)
@@ -374,6 +386,22 @@ def marked(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, Marks, list[Any]]:
   Returns a function of the flat leaves of ``(args, kwargs)``, its marks and
   those leaves.
   """
+  m = marked_jaxpr(fn, *args, **kwargs)
+  return m.run, m.marks, m.leaves
+
+
+class Marked(NamedTuple):
+  """:func:`marked`, with the jaxpr of ``fn`` it was built from (traced once)."""
+
+  run: Any  # a function of the flat leaves
+  marks: Marks
+  leaves: list[Any]
+  jaxpr: Jaxpr  # of fn, on the flat leaves
+  consts: list[Any]
+
+
+def marked_jaxpr(fn: Any, *args: Any, **kwargs: Any) -> Marked:
+  """:func:`marked`, keeping the jaxpr of ``fn`` (for FLOPs and remat sites)."""
   leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
 
   def flat(*xs: Any) -> Any:
@@ -381,11 +409,12 @@ def marked(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, Marks, list[Any]]:
     return fn(*a, **k)
 
   closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*leaves)
-  marks = Marks(closed.jaxpr)
+  jaxpr, consts = closed_parts(closed)
+  marks = Marks(jaxpr)
   out_tree = jax.tree_util.tree_structure(out_shape)
 
   def run(*xs: Any) -> Any:
-    outs = eval_inlined(closed.jaxpr, closed.consts, *xs, marks=marks)
+    outs = eval_inlined(jaxpr, consts, *xs, marks=marks)
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
-  return run, marks, leaves
+  return Marked(run, marks, leaves, jaxpr, consts)

@@ -46,7 +46,7 @@ class Alloc:
 
 
 _ALLOC = re.compile(r"^allocation (\d+): size (\d+)(.*):$")
-_VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\)")
+_VALUE = re.compile(r"^ value: <\d+ (\S+)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\)")
 
 
 def allocations(text: str) -> list[Alloc]:
@@ -104,6 +104,7 @@ class Program:
 
   def __init__(self, text: str):
     self.info: dict[str, tuple[str, str, str | None]] = {}
+    self._shapes: dict[str, str] = {}  # instruction -> its shape text
     self.users: dict[str, list[str]] = {}
     self._operands: dict[str, list[str]] = {}
     self.root: list[str] = []
@@ -154,6 +155,7 @@ class Program:
       source = (f"{os.path.basename(src.group(1))}:{src.group(2)}" if src else
                 self._source(int(frame.group(1)), files, funcs, locs, frames) if frame else None)
       self.info[m.group(2)] = (opcode, op_name.group(1) if op_name else "", source)
+      self._shapes[m.group(2)] = rest[:rest.find(opcode + "(")] if opcode != "?" else ""
       args = rest[rest.find(opcode + "(") + len(opcode):]
       operands = _operand_names(args)
       self._operands[m.group(2)] = operands
@@ -173,6 +175,26 @@ class Program:
       if root and self.info.get(root, ("", ""))[1]:
         opcode = self.info[instr][0]
         self.info[instr] = (opcode, self.info[root][1], self.info[root][2] or self.info[instr][2])
+
+  def shape_of(self, value: str) -> tuple[str, tuple[int, ...]] | None:
+    """``(dtype, dims)`` of a buffer value (``"%fusion.3"`` or a tuple element
+    ``"while.2{1}"``), with numpy's dtype name; None where the text does not say."""
+    instr, _, index = value.partition("{")
+    arrays = _SHAPE.findall(self._shapes.get(instr, ""))
+    if index:
+      path = [int(i) for i in index.rstrip("}").split(",") if i.strip()]
+      # A flat tuple (the common case: while loops and multi-output fusions).
+      if len(path) != 1 or path[0] >= len(arrays) or self._shapes.get(instr, "").count("(") > 1:
+        return None
+      arrays = [arrays[path[0]]]
+    if len(arrays) != 1:
+      return None
+    dtype, dims, _ = arrays[0]
+    return _NUMPY.get(dtype, dtype), tuple(int(d) for d in dims.split(",") if d)
+
+  def operands_of(self, instr: str) -> list[str]:
+    """The instructions ``instr`` reads (a fusion's: those it is called with)."""
+    return list(self._operands.get(instr, []))
 
   def _first_operand(self, root: str) -> str | None:
     """The first operand of ``root`` (what a bitcast or copy passes on)."""
@@ -231,6 +253,11 @@ def _opcode(rest: str) -> str:
 _ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
              "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
              "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_NUMPY = {"pred": "bool", "s8": "int8", "u8": "uint8", "s16": "int16", "u16": "uint16",
+          "f16": "float16", "bf16": "bfloat16", "s32": "int32", "u32": "uint32",
+          "f32": "float32", "s64": "int64", "u64": "uint64", "f64": "float64",
+          "c64": "complex64", "c128": "complex128", "f8e4m3fn": "float8_e4m3fn",
+          "f8e5m2": "float8_e5m2"}
 _SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\](\{[^}]*\})?")
 _HOST_SPACE = "S(5)"  # XLA's host memory space, in a layout: {1,0:T(8,128)S(5)}
 # Ops whose operands and result cross HBM: fused kernels, library calls, copies.

@@ -289,6 +289,20 @@ def place(args: Any, target: Target) -> Any:
   return jax.tree_util.tree_map(one, args)
 
 
+def trace_for(fn: Callable[..., Any], target: Any, *args: Any, keep_unused: bool = False,
+              donate_argnums: tuple[int, ...] = (), **kwargs: Any) -> Any:
+  """``jax.jit(fn).trace(...)`` with the arguments placed on ``target``.
+
+  The result's ``jaxpr`` is what :func:`compile_for` compiles (``.lower().compile()``),
+  so a readout can count FLOPs and compile from one trace.
+  """
+  t = parse_target(target)
+  jitted = jax.jit(fn, keep_unused=keep_unused, donate_argnums=donate_argnums)
+  if t.is_local:
+    return jitted.trace(*args, **kwargs)
+  return jitted.trace(*place(args, t), **place(kwargs, t))
+
+
 def compile_for(fn: Callable[..., Any], target: Any, *args: Any,
                 compiler_options: dict[str, Any] | None = None, keep_unused: bool = False,
                 donate_argnums: tuple[int, ...] = (), **kwargs: Any) -> Any:
@@ -298,12 +312,8 @@ def compile_for(fn: Callable[..., Any], target: Any, *args: Any,
   ``keep_unused`` keeps arguments the program does not read as parameters;
   ``donate_argnums`` lets outputs reuse those arguments' buffers.
   """
-  t = parse_target(target)
-  jitted = jax.jit(fn, keep_unused=keep_unused, donate_argnums=donate_argnums)
-  if t.is_local:
-    lowered = jitted.lower(*args, **kwargs)
-  else:
-    lowered = jitted.lower(*place(args, t), **place(kwargs, t))
+  lowered = trace_for(fn, target, *args, keep_unused=keep_unused,
+                      donate_argnums=donate_argnums, **kwargs).lower()
   return lowered.compile(compiler_options) if compiler_options else lowered.compile()
 
 

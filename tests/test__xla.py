@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from remat_kit import _jaxpr, _xla, targets
-from remat_kit.report import peak
+from remat_kit.report import compilation, peak
 
 FIXTURES = sorted(p for p in (pathlib.Path(__file__).parent / "fixtures" / "xla").iterdir()
                   if p.is_dir())
@@ -92,11 +92,11 @@ def test_explain_peak_reads_each_compilers_dumps_and_reconciles(dump):
   run, marks, leaves = _jaxpr.marked(_loss(), *args)
   jax.eval_shape(jax.grad(run), *leaves)  # the trace that numbers the scopes
   compiler = {k: v for k, v in mem.items() if isinstance(v, int)}
-  rep = peak._explain(
-      _xla.Program(_read(d, "after_optimizations.txt")),
-      _xla.allocations(_read(d, "after_optimizations-buffer-assignment.txt")),
-      *_xla.live_ranges(_read(d, "after_optimizations-live-range.txt")), marks,
-      ["parameter", "input"], ["ws", "x"], ["gradient"], 20, mem["target"], compiler)
+  c = compilation.from_dumps(
+      _read(d, "after_optimizations.txt"), _read(d, "after_optimizations-buffer-assignment.txt"),
+      _read(d, "after_optimizations-live-range.txt"), marks,
+      ["parameter", "input"], ["ws", "x"], ["gradient"], mem["target"], compiler)
+  rep = peak._explain(c, 20)
   peak._reconcile(rep, targets.parse_target(mem["target"]))
   assert rep.by_kind.get("saved residual", 0) >= 4 * 256 * 128 * 4  # `pre`, one per layer
   # a compiler that says it holds ten times as much: the report is short, and says so

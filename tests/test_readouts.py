@@ -65,12 +65,18 @@ def test_a_residual_made_outside_remat_is_not_credited_to_its_policy(remat_impl)
   """x @ w is computed outside the remat: shape matching used to credit it to the policy."""
   inner = rk.remat(lambda w, y: jnp.sum(jnp.sin(y @ w.T)), policy="full")
   g = lambda w, x: inner(w, (x @ w) ** 2)
-  rep = rk.memory_report(g, jnp.ones((32, 32)), jnp.ones((16, 32)), live=False)
+  rep = rk.memory_report(g, jnp.ones((32, 32)), jnp.ones((16, 32)), live=False,
+                         before_xla=True)
+  # As compiled: the remat's input, and x @ w (which the square's derivative reads).
   acts = [r for r in rep.residuals if r.kind == "activation"]
   assert acts and not any("saved by policy" in r.rule for r in acts)
   rules = {r.primitive: r.rule for r in acts}
   assert rules["integer_pow"].startswith("the input of a remat")
-  assert rules["mul"] == "kept by autodiff outside remat"
+  assert rules["dot_general"] == "kept by autodiff outside remat"
+  # Before XLA, autodiff keeps 2 * (x @ w) instead; XLA keeps the product it came from.
+  before = {r.primitive: r.rule for r in rep.residuals_before_xla if r.kind == "activation"}
+  assert before["integer_pow"].startswith("the input of a remat")
+  assert before["mul"] == "kept by autodiff outside remat"
 
 
 def test_a_residual_saved_inside_a_scanned_remat_is_credited_to_its_name(remat_impl):

@@ -16,7 +16,8 @@ from remat_kit import _jax, _jaxpr
 from remat_kit.policies import Policy
 from remat_kit.report.core import Residual
 
-__all__ = ["RematSite", "policy_names", "policy_repr", "remat_sites", "rule_for"]
+__all__ = ["RematSite", "jaxpr_remat_sites", "policy_names", "policy_repr", "remat_sites",
+           "rule_for"]
 
 
 def policy_names(policy: Any) -> frozenset[str]:
@@ -42,8 +43,12 @@ class RematSite:
 def remat_sites(fn: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> list[RematSite]:
   """Every remat boundary in ``fn``, in the order :class:`Residual.site` indexes."""
-  closed = jax.make_jaxpr(fn)(*args, **kwargs)
-  return [_site(eqn, layers) for eqn, layers in _jaxpr.remat_sites(closed.jaxpr)]
+  return jaxpr_remat_sites(_jaxpr.closed_parts(jax.make_jaxpr(fn)(*args, **kwargs))[0])
+
+
+def jaxpr_remat_sites(jaxpr: Any) -> list[RematSite]:
+  """:func:`remat_sites` of an already traced jaxpr."""
+  return [_site(eqn, layers) for eqn, layers in _jaxpr.remat_sites(jaxpr)]
 
 
 def _site(eqn: Any, layers: int) -> RematSite:

@@ -38,17 +38,27 @@ scopes on each remat site and each `checkpoint_name`'d op
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
-import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
-from remat_kit import _jax, _jaxpr, targets
 from remat_kit import _xla as _dumps
+from remat_kit import targets
+from remat_kit.report.buffers import (
+    backward_start,
+    feeds_loop,
+    is_host,
+    memory_of,
+    name_of,
+    primitive,
+    temp_kind,
+)
+from remat_kit.report.compilation import (
+    Compilation,
+    compilation,
+)
 from remat_kit.report.core import fn_kwargs_of
 from remat_kit.report.table import format_bytes, format_table
 
@@ -186,42 +196,25 @@ def compile_explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
                       donate_argnums: int | Sequence[int] = ()
                       ) -> tuple[Any, PeakReport]:
   """:func:`explain_peak`, also returning the compiled program (one compile for both)."""
-  if not callable(fn):
-    raise TypeError(f"`explain_peak`: `fn` must be callable, got {fn!r}.")
+  c = explained(fn, args, kwargs, target=target, argnums=argnums, grad=grad,
+                arg_kinds=arg_kinds, out_kinds=out_kinds, compiler_options=compiler_options,
+                donate_argnums=donate_argnums)
+  return c.compiled, peak_of(c, top)
+
+
+def explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+              **options: Any) -> Compilation:
+  """The cached :class:`~remat_kit.report.compilation.Compilation` behind a readout."""
+  return compilation(fn, args, kwargs, api="explain_peak", **options)
+
+
+def peak_of(c: Compilation, top: int = 20) -> PeakReport:
+  """The :class:`PeakReport` of a compilation, reconciled with the compiler's figures."""
   if not isinstance(top, int) or isinstance(top, bool) or top < 1:
     raise ValueError(f"`explain_peak`: `top` must be a positive int, got {top!r}.")
-  t = targets.parse_target(target)
-  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-  for a in nums:
-    if not isinstance(a, int) or not 0 <= a < len(args):
-      raise ValueError(f"`explain_peak`: `argnums` {argnums!r} must index the {len(args)} "
-                       "positional arguments.")
-  if arg_kinds is not None and len(arg_kinds) != len(args):
-    raise ValueError(f"`explain_peak`: `arg_kinds` has {len(arg_kinds)} entries for "
-                     f"{len(args)} positional arguments: give one kind per argument.")
-  run, marks, leaves = _jaxpr.marked(fn, *args, **kwargs)
-  leaf_kind, leaf_name, grad_leaves = _leaf_labels(args, kwargs, nums, grad, arg_kinds,
-                                                   _param_names(fn))
-  target_fn = jax.grad(run, argnums=tuple(grad_leaves)) if grad else run
-  donate = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
-  if donate and grad:
-    raise ValueError("`explain_peak`: `donate_argnums` is for a whole step (grad=False); "
-                     "a gradient's outputs cannot reuse its arguments.")
-  donated_leaves = tuple(i for i, a in enumerate(_leaf_args(args, kwargs)) if a in donate)
-  with tempfile.TemporaryDirectory(prefix="rk_peak_") as d:
-    options = dict(compiler_options or {}, xla_dump_to=d)
-    compiled = targets.compile_for(target_fn, t, *leaves, compiler_options=options,
-                                   keep_unused=True, donate_argnums=donated_leaves)
-    hlo, assignment, live = (_dumps.read(d, s) for s in (
-        "after_optimizations.txt", "after_optimizations-buffer-assignment.txt",
-        "after_optimizations-live-range.txt"))
-  compiler = _jax.memory_fields(compiled.memory_analysis())
-  out_leaf_kind = _out_labels(jax.eval_shape(target_fn, *leaves), grad, out_kinds)
-  ranges, horizon = _dumps.live_ranges(live)
-  report = _explain(_dumps.Program(hlo), _dumps.allocations(assignment), ranges, horizon, marks, leaf_kind,
-                    leaf_name, out_leaf_kind, top, t.name, compiler)
-  _reconcile(report, t)
-  return compiled, report
+  report = _explain(c, top)
+  _reconcile(report, c.target)
+  return report
 
 
 def _reconcile(report: PeakReport, t: targets.Target) -> None:
@@ -265,101 +258,29 @@ def _reconcile(report: PeakReport, t: targets.Target) -> None:
 
 
 # --------------------------------------------------------------------------
-# Labels for arguments and outputs
-# --------------------------------------------------------------------------
-def _leaf_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int | None]:
-  """The positional argument each flat leaf of ``(args, kwargs)`` belongs to."""
-  out: list[int | None] = []
-  for i, a in enumerate(args):
-    out += [i] * len(jax.tree_util.tree_leaves(a))
-  return out + [None] * len(jax.tree_util.tree_leaves(kwargs))
-
-
-def _param_names(fn: Callable[..., Any]) -> list[str]:
-  try:
-    return [p.name for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  except (TypeError, ValueError):
-    return []
-
-
-def _leaf_labels(args: tuple[Any, ...], kwargs: dict[str, Any], nums: tuple[int, ...],
-                 grad: bool, arg_kinds: Sequence[str] | None, params: list[str]
-                 ) -> tuple[list[str], list[str], list[int]]:
-  kinds, names, grad_leaves = [], [], []
-  for i, a in enumerate(args):
-    kind = (arg_kinds[i] if arg_kinds is not None
-            else "parameter" if (i in nums or not grad and i == 0) else "input")
-    for path, _ in jax.tree_util.tree_flatten_with_path(a)[0]:
-      if grad and i in nums:
-        grad_leaves.append(len(kinds))
-      kinds.append(kind)
-      names.append(f"{params[i] if i < len(params) else f'arg{i}'}{jax.tree_util.keystr(path)}")
-  for path, _ in jax.tree_util.tree_flatten_with_path(kwargs)[0]:
-    kinds.append("input")
-    names.append(jax.tree_util.keystr(path).strip("[]'"))
-  return kinds, names, grad_leaves
-
-
-def _out_labels(out_shape: Any, grad: bool, out_kinds: Sequence[str] | None) -> list[str]:
-  if grad:
-    return ["gradient"] * len(jax.tree_util.tree_leaves(out_shape))
-  if out_kinds is None:
-    return ["output"] * len(jax.tree_util.tree_leaves(out_shape))
-  tops = list(out_shape) if isinstance(out_shape, (tuple, list)) else [out_shape]
-  if len(out_kinds) != len(tops):
-    raise ValueError(f"`explain_peak`: `out_kinds` has {len(out_kinds)} entries for "
-                     f"{len(tops)} outputs: give one kind per top-level output.")
-  return [k for k, o in zip(out_kinds, tops) for _ in jax.tree_util.tree_leaves(o)]
-
-
-# --------------------------------------------------------------------------
 # The peak
 # --------------------------------------------------------------------------
-def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str, tuple[int, int]],
-             horizon: int, marks: Any, leaf_kind: list[str], leaf_name: list[str],
-             out_kind: list[str], top: int, target: str, compiler: dict[str, int]
-             ) -> PeakReport:
-  # Buffers of temp allocations: values at one offset whose live ranges touch are one
-  # buffer (an in-place update, an alias).
-  buffers = []  # (alloc, offset, size, start, end, [values])
-  for a in allocs:
-    if a.resident or a.color < 0 or _is_host(a):
-      continue
-    slots: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
-    for value, offset, size in a.values:
-      if value in ranges:
-        slots.setdefault((offset, size), []).append((*ranges[value], value))
-    for (offset, size), vals in slots.items():
-      vals.sort()
-      cur = None
-      for s, e, v in vals:
-        # Touching ranges are one buffer (an in-place update); so is a loop's initial
-        # value and what the loop body writes into it later (the loop carries it).
-        if cur is not None and (s <= cur[4] or _feeds_loop(prog, cur[5][-1])):
-          cur[4] = max(cur[4], e)
-          cur[5].append(v)
-        else:
-          cur = [a, offset, size, s, e, [v]]
-          buffers.append(cur)
+def _explain(c: Compilation, top: int) -> PeakReport:
+  prog, allocs, ranges, marks = c.hlo, c.allocs, c.ranges, c.marks
+  leaf_kind, leaf_name, out_kind = c.leaf_kind, c.leaf_name, c.out_kind
+  buffers = [b for b in c.buffers if not is_host(b.alloc)]
   events: dict[int, int] = {}
   for b in buffers:
-    events[b[3]] = events.get(b[3], 0) + b[2]
-    events[b[4] + 1] = events.get(b[4] + 1, 0) - b[2]
+    events[b.start] = events.get(b.start, 0) + b.size
+    events[b.end + 1] = events.get(b.end + 1, 0) - b.size
   best_t, best, cur_total = 0, -1, 0
   for t in sorted(events):
     cur_total += events[t]
     if cur_total > best:
       best, best_t = cur_total, t
-  live = [b for b in buffers if b[3] <= best_t <= b[4]]
-  backward = _backward_start(prog, ranges, horizon)
+  live = [b for b in buffers if b.start <= best_t <= b.end]
   rows: list[PeakRow] = []
   # Parameters, outputs, constants: resident for the whole step.
   root = {name: i for i, name in enumerate(prog.root)}
   for a in allocs:
     if not a.resident or a.color < 0 or a.size == 0:
       continue
-    memory = "host" if _is_host(a) else "device"
+    memory = "host" if is_host(a) else "device"
     if memory == "host":
       continue
     values = [v for v, _, _ in a.values]
@@ -377,32 +298,30 @@ def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str,
     now = [v for v in values if v in ranges and ranges[v][0] <= best_t <= ranges[v][1]]
     v = (now or values or ["?"])[-1]
     rows.append(_value_row(a.size, v, kind, prog, marks, "device"))
-  for a, _, size, _, _, values in live:
+  for b in live:
+    a, size, values = b.alloc, b.size, list(b.values)
     # The value the buffer holds at the peak (the earliest still live, when an
     # in-place op is writing over it there), named by any value it carried.
     now = [v for v in values if ranges[v][0] <= best_t <= ranges[v][1]] or values
     named = [x for x in now + values if prog.info.get(x.split("{")[0], ("", ""))[1]]
     v = (named or now)[0]  # label it by a value the compiler kept an op_name for
-    start = min(ranges[x][0] for x in values)
-    end = max(ranges[x][1] for x in values)
-    kinds = [_temp_kind(prog, x) for x in values]
-    kind = ("saved residual" if start < backward <= end  # made before the backward, read in it
-            or "saved residual" in kinds else _temp_kind(prog, v))
-    row = _value_row(size, ",".join(values), kind, prog, marks, _memory(a), v)
-    name = row.name or next((n for n in (_value_row(0, x, "", prog, marks, "", x).name
-                                         for x in values) if n), None)
+    kinds = [temp_kind(prog, x) for x in values]
+    kind = ("saved residual" if c.carried(b)  # made before the backward, read in it
+            or "saved residual" in kinds else temp_kind(prog, v))
+    row = _value_row(size, ",".join(values), kind, prog, marks, memory_of(a), v)
+    name = row.name or next((n for x in values if (n := name_of(prog, marks, x))), None)
     rows.append(dataclasses.replace(row, name=name))
   live_total = sum(r.bytes for r in rows)
   # The runtime reserves each temp allocation whole for the step; what the compiler
   # could not fill at this point (its packing of buffers over time) is held too.
   used: dict[int, int] = {}
-  for a, _, size, _, _, _ in live:
-    used[a.index] = used.get(a.index, 0) + size
+  for b in live:
+    used[b.alloc.index] = used.get(b.alloc.index, 0) + b.size
   for a in allocs:
-    if not a.resident and a.color >= 0 and not _is_host(a) and a.size > used.get(a.index, 0):
+    if not a.resident and a.color >= 0 and not is_host(a) and a.size > used.get(a.index, 0):
       rows.append(PeakRow(a.size - used.get(a.index, 0), None, None, "packing", None,
                           f"allocation {a.index}: temp not in use at the peak",
-                          _memory(a)))
+                          memory_of(a)))
   total = sum(r.bytes for r in rows)
   by_kind: dict[str, int] = {}
   for r in rows:
@@ -417,7 +336,8 @@ def _explain(prog: _dumps.Program, allocs: list[_dumps.Alloc], ranges: dict[str,
   by_memory: dict[str, int] = {}
   for r in rows:
     by_memory[r.memory] = by_memory.get(r.memory, 0) + r.bytes
-  return PeakReport(total, shown, target, at, compiler, by_kind, live_total, by_memory)
+  return PeakReport(total, shown, c.target.name, at, dict(c.compiler), by_kind, live_total,
+                    by_memory)
 
 
 def _value_row(size: int, label: str, kind: str, prog: _dumps.Program, marks: Any, memory: str,
@@ -425,68 +345,13 @@ def _value_row(size: int, label: str, kind: str, prog: _dumps.Program, marks: An
   instr = (value or label).split(",")[-1].split("{")[0]
   opcode, op_name, source = prog.info.get(instr, ("?", "", None))
   op = _primitive(op_name) or opcode
-  return PeakRow(size, marks.name_of(op_name, op) if op_name else None, op, kind, source,
-                 label, memory)
+  return PeakRow(size, name_of(prog, marks, instr), op, kind, source, label, memory)
 
 
-def _primitive(op_name: str) -> str | None:
-  """The jaxpr primitive at the end of an HLO ``op_name`` ("jit(f)/jvp()/exp" -> "exp")."""
-  if not op_name:
-    return None
-  last = op_name.rsplit("/", 1)[-1]
-  return re.sub(r"\(.*\)$", "", last) or None
-
-
-def _feeds_loop(prog: _dumps.Program, value: str) -> bool:
-  """Whether ``value`` is a while loop's initial value (through tuples, bitcasts, ...)."""
-  frontier, seen = [value.split("{")[0]], set()
-  for _ in range(4):
-    nxt = []
-    for instr in frontier:
-      for user in prog.users.get(instr, []):
-        op = prog.info.get(user, ("",))[0]
-        if op == "while":
-          return True
-        if op in ("tuple", "get-tuple-element", "bitcast", "copy") and user not in seen:
-          seen.add(user)
-          nxt.append(user)
-    frontier = nxt
-  return False
-
-
-# Backward ops XLA often schedules early, before any forward work is done.
-_EARLY = frozenset("broadcast_in_dim convert_element_type reshape iota".split())
-
-
-def _backward_start(prog: _dumps.Program, ranges: dict[str, tuple[int, int]],
-                    horizon: int) -> int:
-  """When the backward pass starts: the first transpose op doing real work."""
-  starts = [r[0] for v, r in ranges.items()
-            if "transpose(" in (info := prog.info.get(v.split("{")[0], ("", "", None)))[1]
-            and _primitive(info[1]) not in _EARLY]
-  return min(starts, default=horizon)
-
-
-def _temp_kind(prog: _dumps.Program, value: str) -> str:
-  """Backward temporary (made by the transpose), saved residual (made in the forward
-  pass and read by the backward), forward temporary, or temporary (neither)."""
-  instr = value.split("{")[0]
-  _, op_name, _ = prog.info.get(instr, ("", "", None))
-  if "transpose(" in op_name:
-    return "backward temporary"
-  if "jvp(" in op_name:
-    if "while/body" in op_name and _primitive(op_name) == "dynamic_update_slice":
-      return "saved residual"  # a forward scan stacking what its backward reads
-    readers = prog.users.get(instr, [])
-    if any("transpose(" in prog.info.get(u, ("", "", None))[1] for u in readers):
-      return "saved residual"
-    return "forward temporary"
-  return "temporary"
-
-
-def _is_host(a: _dumps.Alloc) -> bool:
-  return a.color == 5  # XLA's pinned-host memory space on GPU and TPU
-
-
-def _memory(a: _dumps.Alloc) -> str:
-  return "device" if a.color == 0 else "host" if a.color == 5 else "on-chip"
+# Shared with the other readouts (kept under their old names here).
+_primitive = primitive
+_feeds_loop = feeds_loop
+_backward_start = backward_start
+_temp_kind = temp_kind
+_is_host = is_host
+_memory = memory_of

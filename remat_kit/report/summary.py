@@ -1,10 +1,13 @@
 """One call for what a policy costs: `memory_report`, `compare` and `diff`.
 
 A report holds XLA's compiled memory analysis of the gradient, one row per
-saved residual (name recovered inside scans, argument or activation, the rule
-that kept it), totals per name and per layer, FLOPs split into forward,
-backward and recomputation, and the live peak on GPU/TPU. It is a plain
-dataclass: ``to_dict()`` is JSON-serializable, ``str()`` is a table.
+buffer the compiled program carries from the forward to the backward pass (its
+`checkpoint_name`, remat site and the rule that kept it), totals per name and
+per layer, FLOPs split into forward, backward and recomputation, what is live at
+the compiled peak, and the live peak on GPU/TPU. One trace and one compile,
+shared with :func:`~remat_kit.report.explain_peak` and
+:func:`~remat_kit.report.lint` (see :mod:`remat_kit.report.compilation`). It is a
+plain dataclass: ``to_dict()`` is JSON-serializable, ``str()`` is a table.
 """
 
 from __future__ import annotations
@@ -25,9 +28,8 @@ from remat_kit.report.core import (
     saved_residuals,
 )
 from remat_kit.report.estimate import estimate_seconds
-from remat_kit.report.explain import remat_sites, rule_for
-from remat_kit.report.flops import flop_breakdown
-from remat_kit.report.peak import PeakReport, compile_explained
+from remat_kit.report.explain import rule_for
+from remat_kit.report.peak import PeakReport, explained, peak_of
 from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
@@ -43,7 +45,10 @@ class MemoryReport:
     compiled: XLA's memory analysis of the compiled gradient (bytes):
       argument/output/alias/temp/generated code sizes, the ``host_*`` fields,
       and ``peak_bytes`` = temp + argument + output - alias.
-    residuals: one :class:`~remat_kit.report.Residual` per saved tensor.
+    residuals: one :class:`~remat_kit.report.Residual` per buffer the compiled
+      program carries from the forward to the backward pass (made before the
+      backward starts, live when it does), largest first. These exist: their
+      device rows add up to at most the compiled peak.
     flops: forward, backward, recompute, total and recompute_pct.
     live_peak_bytes: the device's peak bytes in use while running the step,
       or None.
@@ -54,6 +59,10 @@ class MemoryReport:
     estimate_source: how ``estimated_seconds`` was obtained.
     peak: what is live at the compiled gradient's peak
       (:func:`remat_kit.report.explain_peak`), which :meth:`reconcile` sums by kind.
+    residuals_before_xla: with ``memory_report(..., before_xla=True)``, the
+      jaxpr's residuals (:func:`~remat_kit.report.saved_residuals`): what autodiff
+      asks to keep before XLA fuses, reorders and frees; they can add up to more
+      than the peak. None otherwise.
   """
 
   label: str
@@ -67,6 +76,7 @@ class MemoryReport:
   estimated_seconds: float | None = None
   estimate_source: str = ""
   peak: PeakReport | None = None
+  residuals_before_xla: list[Residual] | None = None
 
   def reconcile(self) -> str:
     """How the residuals relate to the compiled peak, in one line.
@@ -82,8 +92,8 @@ class MemoryReport:
                       if b * 100 >= total)
     res = self.device_activation_bytes
     return (f"peak {format_bytes(self.peak.peak_bytes)} ({self.peak.target}): {parts}; "
-            f"the saved activations above total {format_bytes(res)} "
-            f"({100 * res / total:.0f}% of the peak)")
+            f"the compiled program carries {format_bytes(res)} of activations from the "
+            f"forward to the backward pass ({100 * res / total:.0f}% of the peak)")
 
   @property
   def activation_bytes(self) -> int:
@@ -135,6 +145,8 @@ class MemoryReport:
         "live_peak_bytes": self.live_peak_bytes,
         "live_peak_note": self.live_peak_note,
         "peak": self.peak.to_dict() if self.peak is not None else None,
+        "residuals_before_xla": (None if self.residuals_before_xla is None else
+                                 [dataclasses.asdict(r) for r in self.residuals_before_xla]),
         "reconcile": self.reconcile(),
     }
 
@@ -176,7 +188,8 @@ class MemoryReport:
 
 def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,
                   label: str | None = None, live: bool = True, target: Any = None,
-                  fn_kwargs: Mapping[str, Any] | None = None, **stray: Any) -> MemoryReport:
+                  fn_kwargs: Mapping[str, Any] | None = None, before_xla: bool = False,
+                  **stray: Any) -> MemoryReport:
   """Bytes, residuals and FLOPs of the gradient of the scalar function ``fn``.
 
   Args:
@@ -192,9 +205,13 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
       An accelerator target adds ``estimated_seconds``.
     fn_kwargs: keyword arguments of ``fn`` (not differentiated). They are never
       mixed with this function's own options, so a loss may take a ``target=``.
+    before_xla: also list the jaxpr's residuals (``residuals_before_xla``); one
+      more trace of ``fn``.
 
   Returns:
-    A :class:`MemoryReport`.
+    A :class:`MemoryReport`. Its trace and compile are cached: a following
+    :func:`~remat_kit.report.explain_peak` or :func:`~remat_kit.report.lint` of the same
+    function, arguments and target compiles nothing.
 
   Example:
     >>> import jax.numpy as jnp, remat_kit as rk
@@ -205,6 +222,8 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
     ...                        jnp.ones((2, 4)), label="save h")
     >>> rep.by_name, rep.flops["recompute"]  # sin(h) is recomputed: 8 FLOPs
     ({'h': 32}, 8)
+    >>> rep.device_activation_bytes <= rep.peak.peak_bytes
+    True
   """
   if not callable(fn):
     raise TypeError(f"`memory_report`: `fn` must be callable, got {fn!r}.")
@@ -212,12 +231,16 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   label = label or getattr(fn, "__name__", "fn")
   t = targets.parse_target(target)
   grad = jax.grad(fn, argnums=argnums)
-  program, peak = compile_explained(fn, args, kwargs, target=t, argnums=argnums)
-  compiled = memory_fields(program, t)
-  sites = remat_sites(fn, args, kwargs)
-  residuals = [dataclasses.replace(r, rule=rule_for(r, sites))
-               for r in saved_residuals(lambda *a: fn(*a, **kwargs), *args)]
-  flops = flop_breakdown(fn, *args, argnums=argnums, **kwargs)
+  c = explained(fn, args, kwargs, target=t, argnums=argnums)
+  peak = peak_of(c)
+  compiled = memory_fields(c.compiled, t)
+  sites = c.sites
+  residuals = [dataclasses.replace(r, rule=rule_for(r, sites)) for r in c.residuals()]
+  before = None
+  if before_xla:
+    before = [dataclasses.replace(r, rule=rule_for(r, sites))
+              for r in saved_residuals(lambda *a: fn(*a, **kwargs), *args)]
+  flops = c.flops()
   peak_live, note = None, ""
   seconds, source = estimate_seconds(flops["total"], compiled, t)
   if not t.is_local:
@@ -229,7 +252,7 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   else:
     peak_live, note = _measure_live_peak(grad, args, kwargs)
   return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak_live, note,
-                      t.name, seconds, source, peak)
+                      t.name, seconds, source, peak, before)
 
 
 def _measure_live_peak(grad: Callable[..., Any], args: tuple[Any, ...],

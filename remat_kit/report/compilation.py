@@ -1,0 +1,388 @@
+"""One trace, one compile and one read of the compiler's dumps per question.
+
+:func:`~remat_kit.report.memory_report`, :func:`~remat_kit.report.explain_peak`
+and :func:`~remat_kit.report.lint` ask about the same compiled gradient.
+:func:`compilation` traces the function once (its jaxpr gives the FLOPs and the
+remat sites), compiles the gradient once with XLA's dumps, parses them once, and
+keeps the result per (function, arguments, policy, target): asking all three
+about one function costs one compile. The cache holds at most
+:data:`CACHE_SIZE` compilations, keeps no function alive (it holds weak
+references) and is emptied by :func:`clear_cache`.
+
+What the compiled program keeps from the forward to the backward pass is read
+here too (:meth:`Compilation.residuals`): every buffer made before the backward
+pass starts and still live when it does, credited to `checkpoint_name`s and remat
+sites through the HLO's op metadata. Unlike the jaxpr's residuals
+(:func:`~remat_kit.report.saved_residuals`, the view before XLA), these exist:
+XLA fuses most of the jaxpr's intermediate values away, and what it keeps
+adds up to at most the compiled peak.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import math
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from remat_kit import _jax, _jaxpr, targets
+from remat_kit import _xla as _dumps
+from remat_kit.report.buffers import (
+    Buffer,
+    backward_start,
+    buffers_of,
+    instr_of,
+    name_of,
+    origin,
+    primitive,
+    reader_site,
+    stacks,
+)
+from remat_kit.report.core import Residual
+from remat_kit.report.explain import RematSite, jaxpr_remat_sites
+from remat_kit.report.flops import _jaxpr_flops
+
+__all__ = ["CACHE_SIZE", "Buffer", "Compilation", "cache_info", "clear_cache", "compilation",
+           "from_dumps"]
+
+CACHE_SIZE = 8
+
+
+@dataclasses.dataclass(eq=False)
+class Compilation:
+  """A function's gradient (or whole step), traced, compiled and read once.
+
+  Attributes:
+    target: where it was compiled.
+    compiled: the compiled program (``jax.stages.Compiled``).
+    hlo: its optimized HLO (instructions, op_names, source lines, shapes).
+    allocs: the compiler's buffer assignment.
+    ranges: each value's live range over the scheduled program.
+    horizon: the number of program points.
+    marks: the scopes that credit compiled ops to remat sites and names.
+    leaf_kind: the kind of each flat argument (parameter, input, ...).
+    leaf_name: the name of each flat argument (``params['w']``, ...).
+    out_kind: the kind of each flat output (gradient, output, ...).
+    compiler: the compiler's own memory figures.
+    buffers: every buffer of the temp and host allocations.
+    backward: the program point where the backward pass starts.
+    grad: whether the gradient was compiled (else the function itself).
+  """
+
+  target: targets.Target
+  compiled: Any
+  hlo: _dumps.Program
+  allocs: list[_dumps.Alloc]
+  ranges: dict[str, tuple[int, int]]
+  horizon: int
+  marks: _jaxpr.Marks
+  leaf_kind: list[str]
+  leaf_name: list[str]
+  out_kind: list[str]
+  compiler: dict[str, int]
+  buffers: list[Buffer]
+  backward: int
+  grad: bool
+  _traced: _jaxpr.Marked | None
+  _grad_leaves: tuple[int, ...]
+  _program_jaxpr: Any
+  _flops: dict[str, Any] | None = None
+  _residuals: list[Residual] | None = None
+
+  @property
+  def sites(self) -> list[RematSite]:
+    """The remat boundaries of the function, in :attr:`Residual.site` order."""
+    return jaxpr_remat_sites(self._trace("sites").jaxpr)
+
+  @property
+  def forward_jaxpr(self) -> Any:
+    """The jaxpr of the function (not its gradient), on the flat arguments."""
+    return self._trace("forward_jaxpr").jaxpr
+
+  def _trace(self, what: str) -> _jaxpr.Marked:
+    if self._traced is None:
+      raise ValueError(f"`{what}`: this compilation was read from dumps (`from_dumps`) "
+                       "and has no traced function; build it with `compilation(fn, ...)`.")
+    return self._traced
+
+  def flops(self) -> dict[str, Any]:
+    """:func:`~remat_kit.report.flop_breakdown`, from the jaxprs already traced (one more
+    trace, of the gradient without remat, from the jaxpr rather than the user's code)."""
+    if not self.grad:
+      raise ValueError("`flops`: this compilation is of a whole step (grad=False), which "
+                       "has no forward/backward split to count.")
+    if self._flops is None:
+      m = self._trace("flops")
+      total = _jaxpr_flops(_jaxpr.closed_parts(self._program_jaxpr)[0])
+      forward = _jaxpr_flops(m.jaxpr)
+      plain_fn = jax.grad(lambda *xs: _jaxpr.eval_inlined(m.jaxpr, m.consts, *xs)[0],
+                          argnums=self._grad_leaves)
+      plain = _jaxpr_flops(_jaxpr.closed_parts(jax.make_jaxpr(plain_fn)(*m.leaves))[0])
+      recompute = total - plain
+      self._flops = {"forward": forward, "backward": plain - forward, "recompute": recompute,
+                     "total": total,
+                     "recompute_pct": 100.0 * recompute / plain if plain else 0.0}
+    return dict(self._flops)
+
+  def residuals(self) -> list[Residual]:
+    """What the compiled program carries from the forward to the backward pass.
+
+    One row per buffer made before the backward pass starts and live when it does,
+    largest first: ``kind="activation"``, the `checkpoint_name` (``name``; every name its
+    values carry in ``names``) and the remat site (``site``, ``site_role``) read from the
+    HLO's op metadata, the HLO shape and dtype, the source line, and ``memory`` "host"
+    for a buffer offloaded to pinned host memory. The device rows add up to at most the
+    compiled peak (they are all live at one point of it).
+    """
+    if self._residuals is None:
+      self._residuals = [self._residual(b) for b in self.buffers if self.carried(b)]
+      self._residuals.sort(key=lambda r: -r.bytes)
+    return list(self._residuals)
+
+  def carried(self, b: Buffer) -> bool:
+    """Whether ``b`` is made in the forward pass and still live when the backward starts."""
+    if not (self.grad and b.start < self.backward <= b.end):
+      return False
+    # A backward op XLA scheduled early (a broadcast of the cotangent) is not carried.
+    opcode, op_name, _ = self.hlo.info.get(instr_of(b.values[0]), ("", "", None))
+    # Tuples are pointer tables (a loop's state), not values; an integer scalar is a
+    # loop's counter.
+    if "transpose(" in op_name or opcode == "tuple":
+      return False
+    shape = self.hlo.shape_of(b.values[0])
+    return not (shape and shape[1] == () and shape[0].startswith(("int", "uint")))
+
+  def _residual(self, b: Buffer) -> Residual:
+    prog, marks = self.hlo, self.marks
+    named = [v for v in b.values if prog.info.get(instr_of(v), ("", ""))[1]]
+    # A scan's stacked residual: the buffer starts as a broadcast and the loop body
+    # writes each layer's slice into it; the slices are what it holds.
+    stacked = [v for v in named if stacks(prog.info[instr_of(v)][1])]
+    v = (stacked or named or list(b.values))[0]
+    opcode, op_name, source = prog.info.get(instr_of(v), ("?", "", None))
+    prim = primitive(op_name) or opcode
+    names = tuple(dict.fromkeys(n for x in b.values if (n := name_of(prog, marks, x))))
+    shape = prog.shape_of(v)
+    dtype, dims = shape if shape else ("?", ())
+    if shape and math.prod(dims) * _itemsize(dtype) not in (b.size, 0):
+      dims = ()  # a buffer XLA packs differently from the value's own shape
+    _, where_made = origin(prog, marks, v)
+    site = marks.site_of(where_made) if where_made else None
+    role = "inside" if site is not None else ""
+    if site is None:
+      site = reader_site(prog, marks, b.values)
+      role = "input" if site is not None else ""
+    layers = dims[0] if stacks(op_name) and dims else 1
+    where = {"host": " (offloaded to host)", "on-chip": " (on-chip)"}.get(b.memory, "")
+    return Residual(names[0] if names else None, dims, dtype, b.size, "activation", prim,
+                    (source or f"output of {prim}") + where, _residual_memory(b.memory),
+                    layers, names=names, site=site, site_role=role)
+
+
+# --------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------
+_CACHE: collections.OrderedDict[Any, tuple[Any, Compilation]] = collections.OrderedDict()
+_STATS = {"hits": 0, "misses": 0}
+
+
+def clear_cache() -> None:
+  """Forgets every cached compilation."""
+  _CACHE.clear()
+
+
+def cache_info() -> dict[str, int]:
+  """``{"hits", "misses", "size"}`` of the compilation cache (a test's view of it)."""
+  return dict(_STATS, size=len(_CACHE))
+
+
+def _fn_ref(fn: Callable[..., Any]) -> tuple[Any, Any] | None:
+  """``(key, weak reference)`` for ``fn``, or None where it cannot be weakly referenced
+  (then nothing is cached: a strong reference would keep the user's function alive)."""
+  if inspect.ismethod(fn):
+    try:
+      return (id(fn.__self__), id(fn.__func__)), weakref.WeakMethod(fn)
+    except TypeError:
+      return None
+  try:
+    return id(fn), weakref.ref(fn)
+  except TypeError:
+    return None
+
+
+def _leaf_key(x: Any) -> Any:
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    sh = getattr(x, "sharding", None)
+    sh = repr(sh) if isinstance(sh, jax.sharding.NamedSharding) else None
+    return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)), sh)
+  return ("python", type(x).__name__)
+
+
+def _frozen(x: Any) -> Any:
+  if isinstance(x, dict):
+    return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
+  if isinstance(x, (list, tuple)):
+    return tuple(_frozen(v) for v in x)
+  return x
+
+
+def compilation(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                target: Any = None, argnums: int | Sequence[int] = 0, grad: bool = True,
+                arg_kinds: Sequence[str] | None = None,
+                out_kinds: Sequence[str] | None = None,
+                compiler_options: dict[str, Any] | None = None,
+                donate_argnums: int | Sequence[int] = (), api: str = "explain_peak"
+                ) -> Compilation:
+  """The gradient of ``fn`` (or ``fn`` with ``grad=False``) on ``target``, compiled once.
+
+  Arguments as :func:`~remat_kit.report.explain_peak`'s. A second call with the same
+  function object, argument shapes, dtypes and shardings, target and options (and the
+  same ``jax_remat3`` setting) returns the same :class:`Compilation` without tracing.
+  """
+  if not callable(fn):
+    raise TypeError(f"`{api}`: `fn` must be callable, got {fn!r}.")
+  t = targets.parse_target(target)
+  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  for a in nums:
+    if not isinstance(a, int) or not 0 <= a < len(args):
+      raise ValueError(f"`{api}`: `argnums` {argnums!r} must index the {len(args)} "
+                       "positional arguments.")
+  if arg_kinds is not None and len(arg_kinds) != len(args):
+    raise ValueError(f"`{api}`: `arg_kinds` has {len(arg_kinds)} entries for "
+                     f"{len(args)} positional arguments: give one kind per argument.")
+  donate = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
+  if donate and grad:
+    raise ValueError(f"`{api}`: `donate_argnums` is for a whole step (grad=False); "
+                     "a gradient's outputs cannot reuse its arguments.")
+  ref = _fn_ref(fn)
+  key = None
+  if ref is not None:
+    leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+    key = (ref[0], tree, tuple(_leaf_key(x) for x in leaves), t.name, nums, grad,
+           _frozen(arg_kinds), _frozen(out_kinds), _frozen(compiler_options or {}), donate,
+           _jax.remat3_enabled(), bool(jax.config.jax_enable_x64))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is not None and hit[0]() == fn:
+      _CACHE.move_to_end(key)
+      _STATS["hits"] += 1
+      return hit[1]
+  _STATS["misses"] += 1
+  c = _compile(fn, args, kwargs, t, nums, grad, arg_kinds, out_kinds, compiler_options,
+               donate)
+  if key is not None:
+    _CACHE[key] = (ref[1], c)
+    while len(_CACHE) > CACHE_SIZE:
+      _CACHE.popitem(last=False)
+  return c
+
+
+def _compile(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             t: targets.Target, nums: tuple[int, ...], grad: bool,
+             arg_kinds: Sequence[str] | None, out_kinds: Sequence[str] | None,
+             compiler_options: dict[str, Any] | None, donate: tuple[int, ...]
+             ) -> Compilation:
+  m = _jaxpr.marked_jaxpr(fn, *args, **kwargs)
+  leaf_kind, leaf_name, grad_leaves = _leaf_labels(args, kwargs, nums, grad, arg_kinds,
+                                                        _param_names(fn))
+  target_fn = jax.grad(m.run, argnums=tuple(grad_leaves)) if grad else m.run
+  donated = tuple(i for i, a in enumerate(_leaf_args(args, kwargs)) if a in donate)
+  traced = targets.trace_for(target_fn, t, *m.leaves, keep_unused=True,
+                             donate_argnums=donated)
+  with tempfile.TemporaryDirectory(prefix="rk_peak_") as d:
+    options = dict(compiler_options or {}, xla_dump_to=d)
+    compiled = traced.lower().compile(options)
+    hlo, assignment, live = (_dumps.read(d, s) for s in (
+        "after_optimizations.txt", "after_optimizations-buffer-assignment.txt",
+        "after_optimizations-live-range.txt"))
+  out_info = getattr(traced, "out_info", None)  # JAX 0.10: not on `Traced` everywhere
+  if out_info is None:
+    out_info = jax.eval_shape(target_fn, *m.leaves)
+  out_kind = _out_labels(out_info, grad, out_kinds)
+  prog = _dumps.Program(hlo)
+  allocs = _dumps.allocations(assignment)
+  ranges, horizon = _dumps.live_ranges(live)
+  return Compilation(t, compiled, prog, allocs, ranges, horizon, m.marks, leaf_kind,
+                     leaf_name, out_kind, _jax.memory_fields(compiled.memory_analysis()),
+                     buffers_of(prog, allocs, ranges), backward_start(prog, ranges, horizon),
+                     grad, m, tuple(grad_leaves), traced.jaxpr)
+
+
+def from_dumps(hlo: str, assignment: str, live: str, marks: _jaxpr.Marks,
+               leaf_kind: Sequence[str], leaf_name: Sequence[str], out_kind: Sequence[str],
+               target: Any, compiler: dict[str, int], grad: bool = True) -> Compilation:
+  """A :class:`Compilation` read from dump texts alone (a recorded compile, for tests and
+  offline analysis): the peak, its buffers and the residuals, without the traced jaxprs
+  (``flops`` and ``sites`` are then unavailable)."""
+  prog = _dumps.Program(hlo)
+  allocs = _dumps.allocations(assignment)
+  ranges, horizon = _dumps.live_ranges(live)
+  return Compilation(targets.parse_target(target), None, prog, allocs, ranges, horizon,
+                     marks, list(leaf_kind), list(leaf_name), list(out_kind), dict(compiler),
+                     buffers_of(prog, allocs, ranges), backward_start(prog, ranges, horizon),
+                     grad, None, (), None)
+
+
+def _residual_memory(memory: str) -> str:
+  return "host" if memory == "host" else "device"
+
+
+def _itemsize(dtype: str) -> int:
+  try:
+    return jax.numpy.dtype(dtype).itemsize
+  except TypeError:
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Labels for arguments and outputs
+# --------------------------------------------------------------------------
+def _leaf_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int | None]:
+  """The positional argument each flat leaf of ``(args, kwargs)`` belongs to."""
+  out: list[int | None] = []
+  for i, a in enumerate(args):
+    out += [i] * len(jax.tree_util.tree_leaves(a))
+  return out + [None] * len(jax.tree_util.tree_leaves(kwargs))
+
+
+def _param_names(fn: Callable[..., Any]) -> list[str]:
+  try:
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  except (TypeError, ValueError):
+    return []
+
+
+def _leaf_labels(args: tuple[Any, ...], kwargs: dict[str, Any], nums: tuple[int, ...],
+                 grad: bool, arg_kinds: Sequence[str] | None, params: list[str]
+                 ) -> tuple[list[str], list[str], list[int]]:
+  kinds, names, grad_leaves = [], [], []
+  for i, a in enumerate(args):
+    kind = (arg_kinds[i] if arg_kinds is not None
+            else "parameter" if (i in nums or not grad and i == 0) else "input")
+    for path, _ in jax.tree_util.tree_flatten_with_path(a)[0]:
+      if grad and i in nums:
+        grad_leaves.append(len(kinds))
+      kinds.append(kind)
+      names.append(f"{params[i] if i < len(params) else f'arg{i}'}{jax.tree_util.keystr(path)}")
+  for path, _ in jax.tree_util.tree_flatten_with_path(kwargs)[0]:
+    kinds.append("input")
+    names.append(jax.tree_util.keystr(path).strip("[]'"))
+  return kinds, names, grad_leaves
+
+
+def _out_labels(out_shape: Any, grad: bool, out_kinds: Sequence[str] | None) -> list[str]:
+  if grad:
+    return ["gradient"] * len(jax.tree_util.tree_leaves(out_shape))
+  if out_kinds is None:
+    return ["output"] * len(jax.tree_util.tree_leaves(out_shape))
+  tops = list(out_shape) if isinstance(out_shape, (tuple, list)) else [out_shape]
+  if len(out_kinds) != len(tops):
+    raise ValueError(f"`explain_peak`: `out_kinds` has {len(out_kinds)} entries for "
+                     f"{len(tops)} outputs: give one kind per top-level output.")
+  return [k for k, o in zip(out_kinds, tops) for _ in jax.tree_util.tree_leaves(o)]
