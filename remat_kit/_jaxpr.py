@@ -250,7 +250,7 @@ def remat_sites(jaxpr: Jaxpr) -> Iterator[tuple[Any, int]]:
   yield from visit(jaxpr, 1)
 
 
-def _inline_closed(cj: ClosedJaxpr, full: bool, marks: Marks | None) -> ClosedJaxpr:
+def _inline_closed(cj: ClosedJaxpr, full: Any, marks: Marks | None) -> ClosedJaxpr:
   avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cj.in_avals]
   return jax.make_jaxpr(
       lambda *xs: eval_inlined(cj.jaxpr, cj.consts, *xs, full=full, marks=marks))(*avals)
@@ -302,11 +302,13 @@ _PASS_ON = frozenset("reduce_precision copy copy_p optimization_barrier convert_
                      "reshape device_put".split())
 
 
-def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: bool = False,
+def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: Any = False,
                  marks: Marks | None = None) -> list[Any]:
   """Evaluates ``jaxpr`` with every remat boundary inlined (its body run as is).
 
-  With ``full``, each remat boundary is kept but its policy becomes full remat.
+  With ``full``, each remat boundary is kept but its policy becomes full remat; with
+  ``full`` a function, it is kept with policy ``full(policy)`` (on the same remat
+  implementation).
   With ``marks``, each is kept as it was, and labelled (see :class:`Marks`).
   Remat inside scans, conds and jits is reached by rewriting their bodies.
   """
@@ -341,10 +343,15 @@ def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: bool = F
   return [read(v) for v in jaxpr.outvars]
 
 
-def _eval_eqn(eqn: Any, invals: list[Any], full: bool, marks: Marks | None) -> Any:
+def _eval_eqn(eqn: Any, invals: list[Any], full: Any, marks: Marks | None) -> Any:
   if is_remat(eqn):
     body, body_consts = remat_body(eqn)
     run = lambda *xs: eval_inlined(body, body_consts, *xs, full=full, marks=marks)
+    if callable(full):
+      params = _jax.remat_params(eqn)
+      with _jax.remat3(_jax.remat_uses_remat3(eqn)):
+        return jax.checkpoint(run, policy=full(params.get("policy")),
+                              prevent_cse=params.get("prevent_cse", True))(*invals)
     if full:
       return jax.checkpoint(run, policy=None)(*invals)
     if marks is None:

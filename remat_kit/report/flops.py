@@ -16,9 +16,10 @@ from typing import Any
 
 import jax
 
-from remat_kit import _jaxpr
+from remat_kit import _jax, _jaxpr
 
-__all__ = ["count_flops", "flop_breakdown", "with_full_remat", "without_remat"]
+__all__ = ["count_flops", "flop_breakdown", "with_full_remat", "with_offload_on_device",
+           "without_remat"]
 
 
 # One FLOP per output element.
@@ -161,7 +162,25 @@ def with_full_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
   return _rewrite(fn, full=True)
 
 
-def _rewrite(fn: Callable[..., Any], full: bool) -> Callable[..., Any]:
+def with_offload_on_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with every remat policy's offloads kept in device memory instead: the same
+  tensors saved, none moved to the host (the reference of lint's
+  ``offload-costs-memory``)."""
+  return _rewrite(fn, full=_on_device)
+
+
+def _on_device(policy: Any) -> Any:
+  if policy is None:
+    return None
+
+  def kept_on_device(prim: Any, *avals: Any, **params: Any) -> Any:
+    d = policy(prim, *avals, **params)
+    return True if isinstance(d, _jax.Offloadable) else d
+
+  return kept_on_device
+
+
+def _rewrite(fn: Callable[..., Any], full: Any) -> Callable[..., Any]:
   def rewritten(*args: Any, **kwargs: Any) -> Any:
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
     leaves = jax.tree_util.tree_leaves((args, kwargs))

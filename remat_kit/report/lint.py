@@ -11,6 +11,11 @@
 * ``no-effect``: the compiled gradient's temp memory (on ``target``) is within
   1% of the same gradient without remat, or above it: the compiler kept (or
   merged back) what remat was meant to drop.
+* ``offload-costs-memory``: a policy offloads to host memory, yet the compiled
+  gradient's device peak (on ``target``) is not below that of keeping the same
+  tensors on the device: the offload costs transfers and saves no device memory
+  (XLA keeps device copies of what it moves, or stages them). Targets without a
+  host memory space (XLA:CPU) offload nothing, so it cannot fire there.
 * ``dominated``: a policy that saves something recomputes as many FLOPs as full
   remat (within 5%), or more, while keeping more bytes (a name placed after ``tanh``, whose
   derivative reads the un-named value): full remat is better on both counts.
@@ -26,9 +31,18 @@ import jax
 
 from remat_kit import _jax, _jaxpr, targets
 from remat_kit.policies import SaveEverything, SaveNothing
-from remat_kit.report.core import compiled_memory, saved_residuals
+from remat_kit.report.compilation import compilation
+from remat_kit.report.core import compiled_memory, memory_fields, saved_residuals
 from remat_kit.report.explain import policy_names, policy_repr
-from remat_kit.report.flops import count_flops, flop_breakdown, with_full_remat, without_remat
+from remat_kit.report.flops import (
+    count_flops,
+    flop_breakdown,
+    with_full_remat,
+    with_offload_on_device,
+    without_remat,
+)
+from remat_kit.report.peak import peak_of
+from remat_kit.report.table import format_bytes
 
 __all__ = ["LintWarning", "lint"]
 
@@ -112,6 +126,7 @@ def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWar
     out.extend(_dominated(fn, args, policies))
   if not all_none:
     out.extend(_no_effect(fn, args, t))
+    out.extend(_offload_costs_memory(fn, args, t))
   return out
 
 
@@ -137,9 +152,30 @@ def _dominated(fn: Callable[..., Any], args: tuple[Any, ...], policies: list[Any
       f"in both. {hint[0].upper()}{hint[1:]}")]
 
 
+def _offload_costs_memory(fn: Callable[..., Any], args: tuple[Any, ...],
+                          t: targets.Target) -> list[LintWarning]:
+  c = compilation(fn, args, {}, t, api="lint")
+  host = sum(b.size for b in c.buffers if b.memory == "host")
+  if not host:
+    return []
+  mine = peak_of(c).peak_bytes
+  ref = peak_of(compilation(with_offload_on_device(fn), args, {}, t, api="lint")).peak_bytes
+  if mine < ref:
+    return []
+  return [LintWarning(
+      "offload-costs-memory",
+      f"on {t.name}, the compiled gradient offloads {format_bytes(host)} to host memory, "
+      f"yet its device peak is {format_bytes(mine)} against {format_bytes(ref)} when the "
+      f"same tensors stay on the device ({100 * (mine - ref) / ref:+.0f}%): the offload "
+      "costs host transfers and saves no device memory. Save those tensors on the device "
+      "instead (e.g. 'save_dots_no_batch' for 'offload_dots', 'save:NAME' for "
+      "'offload:NAME'), or offload fewer, larger tensors.")]
+
+
 def _no_effect(fn: Callable[..., Any], args: tuple[Any, ...], t: targets.Target
                ) -> list[LintWarning]:
-  mem = compiled_memory(jax.grad(fn), *args, target=t, hbm_bytes=False)
+  # The function's own compile is the one memory_report and explain_peak share.
+  mem = memory_fields(compilation(fn, args, {}, t, api="lint").compiled, t, False)
   ref = compiled_memory(jax.grad(without_remat(fn)), *args, target=t, hbm_bytes=False)
   key = "temp_size" if ref.get("temp_size") else "peak_bytes"
   a, b = mem.get(key, 0), ref.get(key, 0)

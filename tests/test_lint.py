@@ -1,0 +1,53 @@
+"""lint's compiled rules, on a model written without remat_kit in mind."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import remat_kit as rk
+from remat_kit.models import TransformerLM
+from remat_kit.report import compilation
+from remat_kit.report.table import format_bytes
+
+
+def _lm_loss(policy):
+  lm = TransformerLM(vocab_size=512, emb_dim=128, num_heads=2, num_layers=2, mlp_dim=512,
+                     max_len=128, deterministic=True, remat=policy)
+  tok = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+  with jax.numpy_dtype_promotion("standard"):
+    params = jax.eval_shape(lambda: lm.init(jax.random.key(0), jnp.ones((2, 128), jnp.int32)))
+
+  def loss(params, tokens):
+    logits = lm.apply(params, tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+  return loss, params, tok
+
+
+def test_offload_that_costs_device_memory_is_flagged_and_readouts_share_one_compile():
+  """JAX's offload_dot_with_no_batch_dims on the H100 compiler: the device peak is above
+  that of saving the same dots on the device, so lint says so, with both figures. The
+  readouts on one function and target compile it once."""
+  policy = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  loss, params, tok = _lm_loss(policy)
+  compilation.clear_cache()
+  before = compilation.cache_info()
+  with jax.numpy_dtype_promotion("standard"):
+    rep = rk.memory_report(loss, params, tok, target="gpu:h100", live=False)
+    peak = rk.explain_peak(loss, params, tok, target="gpu:h100")
+    warnings = {w.code: w.message for w in rk.lint(loss, params, tok, target="gpu:h100")}
+  info = compilation.cache_info()
+  # one compile of the function (memory_report), reused by explain_peak and lint; one of
+  # the reference that keeps the offloaded tensors on the device (lint's question)
+  assert info["misses"] - before["misses"] == 2
+  assert info["hits"] - before["hits"] >= 2
+  assert rep.peak.peak_bytes == peak.peak_bytes
+  assert any(r.memory == "host" for r in rep.residuals)
+  msg = warnings["offload-costs-memory"]
+  assert f"device peak is {format_bytes(peak.peak_bytes)} against" in msg
+  assert "save_dots_no_batch" in msg
+  # the same dots saved on the device: no offload, nothing to say
+  loss2, params2, tok2 = _lm_loss(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  with jax.numpy_dtype_promotion("standard"):
+    codes = [w.code for w in rk.lint(loss2, params2, tok2, target="gpu:h100")]
+  assert "offload-costs-memory" not in codes
