@@ -261,67 +261,12 @@ def _reconcile(report: PeakReport, t: targets.Target) -> None:
 # The peak
 # --------------------------------------------------------------------------
 def _explain(c: Compilation, top: int) -> PeakReport:
-  prog, allocs, ranges, marks = c.hlo, c.allocs, c.ranges, c.marks
-  leaf_kind, leaf_name, out_kind = c.leaf_kind, c.leaf_name, c.out_kind
-  buffers = [b for b in c.buffers if not is_host(b.alloc)]
-  events: dict[int, int] = {}
-  for b in buffers:
-    events[b.start] = events.get(b.start, 0) + b.size
-    events[b.end + 1] = events.get(b.end + 1, 0) - b.size
-  best_t, best, cur_total = 0, -1, 0
-  for t in sorted(events):
-    cur_total += events[t]
-    if cur_total > best:
-      best, best_t = cur_total, t
-  live = [b for b in buffers if b.start <= best_t <= b.end]
-  rows: list[PeakRow] = []
-  # Parameters, outputs, constants: resident for the whole step.
-  root = {name: i for i, name in enumerate(prog.root)}
-  for a in allocs:
-    if not a.resident or a.color < 0 or a.size == 0:
-      continue
-    memory = "host" if is_host(a) else "device"
-    if memory == "host":
-      continue
-    values = [v for v, _, _ in a.values]
-    if a.parameter is not None:
-      i = a.parameter
-      kind = leaf_kind[i] if i < len(leaf_kind) else "input"
-      op = leaf_name[i] if i < len(leaf_name) else f"parameter {i}"
-      rows.append(PeakRow(a.size, None, op, kind, None, values[0] if values else op))
-      continue
-    if a.constant:  # baked into the program: XLA counts it with the generated code
-      continue
-    outs = [root[v.split("{")[0]] for v in values if v.split("{")[0] in root]
-    default = out_kind[0] if len(set(out_kind)) == 1 else "output"
-    kind = out_kind[outs[0]] if outs and outs[0] < len(out_kind) else default
-    now = [v for v in values if v in ranges and ranges[v][0] <= best_t <= ranges[v][1]]
-    v = (now or values or ["?"])[-1]
-    rows.append(_value_row(a.size, v, kind, prog, marks, "device"))
-  for b in live:
-    a, size, values = b.alloc, b.size, list(b.values)
-    # The value the buffer holds at the peak (the earliest still live, when an
-    # in-place op is writing over it there), named by any value it carried.
-    now = [v for v in values if ranges[v][0] <= best_t <= ranges[v][1]] or values
-    named = [x for x in now + values if prog.info.get(x.split("{")[0], ("", ""))[1]]
-    v = (named or now)[0]  # label it by a value the compiler kept an op_name for
-    kinds = [temp_kind(prog, x) for x in values]
-    kind = ("saved residual" if c.carried(b)  # made before the backward, read in it
-            or "saved residual" in kinds else temp_kind(prog, v))
-    row = _value_row(size, ",".join(values), kind, prog, marks, memory_of(a), v)
-    name = row.name or next((n for x in values if (n := name_of(prog, marks, x))), None)
-    rows.append(dataclasses.replace(row, name=name))
+  ranges = c.ranges
+  best_t = peak_point(c)
+  live = [b for b in device_buffers(c) if b.start <= best_t <= b.end]
+  rows = resident_rows(c, best_t) + [temp_row(c, b, best_t) for b in live]
   live_total = sum(r.bytes for r in rows)
-  # The runtime reserves each temp allocation whole for the step; what the compiler
-  # could not fill at this point (its packing of buffers over time) is held too.
-  used: dict[int, int] = {}
-  for b in live:
-    used[b.alloc.index] = used.get(b.alloc.index, 0) + b.size
-  for a in allocs:
-    if not a.resident and a.color >= 0 and not is_host(a) and a.size > used.get(a.index, 0):
-      rows.append(PeakRow(a.size - used.get(a.index, 0), None, None, "packing", None,
-                          f"allocation {a.index}: temp not in use at the peak",
-                          memory_of(a)))
+  rows += packing_rows(c, live)
   total = sum(r.bytes for r in rows)
   by_kind: dict[str, int] = {}
   for r in rows:
@@ -338,6 +283,89 @@ def _explain(c: Compilation, top: int) -> PeakReport:
     by_memory[r.memory] = by_memory.get(r.memory, 0) + r.bytes
   return PeakReport(total, shown, c.target.name, at, dict(c.compiler), by_kind, live_total,
                     by_memory)
+
+
+# The pieces of the peak, shared with :mod:`remat_kit.report.timeline` (which asks them
+# at every program point, so its peak is this report's).
+def device_buffers(c: Compilation) -> list[Any]:
+  """The temp buffers in device memory (on-chip too): host buffers are not counted."""
+  return [b for b in c.buffers if not is_host(b.alloc)]
+
+
+def peak_point(c: Compilation) -> int:
+  """The program point where the live temp buffers add up to the most (the first such)."""
+  events: dict[int, int] = {}
+  for b in device_buffers(c):
+    events[b.start] = events.get(b.start, 0) + b.size
+    events[b.end + 1] = events.get(b.end + 1, 0) - b.size
+  best_t, best, cur_total = 0, -1, 0
+  for t in sorted(events):
+    cur_total += events[t]
+    if cur_total > best:
+      best, best_t = cur_total, t
+  return best_t
+
+
+def resident_rows(c: Compilation, t: int) -> list[PeakRow]:
+  """Parameters and outputs: resident for the whole step, labelled by their value at ``t``
+  (constants baked into the program are not counted: XLA counts them with the code)."""
+  prog, ranges = c.hlo, c.ranges
+  leaf_kind, leaf_name, out_kind = c.leaf_kind, c.leaf_name, c.out_kind
+  rows: list[PeakRow] = []
+  root = {name: i for i, name in enumerate(prog.root)}
+  for a in c.allocs:
+    if not a.resident or a.color < 0 or a.size == 0 or is_host(a):
+      continue
+    values = [v for v, _, _ in a.values]
+    if a.parameter is not None:
+      i = a.parameter
+      kind = leaf_kind[i] if i < len(leaf_kind) else "input"
+      op = leaf_name[i] if i < len(leaf_name) else f"parameter {i}"
+      rows.append(PeakRow(a.size, None, op, kind, None, values[0] if values else op))
+      continue
+    if a.constant:
+      continue
+    outs = [root[v.split("{")[0]] for v in values if v.split("{")[0] in root]
+    default = out_kind[0] if len(set(out_kind)) == 1 else "output"
+    kind = out_kind[outs[0]] if outs and outs[0] < len(out_kind) else default
+    now = [v for v in values if v in ranges and ranges[v][0] <= t <= ranges[v][1]]
+    v = (now or values or ["?"])[-1]
+    rows.append(_value_row(a.size, v, kind, prog, c.marks, "device"))
+  return rows
+
+
+def held_value(c: Compilation, b: Any, t: int) -> str:
+  """The value temp buffer ``b`` holds at ``t`` (the earliest still live, when an in-place
+  op is writing over it there), named by any value it carried."""
+  prog, ranges, values = c.hlo, c.ranges, list(b.values)
+  now = [v for v in values if ranges[v][0] <= t <= ranges[v][1]] or values
+  named = [x for x in now + values if prog.info.get(x.split("{")[0], ("", ""))[1]]
+  return (named or now)[0]  # label it by a value the compiler kept an op_name for
+
+
+def temp_row(c: Compilation, b: Any, t: int) -> PeakRow:
+  """The row of temp buffer ``b`` at program point ``t``."""
+  prog, values = c.hlo, list(b.values)
+  v = held_value(c, b, t)
+  kinds = [temp_kind(prog, x) for x in values]
+  kind = ("saved residual" if c.carried(b)  # made before the backward, read in it
+          or "saved residual" in kinds else temp_kind(prog, v))
+  row = _value_row(b.size, ",".join(values), kind, prog, c.marks, memory_of(b.alloc), v)
+  name = row.name or next((n for x in values if (n := name_of(prog, c.marks, x))), None)
+  return dataclasses.replace(row, name=name)
+
+
+def packing_rows(c: Compilation, live: Sequence[Any]) -> list[PeakRow]:
+  """The runtime reserves each temp allocation whole for the step; what the compiler
+  could not fill while ``live`` are live (its packing of buffers over time) is held too."""
+  used: dict[int, int] = {}
+  for b in live:
+    used[b.alloc.index] = used.get(b.alloc.index, 0) + b.size
+  return [PeakRow(a.size - used.get(a.index, 0), None, None, "packing", None,
+                  f"allocation {a.index}: temp not in use at the peak", memory_of(a))
+          for a in c.allocs
+          if not a.resident and a.color >= 0 and not is_host(a)
+          and a.size > used.get(a.index, 0)]
 
 
 def _value_row(size: int, label: str, kind: str, prog: _dumps.Program, marks: Any, memory: str,
