@@ -12,12 +12,14 @@ Layers, each importing only those before it: ``_jax`` (the JAX boundary) ->
 from remat_kit import flax as flax
 from remat_kit import microbatch as microbatch
 from remat_kit import models as models
+from remat_kit import pipelining as pipelining
 from remat_kit import planner as planner
 from remat_kit import policies as policies
 from remat_kit import report as report
 from remat_kit import solver as solver
 from remat_kit import testing as testing
 from remat_kit.microbatch import microbatched_value_and_grad as microbatched_value_and_grad
+from remat_kit.pipelining import pipeline as pipeline
 from remat_kit.planner import auto as auto
 from remat_kit.policies import Policy as Policy
 from remat_kit.policies import from_config as from_config
@@ -26,6 +28,7 @@ from remat_kit.report import diff as diff
 from remat_kit.report import explain_peak as explain_peak
 from remat_kit.report import lint as lint
 from remat_kit.report import memory_report as memory_report
+from remat_kit.report import memory_timeline as memory_timeline
 from remat_kit.transforms import checkpoint_name as checkpoint_name
 from remat_kit.transforms import classic_remat as classic_remat
 from remat_kit.transforms import plan_groups as plan_groups
@@ -48,9 +51,12 @@ __all__ = [
     "from_config",
     "lint",
     "memory_report",
+    "memory_timeline",
     "microbatch",
     "microbatched_value_and_grad",
     "models",
+    "pipeline",
+    "pipelining",
     "planner",
     "plan_groups",
     "policies",

@@ -1,10 +1,13 @@
-"""Command line: ``python -m remat_kit {report,peak,lint,policies,versions}``.
+"""Command line: ``python -m remat_kit {report,peak,timeline,lint,policies,versions}``.
 
 ``report FILE.py:NAME`` imports ``FILE.py`` and calls ``NAME()``, which must
 return ``(loss_fn, args)`` (one report) or ``({label: loss_fn, ...}, args)``
 (a comparison); ``args`` is a tuple of example arguments. The table is
 printed; ``--json PATH`` also writes the report as JSON. ``peak`` prints what
-is live at the compiled gradient's peak (``rk.explain_peak``). Each takes
+is live at the compiled gradient's peak (``rk.explain_peak``); ``timeline``
+writes the memory at every point of it as a page (``--out t.html``) and a
+picture (``--png t.png``), one timeline per function (``rk.memory_timeline``).
+Each takes
 ``--target`` (``tpu:v5e:2x2``, ``gpu:h100``: compiled without the device).
 """
 
@@ -71,9 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   pk.add_argument("--json", help="also write the breakdown to this JSON file")
   pk.add_argument("--argnums", type=int, nargs="+", default=[0],
                   help="arguments to differentiate (default: 0)")
+  tl = sub.add_parser("timeline", help="memory over the compiled schedule: page and PNG")
+  tl.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
+  tl.add_argument("--out", default="timeline.html", help="the page (default timeline.html)")
+  tl.add_argument("--png", help="also draw the chart to this PNG")
+  tl.add_argument("--json", help="also write the timelines to this JSON file")
+  tl.add_argument("--argnums", type=int, nargs="+", default=[0],
+                  help="arguments to differentiate (default: 0)")
   lnt = sub.add_parser("lint", help="warn about remat that saves nothing useful")
   lnt.add_argument("target", help="FILE.py:FUNCTION returning (loss_fn, args)")
-  for p in (pk, lnt):
+  for p in (pk, tl, lnt):
     p.add_argument("--target", dest="compile_target", default=None,
                    help="compile for this target instead of the local backend")
   sub.add_parser("policies", help="list the preset policy names")
@@ -103,6 +113,20 @@ def main(argv: Sequence[str] | None = None) -> int:
       print("no warnings")
     return 1 if found else 0
   argnums = args.argnums[0] if len(args.argnums) == 1 else tuple(args.argnums)
+  if args.command == "timeline":
+    fns = fn if isinstance(fn, dict) else {args.target: fn}
+    timeline = report.memory_timeline(fns, *fn_args, target=args.compile_target,
+                                      argnums=argnums)
+    for label, peak in timeline.peaks.items():
+      print(f"{label}: peak {report.format_bytes(peak)} ({peak:,} bytes) on {timeline.target}")
+    timeline.to_html(args.out)
+    print(f"wrote {args.out}")
+    if args.png:
+      print(f"wrote {timeline.to_png(args.png)}")
+    if args.json:
+      Path(args.json).write_text(timeline.to_json(indent=1))
+      print(f"wrote {args.json}")
+    return 0
   if args.command == "peak":
     if args.top < 1:
       raise SystemExit(f"remat_kit: --top must be at least 1, got {args.top}.")

@@ -3,6 +3,7 @@
 * :func:`memory_report`, :func:`compare`, :func:`diff`: one call per question.
 * :func:`lint`: warnings for policies that do nothing useful.
 * :func:`explain_peak`: what is live at the compiled gradient's peak.
+* :func:`memory_timeline`: what is live at every point of it (a page, a PNG).
 * :func:`saved_residuals`, :func:`compiled_memory`, :func:`count_flops`,
   :func:`flop_breakdown`, :func:`live_peak_bytes`: the readouts underneath.
 """
@@ -26,6 +27,7 @@ from remat_kit.report.summary import (
     memory_report,
 )
 from remat_kit.report.table import format_bytes, format_table
+from remat_kit.report.timeline import MemoryTimeline, Timeline, TimelineBuffer, memory_timeline
 
 __all__ = [
     "Comparison",
@@ -33,8 +35,11 @@ __all__ = [
     "PeakRow",
     "LintWarning",
     "MemoryReport",
+    "MemoryTimeline",
     "Residual",
     "ResidualDiff",
+    "Timeline",
+    "TimelineBuffer",
     "activation_bytes",
     "compare",
     "compiled_memory",
@@ -47,6 +52,7 @@ __all__ = [
     "lint",
     "live_peak_bytes",
     "memory_report",
+    "memory_timeline",
     "saved_residuals",
     "without_remat",
 ]
