@@ -60,7 +60,7 @@ h1{font-size:18px;margin:0 0 4px}
 #switch button.on{background:#333;color:#fff;border-color:#333}
 #wrap{display:flex;gap:16px;align-items:flex-start}
 #chart{border:1px solid #ddd;background:#fff}
-#details{width:520px;max-height:560px;overflow:auto;font-size:12px}
+#details{width:600px;max-height:560px;overflow:auto;font-size:12px;overflow-wrap:anywhere}
 #details table,#summary{border-collapse:collapse}
 #details td,#details th,#summary td,#summary th{border-bottom:1px solid #eee;padding:2px 6px;
  text-align:left;vertical-align:top}
@@ -107,9 +107,9 @@ function kindsOf(tl) {
   return tl.kinds.filter(([k]) => st.packing || k !== "packing");
 }
 // Shared scale: the largest total over all policies (the capacity too when it is near).
-const top = Math.max(...D.timelines.map(t => t.peak_bytes), 1);
-const capNear = D.capacity && D.capacity <= 3 * top;
-const YMAX = 1.08 * (capNear ? Math.max(top, D.capacity) : top);
+const TOP = Math.max(...D.timelines.map(t => t.peak_bytes), 1);
+const capNear = D.capacity && D.capacity <= 3 * TOP;
+const YMAX = 1.08 * (capNear ? Math.max(TOP, D.capacity) : TOP);
 function y(v) { return T + PH - PH * v / YMAX; }
 function x(tl, t) { return L + PW * t / tl.points; }
 function label(runs, t) {
@@ -143,6 +143,7 @@ function draw() {
       if (i && up[i] !== up[i - 1]) d += "V" + y(up[i]);
       if (i === n - 1 || up[i + 1] !== up[i]) d += "H" + x(tl, i + 1);
     }
+    d += "V" + y(base[n - 1]);
     for (let i = n - 1; i >= 0; i--) {
       if (i < n - 1 && base[i] !== base[i + 1]) d += "V" + y(base[i]);
       if (i === 0 || base[i - 1] !== base[i]) d += "H" + x(tl, i);
@@ -213,7 +214,8 @@ function draw() {
 }
 function legend(tl) {
   const at = stackAt(tl, tl.peak_point);
-  document.getElementById("legend").innerHTML = at.slice().reverse().map(([k, lo, hi]) =>
+  document.getElementById("legend").innerHTML = at.slice().reverse()
+    .filter(([, lo, hi]) => hi > lo).map(([k, lo, hi]) =>
     "<span><i style='background:" + (D.colors[k] || "#999") + "'></i>" + esc(k) + " " +
     fmt(hi - lo) + "</span>").join("") + "<span>(at the peak)</span>";
 }
