@@ -181,7 +181,9 @@ function draw() {
   el("line", {x1: px, x2: px, y1: py, y2: T + PH, stroke: "#000", "stroke-width": 1.2,
               "stroke-dasharray": "5,3", "pointer-events": "none"}, svg);
   el("circle", {cx: px, cy: py, r: 4, fill: "#000", "pointer-events": "none"}, svg);
-  const pl = el("text", {x: Math.min(px + 6, L + PW - 260), y: py - 8, "font-size": 12,
+  const right = px > L + PW / 2;  // the label on the side with room
+  const pl = el("text", {x: right ? px - 6 : px + 6, y: py - 8, "font-size": 12,
+                         "text-anchor": right ? "end" : "start",
                          "font-weight": "bold", id: "peak-label",
                          "data-bytes": tl.peak_bytes, "data-point": tl.peak_point}, svg);
   pl.textContent = "peak " + fmt(tl.peak_bytes) + " (" + tl.peak_bytes.toLocaleString("en") +
@@ -247,13 +249,13 @@ function show(t, kind) {
     h += "<p>Temp memory the runtime reserves for the step that the compiler's packing " +
       "leaves unused at this point.</p>";
   } else {
-    h += "<table><tr><th>bytes</th><th>name</th><th>shape</th><th>kind</th><th>op</th>" +
-      "<th>source</th><th>live</th></tr>";
+    h += "<table><tr><th>bytes</th><th>name (or op)</th><th>shape</th><th>source</th>" +
+      "<th>live</th></tr>";
     for (const b of bufs.slice(0, 200))
-      h += "<tr class=buf><td class=num>" + fmt(b[2]) + "</td><td class=bname>" +
-        esc(b[3] || b[4]) + "</td><td>" + esc(b[6]) + "</td><td>" + esc(b[5]) +
-        (b[8] !== "device" ? " (" + esc(b[8]) + ")" : "") + "</td><td>" + esc(b[4]) +
-        "</td><td>" + esc(b[7]) + "</td><td class=num>" + b[0] + "-" + b[1] + "</td></tr>";
+      h += "<tr class=buf title='" + esc(b[5] + ", op " + b[4]) + "'><td class=num>" +
+        fmt(b[2]) + "</td><td class=bname>" + esc(b[3] || b[4]) + "</td><td>" + esc(b[6]) +
+        (b[8] !== "device" ? " (" + esc(b[8]) + ")" : "") + "</td><td>" +
+        esc(b[7]) + "</td><td class=num>" + b[0] + "-" + b[1] + "</td></tr>";
     h += "</table>";
     if (bufs.length > 200) h += "<p>and " + (bufs.length - 200) + " more</p>";
   }
