@@ -53,7 +53,8 @@ def main() -> None:
   fns, args = gpt_case()
   t0 = time.time()
   tl = rk.memory_timeline(fns, *args, target=a.target)
-  stem = RESULTS / f"timeline_gpt_{a.target.split(':')[0] if a.target == 'cpu' else a.target.split(':')[1]}"
+  chip = a.target.split(":")[1] if ":" in a.target else a.target  # gpu:h100 -> h100
+  stem = RESULTS / f"timeline_gpt_{chip}"
   RESULTS.mkdir(exist_ok=True)
   tl.to_png(f"{stem}.png")
   tl.to_html(f"{stem}.html", title=f"GPT ({CONFIG['num_layers']} layers, d_model "

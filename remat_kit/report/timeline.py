@@ -222,8 +222,12 @@ def memory_timeline(fn: Callable[..., Any] | Mapping[str, Callable[..., Any]], *
       with ``policy=`` that value (``fn(*args, policy=value, **fn_kwargs)``), e.g.
       ``{"none": False, "full": True, "save_dots": "save_dots"}`` for a loss that
       builds its model with ``GPT(..., policy=policy)``.
-    argnums, grad, arg_kinds, out_kinds, compiler_options, donate_argnums: as
-      :func:`~remat_kit.report.explain_peak`'s.
+    argnums: the arguments the gradient is taken for (as ``explain_peak``'s).
+    grad: compile ``jax.grad(fn)`` (default) or ``fn`` itself, a whole step.
+    arg_kinds: the kind of each positional argument's buffers (as ``explain_peak``'s).
+    out_kinds: with ``grad=False``, the kind of each top-level output.
+    compiler_options: more options for the compile.
+    donate_argnums: with ``grad=False``, arguments the outputs may reuse.
     fn_kwargs: keyword arguments of ``fn`` (not differentiated).
 
   Returns:
