@@ -210,7 +210,7 @@ def test_a_tie_broken_by_memory_is_timed_again_first(monkeypatch):
   medians = {"no_remat": 10.0, "save:up": 10.5, "save:act": 10.9, "save:down": 11.0, "full": 11.5}
   calls = []
 
-  def fake(steps, repeats):
+  def fake(steps, repeats, budget_s=None):
     calls.append(sorted(steps))
     spread = 1.0 if len(calls) == 1 else 0.1  # the first pass cannot tell them apart
     return {k: Timing(medians.get(k, 12.0) * 1e-3, spread * 1e-3, repeats) for k in steps}
@@ -226,3 +226,71 @@ def test_a_tie_broken_by_memory_is_timed_again_first(monkeypatch):
   assert res.choice.label == "no_remat"  # separated by the second pass: the fastest wins
   assert "re-timed among" in search.none.cost_source
   assert search.solve(search.full.temp_bytes).choice.label == "full"
+  # Solving again re-times no contender set a second time: the re-timing is bounded.
+  n = len(calls)
+  search.solve(everything)
+  search.solve(search.full.temp_bytes)
+  assert len(calls) == n
+
+
+def test_a_timing_budget_bounds_every_pass(monkeypatch):
+  """With time_budget_s, each pass gets what is left; once spent, no tie is re-timed and
+  every candidate still has a cost (one round)."""
+  from remat_kit.planner import search as search_mod
+  from remat_kit.report.timing import Timing
+
+  budgets = []
+
+  def fake(steps, repeats, budget_s=None):
+    budgets.append(budget_s)
+    __import__("time").sleep(0.05)
+    return {k: Timing(1e-3, 1e-3, 1) for k in steps}  # all tied, unreliable
+
+  monkeypatch.setattr(search_mod, "time_interleaved", fake)
+  search = Search(build, WS, presets=[], max_names_exact=0, groups=(), time_budget_s=0.04)
+  search.solve(search.none.temp_bytes)
+  assert budgets[0] == pytest.approx(0.04)
+  assert search.time_left_s < 0
+  assert all(b == pytest.approx(1e-3) for b in budgets[1:])  # spent: the floor, one round
+  assert all(c.cost_s is not None for c in search.measured.values())
+  with pytest.raises(ValueError, match=r"`time_budget_s` must be a positive number.*-1"):
+    Search(build, WS, presets=[], max_names_exact=0, groups=(), time_budget_s=-1)
+
+
+def test_auto_on_a_model_written_without_remat_kit():
+  """A Python-loop Flax model with boxed (nn.Partitioned) params and no policy/groups
+  attributes, its inputs as ShapeDtypeStructs, planned for the H100 compiler: the build
+  takes only the policy, so no nested plans are tried, and nothing is closed over."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  import flax.linen as nn
+  import optax
+
+  from remat_kit.models import TransformerLM
+
+  cfg = dict(vocab_size=256, emb_dim=64, num_heads=2, num_layers=2, mlp_dim=256, max_len=64,
+             deterministic=True)
+  tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+  with jax.numpy_dtype_promotion("standard"):
+    params = jax.eval_shape(
+        lambda: TransformerLM(**cfg).init(jax.random.key(0), jnp.ones((2, 64), jnp.int32)))
+  assert any(isinstance(x, nn.Partitioned) for x in jax.tree_util.tree_leaves(
+      params, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+
+  def build(policy):
+    lm = TransformerLM(**cfg, remat=rk.to_jax_policy(policy))
+
+    def loss(params, tokens):
+      logits = lm.apply(params, tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+    return loss
+
+  with jax.numpy_dtype_promotion("standard"):
+    search = Search(build, params, tokens, target="gpu:h100", max_names_exact=0)
+    none, full = search.none, search.full
+    res = search.solve((none.temp_bytes + full.temp_bytes) // 2)
+  assert full.temp_bytes < none.temp_bytes
+  assert res.choice.temp_bytes <= (none.temp_bytes + full.temp_bytes) // 2
+  assert not any("nested" in c.label for c in res.candidates)
+  assert all(c.cost_kind == "estimated" for c in res.candidates)
+  with pytest.raises(ValueError, match="ShapeDtypeStructs"):
+    Search(build, params, tokens, max_names_exact=0)  # measured locally: needs arrays

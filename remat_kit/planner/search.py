@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,15 +26,18 @@ from remat_kit.planner.result import (
   parse_bytes,
 )
 from remat_kit.policies import OffloadNames, Policy, SaveNames, from_config, registered
-from remat_kit.report import count_flops, saved_residuals, without_remat
+from remat_kit.report import count_flops, without_remat
+from remat_kit.report.compilation import compilation
 from remat_kit.report.core import memory_fields
 from remat_kit.report.timing import Timing, time_interleaved
 
 __all__ = ["Search", "auto"]
 
 
-def _builder(target: Any, loss: Callable[[Any], jax.Array] | None, inputs: tuple[Any, ...],
-             rngs: dict[str, Any]) -> Callable[..., Callable[..., jax.Array]]:
+def _builder(target: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str, Any]
+             ) -> tuple[Callable[..., Callable[..., jax.Array]], bool]:
+  """``(build, takes_groups)``: ``build(policy, groups)`` returns a loss of
+  ``(params, *inputs)``."""
   import flax.linen as nn
 
   if isinstance(target, nn.Module):
@@ -40,20 +45,35 @@ def _builder(target: Any, loss: Callable[[Any], jax.Array] | None, inputs: tuple
       if not hasattr(target, attr):
         raise TypeError(f"`auto`: module {type(target).__name__} has no `{attr}` attribute; "
                         "pass a module built on LayerStack, a function "
-                        "`build(policy=..., groups=...) -> loss`, or a list of layer "
+                        "`build(policy) -> loss(params, *inputs)` that applies the policy "
+                        "to your model (see `auto`'s docstring), or a list of layer "
                         "functions.")
     head = loss or (lambda out: jnp.mean(jnp.square(out.astype(jnp.float32))))
 
     def build(policy: Any, groups: Any) -> Callable[..., jax.Array]:
       module = target.clone(policy=policy, groups=groups)
-      return lambda params: head(module.apply({"params": params}, *inputs, rngs=rngs))
+      return lambda params, *xs: head(module.apply({"params": params}, *xs, rngs=rngs))
 
-    return build
+    return build, True
   if callable(target):
-    return lambda policy, groups: target(policy=policy, groups=groups)
+    if _takes(target, "groups"):
+      return (lambda policy, groups: target(policy=policy, groups=groups)), True
+    return (lambda policy, groups: target(policy=policy)), False
   raise TypeError(f"`auto`: `fn_or_module` must be a Linen module with `policy`/`groups`, a "
-                  f"function `build(policy=..., groups=...) -> loss`, or a list of layer "
-                  f"functions `f(params, x) -> x`, got {target!r}.")
+                  f"function `build(policy[, groups]) -> loss(params, *inputs)`, or a list "
+                  f"of layer functions `f(params, x) -> x`, got {target!r}.")
+
+
+def _takes(fn: Callable[..., Any], arg: str) -> bool:
+  try:
+    ps = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.name == arg or p.kind is p.VAR_KEYWORD for p in ps)
+
+
+def _abstract(tree: Any) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree))
 
 
 def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str,
@@ -62,17 +82,27 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
          roofline: Roofline | None = None, presets: Sequence[Any] | None = None,
          max_names_exact: int = 12, max_subsets: int = 8, groups: Sequence[int] = (2, 3),
          offload: bool | None = None, repeats: int = 5, verbose: bool = False,
-         target: Any = None) -> AutoResult:
+         target: Any = None, time_budget_s: float | None = None) -> AutoResult:
   """The least-cost remat plan whose compiled gradient fits ``budget``.
 
   Args:
-    fn_or_module: a Linen module with ``policy`` and ``groups`` attributes
-      (``GPT``, ``ResNet``, ``LayerStack``); ``build(policy, groups)``
-      returning a loss of ``params``; or a list of layer functions
-      ``f(params_i, x) -> x`` (a chain of uneven layers), with ``params`` the
-      list of their parameters and ``inputs`` the chain's input.
-    params: the parameters (the gradient is taken with respect to them).
-    *inputs: the module's inputs (the chain's input for a list of layers).
+    fn_or_module: one of
+      * ``build(policy)`` or ``build(policy, groups)``, returning a loss
+        ``loss(params, *inputs)``: any model, written without remat_kit in mind
+        (a Python loop of layers, Flax's boxed ``nn.Partitioned`` params); the
+        build applies ``policy`` where the model takes one (``nn.remat(...,
+        policy=policy)``, ``jax.checkpoint``); without a ``groups`` parameter, no
+        nested plans are tried;
+      * a Linen module with ``policy`` and ``groups`` attributes (``GPT``,
+        ``ResNet``, ``LayerStack``), applied to ``inputs``;
+      * a list of layer functions ``f(params_i, x) -> x`` (a chain of uneven
+        layers), with ``params`` the list of their parameters and ``inputs`` the
+        chain's input.
+    params: the parameters (the gradient is taken with respect to them): arrays,
+      or ``jax.ShapeDtypeStruct``s where nothing runs (``cost="estimated"``).
+    *inputs: the loss's other arguments, passed as given (arrays or
+      ``ShapeDtypeStruct``s; nothing is closed over, so nothing becomes a
+      constant of the compiled program); the chain's input for a list of layers.
     budget: bytes, a number or a string like "4GiB".
     budget_kind: "temp" (the compiled gradient's temp bytes) or "peak" (its
       peak: temp plus arguments and outputs, or the target compiler's peak).
@@ -92,6 +122,10 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
     verbose: print progress, one line per candidate, to stderr.
     target: where to compile (see :mod:`remat_kit.targets`): None for the
       local backend, or e.g. ``"tpu:v5e:2x2"``.
+    time_budget_s: with measured costs, the wall-clock seconds all timing rounds
+      may take together (None: no limit); rounds stop there and each candidate
+      keeps the spread it reached (``cost_spread_s``). Near ties are re-timed at
+      most once per set of contenders.
 
   Returns:
     An :class:`AutoResult`.
@@ -108,7 +142,7 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
   search = Search(fn_or_module, params, *inputs, loss=loss, rngs=rngs, cost=cost,
                   roofline=roofline, presets=presets, max_names_exact=max_names_exact,
                   max_subsets=max_subsets, groups=groups, offload=offload, repeats=repeats,
-                  verbose=verbose, target=target)
+                  verbose=verbose, target=target, time_budget_s=time_budget_s)
   return search.solve(budget_bytes, budget_kind=budget_kind)
 
 
@@ -124,7 +158,8 @@ class Search:
                roofline: Roofline | None = None, presets: Sequence[Any] | None = None,
                max_names_exact: int = 12, max_subsets: int = 8,
                groups: Sequence[int] = (2, 3), offload: bool | None = None,
-               repeats: int = 5, verbose: bool = False, target: Any = None) -> None:
+               repeats: int = 5, verbose: bool = False, target: Any = None,
+               time_budget_s: float | None = None) -> None:
     self.target = targets.parse_target(target)
     self.cost = check_options(cost, "temp", self.target)
     for name, v, lo in (("max_names_exact", max_names_exact, 0), ("max_subsets", max_subsets, 0),
@@ -135,15 +170,46 @@ class Search:
     if bad:
       raise ValueError(f"`auto`: `groups` are nesting levels, ints >= 2; got {list(groups)!r}.")
     self.coster = Coster(self.cost, roofline, self.target)
+    if time_budget_s is not None and (isinstance(time_budget_s, bool)
+                                      or not isinstance(time_budget_s, (int, float))
+                                      or not time_budget_s > 0):
+      raise ValueError("`auto`: `time_budget_s` must be a positive number of seconds or "
+                       f"None, got {time_budget_s!r}.")
     self.verbose, self.params, self.repeats = verbose, params, repeats
+    self.time_left_s = None if time_budget_s is None else float(time_budget_s)
+    self._confirmed: set[frozenset[str]] = set()
     self.max_subsets = max_subsets
-    self.build = _builder(fn_or_module, loss, inputs, rngs or {"dropout": jax.random.key(0)})
+    build, takes_groups = _builder(fn_or_module, loss, rngs or {"dropout": jax.random.key(0)})
+    # Arrays and ShapeDtypeStructs are traced arguments; anything else (a `train` flag)
+    # is passed to the loss as it is.
+    traced = [i for i, x in enumerate(inputs) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    self.inputs = tuple(inputs[i] for i in traced)
+
+    def with_statics(*xs: Any) -> tuple[Any, ...]:
+      full = list(inputs)
+      for i, x in zip(traced, xs):
+        full[i] = x
+      return tuple(full)
+
+    def build_traced(policy: Any, groups: Any) -> Callable[..., jax.Array]:
+      f = build(policy, groups)
+      return lambda params, *xs: f(params, *with_statics(*xs))
+
+    self.build = build_traced
+    if self.cost == "measured" and _abstract((params, self.inputs)):
+      raise ValueError("`auto`: cost='measured' runs each candidate's step, which needs "
+                       "arrays, but `params` or `inputs` hold ShapeDtypeStructs. Pass "
+                       "arrays, or plan for an accelerator `target` (e.g. 'gpu:h100') "
+                       "with cost='estimated'.")
+    if not takes_groups:
+      groups = ()  # a build without `groups`: no nested plans
     self.measured: dict[str, Candidate] = {}
     self._compiled: dict[str, Any] = {}
     self._keys: dict[tuple[Any, Any], str] = {}
     self._knapsacked: set[tuple[int, str]] = set()
-    self._plain_flops = count_flops(jax.grad(without_remat(self.build(False, None))), params)
-    self.names = sorted(_tagged_names(self.build(True, None), params))
+    args = (params, *self.inputs)
+    self._plain_flops = count_flops(jax.grad(without_remat(self.build(False, None))), *args)
+    self.names = sorted(_tagged_names(self.build(True, None), args))
     self.exact = len(self.names) <= max_names_exact
     host = targets.has_host_memory(self.target) if offload is None else offload
     plans = self._plans(presets, host, tuple(groups), max_names_exact)
@@ -176,7 +242,7 @@ class Search:
     add("full", from_config("full"), None, "preset")
     for p in (registered() if presets is None else presets):
       pol = from_config(p)
-      offloads = "offload" in repr(pol).lower()
+      offloads = pol.offloads
       if pol.referenced_names() <= names and (host or not offloads):
         add(str(p), pol, None, "preset")
     if self.exact:
@@ -208,13 +274,15 @@ class Search:
       raise ValueError(f"`auto`: label {label!r} already names {self.measured[label].policy!r}"
                        f" (groups {self.measured[label].groups!r}); give {pol!r} another label.")
     fn = self.build(pol, groups)
-    grad = jax.grad(fn)
-    compiled = targets.compile_for(grad, self.target, self.params)
-    mem = memory_fields(compiled, self.target, hbm_bytes=self.cost != "measured")
-    if self.cost == "measured":
-      self._compiled[label] = compiled  # timed at the first solve
-    flops = count_flops(grad, self.params)
-    acts = sum(r.bytes for r in saved_residuals(fn, self.params) if r.kind == "activation")
+    # One trace and one compile per candidate: its memory, FLOPs and the residuals the
+    # compiled program carries all come from it, and it is the step that is timed.
+    args = (self.params, *self.inputs)
+    c = compilation(fn, args, {}, self.target, api="auto")
+    mem = memory_fields(c.compiled, self.target, hbm_bytes=self.cost != "measured")
+    if self.cost == "measured":  # timed at the first solve
+      self._compiled[label] = functools.partial(c.compiled, *jax.tree_util.tree_leaves(args))
+    flops = c.flops()["total"]
+    acts = sum(r.bytes for r in c.residuals() if r.kind == "activation")
     cost_s, cost_source = self.coster(flops, mem)
     plain = self._plain_flops
     cand = Candidate(label, pol, groups, source, mem["temp_size"], mem["peak_bytes"], acts,
@@ -246,8 +314,13 @@ class Search:
     self._confirm_ties()
 
   def _retime(self, labels: Sequence[str], what: str) -> None:
-    steps = {label: functools.partial(self._compiled[label], self.params) for label in labels}
-    timed: dict[str, Timing] = time_interleaved(steps, self.repeats)
+    steps = {label: self._compiled[label] for label in labels}
+    t0 = time.perf_counter()
+    # Out of budget, one round still runs: every candidate gets a cost.
+    budget = None if self.time_left_s is None else max(self.time_left_s, 1e-3)
+    timed: dict[str, Timing] = time_interleaved(steps, self.repeats, budget_s=budget)
+    if self.time_left_s is not None:
+      self.time_left_s -= time.perf_counter() - t0
     for label in labels:
       t = timed[label]
       self.measured[label] = dataclasses.replace(
@@ -274,8 +347,11 @@ class Search:
                    if c.nbytes(kind) <= budget and c.cost_s < chosen.cost_s]
         if quicker:
           contenders |= {chosen.label, *quicker}
-    if len(contenders) < 2:
+    if len(contenders) < 2 or frozenset(contenders) in self._confirmed:
       return
+    if self.time_left_s is not None and self.time_left_s <= 0:
+      return  # out of timing budget: the spreads stand as reached
+    self._confirmed.add(frozenset(contenders))
     if self.verbose:
       print(f"auto: timing {len(contenders)} near-tied candidates again, by themselves",
             file=sys.stderr, flush=True)
@@ -322,8 +398,8 @@ class Search:
     return AutoResult(budget_bytes, budget_kind, choice, cands)
 
 
-def _tagged_names(fn: Callable[..., Any], params: Any) -> frozenset[str]:
-  closed = jax.make_jaxpr(fn)(params)
+def _tagged_names(fn: Callable[..., Any], args: tuple[Any, ...]) -> frozenset[str]:
+  closed = jax.make_jaxpr(fn)(*args)
   return _jaxpr.tags_and_primitives(closed)[0]
 
 

@@ -109,6 +109,11 @@ class Policy:
     """
     return None
 
+  @property
+  def offloads(self) -> bool:
+    """Whether this policy may move values to host memory (an offload somewhere in it)."""
+    return any(c.offloads for c in self.children())
+
   def excluded_names(self) -> frozenset[str]:
     """Names whose producers must be recomputed (see `SaveAnythingExcept`)."""
     return frozenset().union(*(c.excluded_names() for c in self.children()))
@@ -141,6 +146,10 @@ class Offload(Policy):
 
   def children(self):
     return (self.policy,)
+
+  @property
+  def offloads(self) -> bool:
+    return True
 
   def saving_primitives(self):
     return self.policy.saving_primitives()

@@ -151,6 +151,10 @@ class OffloadNames(Policy):
       return _jax.Offloadable(src=self.src, dst=self.dst)
     return _jax.Recompute
 
+  @property
+  def offloads(self) -> bool:
+    return True
+
   def own_names(self):
     return frozenset(self.names)
 
@@ -197,6 +201,10 @@ class NamePlan(Policy):
     if n in self.offload:
       return _jax.Offloadable(src=self.src, dst=self.dst)
     return _jax.Recompute
+
+  @property
+  def offloads(self) -> bool:
+    return bool(self.offload)
 
   def own_names(self):
     return frozenset(self.save) | frozenset(self.offload)
@@ -357,6 +365,12 @@ class CallablePolicy(Policy):
 
   def decide(self, prim, avals, params):
     return _jax.ensure_decision(self.fn(prim, *avals, **params))
+
+  @property
+  def offloads(self) -> bool:
+    """Unknown for a plain function: True where it comes from JAX's offload factories
+    (``offload_dot_with_no_batch_dims``, ``save_and_offload_only_these_names``)."""
+    return "offload" in getattr(self.fn, "__qualname__", "")
 
 
 def everything_saveable() -> SaveEverything:

@@ -54,16 +54,23 @@ def tied(a: Timing, b: Timing) -> bool:
 
 
 def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int = 5,
-                     max_rounds: int = 0) -> dict[str, Timing]:
+                     max_rounds: int = 0, budget_s: float | None = None
+                     ) -> dict[str, Timing]:
   """Times each zero-argument ``step`` (it runs one step) in interleaved rounds.
 
   Each step runs once untimed (compilation, warm-up). Then every round runs
   each step once; rounds continue past ``repeats`` until every spread is
   within :data:`RELIABLE` of its median, up to ``max_rounds`` (default
-  ``3 * repeats``).
+  ``3 * repeats``). With ``budget_s``, no round starts once that many seconds
+  have passed (the warm-up included; at least one round always runs): the
+  timings then keep the spreads they reached, and say so by ``reliable``.
   """
   if not isinstance(repeats, int) or repeats < 1:
     raise ValueError(f"`time_interleaved`: `repeats` must be an int >= 1, got {repeats!r}.")
+  if budget_s is not None and not budget_s > 0:
+    raise ValueError(f"`time_interleaved`: `budget_s` must be a positive number of seconds "
+                     f"or None, got {budget_s!r}.")
+  start = time.perf_counter()
   times: dict[str, list[float]] = {k: [] for k in steps}
   for step in steps.values():
     jax.block_until_ready(step())
@@ -74,5 +81,7 @@ def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int = 5,
       jax.block_until_ready(step())
       times[k].append(time.perf_counter() - t0)
     if n + 1 >= repeats and all(Timing(*summary(ts), len(ts)).reliable for ts in times.values()):
+      break
+    if budget_s is not None and time.perf_counter() - start >= budget_s:
       break
   return {k: Timing(*summary(ts), len(ts)) for k, ts in times.items()}
