@@ -22,7 +22,7 @@ from remat_kit.report.timing import RELIABLE
 _SEARCHES: dict[str, Search] = {}
 
 
-def _search(model: Any, repeats: int = 5) -> Search:
+def _search(model: Any, repeats: int = 5, time_budget_s: float | None = None) -> Search:
   if model.describe in _SEARCHES:
     return _SEARCHES[model.describe]
   inputs = model.inputs(jax.random.key(1))
@@ -37,7 +37,7 @@ def _search(model: Any, repeats: int = 5) -> Search:
              if "policy" in kw and "groups" not in kw]
   search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)},
                   presets=presets, max_names_exact=0, max_subsets=2, groups=(2,),
-                  repeats=repeats, verbose=True)
+                  repeats=repeats, verbose=True, time_budget_s=time_budget_s)
   # Every fixed strategy is a candidate too (nested and offload ones included), so the
   # bench's rows are timed in the same interleaved pass that auto chooses from.
   for name, kw in model.strategies.items():
@@ -64,15 +64,15 @@ def timing_of(model: Any, kw: dict[str, Any]) -> dict[str, Any] | None:
           "timing_source": "auto's search: " + cand.cost_source}
 
 
-def plan_for(model: Any, fraction: float, repeats: int = 5, fractions: tuple[float, ...] = ()
-             ) -> dict[str, Any]:
+def plan_for(model: Any, fraction: float, repeats: int = 5, fractions: tuple[float, ...] = (),
+             time_budget_s: float | None = None) -> dict[str, Any]:
   """``{"policy": ..., "groups": ...}`` for ``model`` within ``fraction`` of its no-remat temp.
 
   Raises:
     ValueError: if no plan fits (with the least memory reached).
   """
   fresh = model.describe not in _SEARCHES
-  search = _search(model, repeats)
+  search = _search(model, repeats, time_budget_s)
   if fresh:
     # Every budget first: each may add knapsack subsets, and their timing pass may time
     # near ties again; the plans are then read from the timings as they end up.

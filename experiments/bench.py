@@ -38,8 +38,10 @@ import numpy as np
 
 from remat_kit import models
 from remat_kit.flax import LayerStack
-from remat_kit.report import flop_breakdown, live_peak_bytes, saved_residuals
+from remat_kit.report import live_peak_bytes
+from remat_kit.report.compilation import compilation
 from remat_kit.report.core import memory_fields
+from remat_kit.report.timeline import MemoryTimeline, timeline_of
 from remat_kit.report.timing import RELIABLE
 from remat_kit.report.timing import summary as _summary
 
@@ -167,11 +169,14 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
     return row
   try:
     loss, ref = _loss(model, kw, inputs), _loss(model, base_kw, inputs)
-    grad = jax.grad(loss)
-    step = jax.jit(grad).lower(params).compile()  # read and timed: one compile
-    mem = memory_fields(step, None)
-    fb = flop_breakdown(loss, params)
-    res = saved_residuals(loss, params)
+    # One trace and one compile, read and timed: the memory, the FLOPs and the residuals
+    # the compiled program carries from the forward to the backward pass.
+    c = compilation(loss, (params,), {}, None, api="bench")
+    step = lambda p, run=c.compiled: run(*jax.tree_util.tree_leaves(p))
+    mem = memory_fields(c.compiled, None)
+    fb = c.flops()
+    res = c.residuals()
+    row["_timeline"] = timeline_of(c, strategy)
     before = live_peak_bytes()
     g = jax.block_until_ready(step(params))  # compile and warm up
     live = live_peak_bytes()
@@ -213,29 +218,34 @@ def _timing(times: list[float]) -> dict[str, Any]:
 
 
 
-def time_interleaved(rows: list[dict[str, Any]], repeats: int, max_rounds: int = 0
-                     ) -> None:
+def time_interleaved(rows: list[dict[str, Any]], repeats: int, max_rounds: int = 0,
+                     budget_s: float | None = None) -> None:
   """Times the compiled steps of ``rows`` in interleaved rounds (one step of each per
   round), so that a slow spell of a shared machine hits every strategy alike.
 
   Rounds continue past ``repeats`` until every spread is within RELIABLE of its
   median, up to ``max_rounds`` (default 3 x repeats); rows whose spread stays
-  larger are marked ``timing_reliable = False``.
+  larger are marked ``timing_reliable = False``. With ``budget_s``, no round starts
+  after that many seconds (one always runs): the spreads stand as reached.
   """
   live = [r for r in rows if "_step" in r]
   times: dict[int, list[float]] = {id(r): [] for r in live}
   max_rounds = max_rounds or 3 * repeats
+  start = time.perf_counter()
   for n in range(max_rounds):
     for r in live:
       times[id(r)].extend(_time(r["_step"], r["_args"], 1))
     if n + 1 >= repeats and all(_timing(times[id(r)])["timing_reliable"] for r in live):
+      break
+    if budget_s is not None and time.perf_counter() - start >= budget_s:
       break
   for r in live:
     r.update(_timing(times[id(r)]))
     del r["_step"], r["_args"]
 
 
-def _time_rows(model: Model, rows: list[dict[str, Any]], repeats: int) -> None:
+def _time_rows(model: Model, rows: list[dict[str, Any]], repeats: int,
+               budget_s: float | None = None) -> None:
   """Times the rows' compiled steps. Where auto ran on the model, its search has already
   timed every one of these plans in one interleaved pass with its own candidates (see
   ``experiments.auto_plan``): the rows take those timings, so that the plot shows the
@@ -253,7 +263,7 @@ def _time_rows(model: Model, rows: list[dict[str, Any]], repeats: int) -> None:
         del r["_step"], r["_args"]
   else:
     rest = rows
-  time_interleaved(rest, repeats)
+  time_interleaved(rest, repeats, budget_s=budget_s)
   for r in rows:
     r.pop("_kw", None)
 
@@ -348,9 +358,13 @@ class Progress:
 
 def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] | None,
         isolate: bool, auto_budgets: tuple[float, ...],
-        save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+        save: Callable[[dict[str, Any]], None] = lambda result: None,
+        time_budget_s: float | None = None,
+        page_for: Callable[[str], Path] | None = None) -> dict[str, Any]:
   """Every job, model by model; ``save(result)`` is called as each model's rows are done
-  (so an interrupted run keeps what it finished)."""
+  (so an interrupted run keeps what it finished). ``time_budget_s``: the wall-clock
+  seconds each model's timing rounds may take (auto's search included). ``page_for(model)``:
+  where to write the model's memory timeline page, every strategy on one scale."""
   mods = [m for m in SIZES[size]() if not only_models or m.name in only_models]
   jobs = [(m, s) for m in mods for s in m.strategies if not only or s in only]
   if auto_budgets:
@@ -370,6 +384,7 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
                  f"repeated until every spread is within {RELIABLE:.0%} of its median or "
                  f"{3 * repeats} rounds; where auto ran, the rounds of its search, which "
                  "holds every strategy of the model, and near ties timed again by themselves"),
+      "time_budget_s": time_budget_s,
       "models": {m.name: m.describe for m in mods},
       "live_peak_note": ("live peak from memory_stats(), each strategy in a fresh process"
                          if isolate else
@@ -387,10 +402,16 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
       progress.start(f"{m.name} / {s}")
       rows.append(_run_isolated(size, m.name, s, repeats) if isolate
                   else measure_named(size, m.name, s, repeats, timed=False,
-                                     fractions=auto_budgets))
+                                     fractions=auto_budgets, time_budget_s=time_budget_s))
     if not isolate:
       progress.start(f"{m.name}: timing {len(rows)} strategies, interleaved")
-      _time_rows(m, rows, repeats)
+      _time_rows(m, rows, repeats, time_budget_s)
+    lines = {r["strategy"]: r.pop("_timeline") for r in rows if "_timeline" in r}
+    if page_for is not None and lines:
+      page = page_for(m.name)
+      MemoryTimeline(lines, jax.default_backend()).to_html(
+          str(page), title=f"{m.name}: memory timeline of every strategy ({m.describe})")
+      result.setdefault("pages", {})[m.name] = page.name
     result["rows"].extend(rows)
     result["pareto"][m.name] = pareto(rows)
     result.setdefault("auto_beaten", {})[m.name] = auto_beaten(rows)
@@ -401,7 +422,8 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
 
 
 def measure_named(size: str, model_name: str, strategy: str, repeats: int,
-                  timed: bool = True, fractions: tuple[float, ...] = ()) -> dict[str, Any]:
+                  timed: bool = True, fractions: tuple[float, ...] = (),
+                  time_budget_s: float | None = None) -> dict[str, Any]:
   """One row by model and strategy name; ``fractions``: every auto budget of the run."""
   model = next(m for m in SIZES[size]() if m.name == model_name)
   if strategy.startswith("auto "):
@@ -409,7 +431,7 @@ def measure_named(size: str, model_name: str, strategy: str, repeats: int,
 
     budget = float(strategy.split()[1].rstrip("%")) / 100
     try:
-      plan = plan_for(model, budget, min(repeats, 5), fractions)
+      plan = plan_for(model, budget, min(repeats, 5), fractions, time_budget_s)
     except ValueError as e:
       return {"model": model_name, "strategy": strategy, "error": f"infeasible: {e}"}
     label = plan.pop("auto_choice")
@@ -580,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--only", nargs="*", help="strategies to run (by label)")
   ap.add_argument("--auto", type=float, nargs="*", default=[0.3, 0.5, 0.75],
                   help="budgets for the auto strategy, as fractions of the no-remat temp bytes")
+  ap.add_argument("--time-budget", type=float, default=None if accel else 20.0,
+                  help="wall-clock seconds each model's timing rounds may take, auto's search "
+                       "included (default 20 on CPU, unlimited on GPU/TPU); the spreads "
+                       "reached are reported")
   ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=accel,
                   help="run each strategy in a fresh process (default on GPU/TPU)")
   ap.add_argument("--out", type=Path, default=None,
@@ -605,8 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.error(f"unrecognized arguments: {' '.join(rest)}")
   if args.repeats < 1:
     ap.error(f"--repeats must be >= 1, got {args.repeats}")
+  if args.time_budget is not None and not args.time_budget > 0:
+    ap.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
   if args.worker:
-    print(json.dumps(measure_named(args.size, *args.worker, args.repeats)))
+    row = measure_named(args.size, *args.worker, args.repeats)
+    row.pop("_timeline", None)  # each worker's own process: no page
+    print(json.dumps(row))
     return 0
   known = {m.name: m for m in SIZES[args.size]()}
   bad = [m for m in args.models or [] if m not in known]
@@ -626,7 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.error(f"--out {str(out)!r}: {problem}")
   try:
     result = run(args.size, args.repeats, args.models, args.only, args.isolate,
-                 tuple(args.auto), save=lambda r: write_atomic(out, r))
+                 tuple(args.auto), save=lambda r: write_atomic(out, r),
+                 time_budget_s=args.time_budget,
+                 page_for=lambda m: out.with_name(f"{out.stem}-{m}.html"))
   except KeyboardInterrupt:
     print(f"\ninterrupted: the models finished so far are in {out}", file=sys.stderr)
     return 130

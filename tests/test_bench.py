@@ -68,7 +68,7 @@ def test_ctrl_c_keeps_finished_models_and_exits_cleanly(tmp_path, monkeypatch, c
   real = bench.time_interleaved
   calls = []
 
-  def interrupt_second_model(rows, repeats, max_rounds=0):
+  def interrupt_second_model(rows, repeats, max_rounds=0, budget_s=None):
     calls.append(rows[0]["model"])
     if len(calls) == 2:
       raise KeyboardInterrupt

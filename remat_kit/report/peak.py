@@ -64,7 +64,8 @@ from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["PeakReport", "PeakRow", "compile_explained", "explain_peak"]
 
-KINDS = ("parameter", "input", "optimizer state", "gradient", "output", "saved residual",
+KINDS = ("parameter", "input", "optimizer state", "gradient", "output", "constant",
+         "saved residual",
          "backward temporary", "forward temporary", "temporary", "packing", "other")
 
 
@@ -307,8 +308,9 @@ def peak_point(c: Compilation) -> int:
 
 
 def resident_rows(c: Compilation, t: int) -> list[PeakRow]:
-  """Parameters and outputs: resident for the whole step, labelled by their value at ``t``
-  (constants baked into the program are not counted: XLA counts them with the code)."""
+  """Parameters, outputs and constants: resident for the whole step, labelled by their
+  value at ``t``. Constants are what the function closes over (arrays it does not take
+  as arguments); the compiler's total allocation counts them."""
   prog, ranges = c.hlo, c.ranges
   leaf_kind, leaf_name, out_kind = c.leaf_kind, c.leaf_name, c.out_kind
   rows: list[PeakRow] = []
@@ -324,6 +326,8 @@ def resident_rows(c: Compilation, t: int) -> list[PeakRow]:
       rows.append(PeakRow(a.size, None, op, kind, None, values[0] if values else op))
       continue
     if a.constant:
+      rows.append(_value_row(a.size, values[0] if values else "constant", "constant", prog,
+                             c.marks, "device"))
       continue
     outs = [root[v.split("{")[0]] for v in values if v.split("{")[0] in root]
     default = out_kind[0] if len(set(out_kind)) == 1 else "output"

@@ -47,7 +47,8 @@ from remat_kit.report.peak import (
 __all__ = ["MemoryTimeline", "Timeline", "TimelineBuffer", "memory_timeline", "timeline_of"]
 
 # Bottom to top in the stacked chart: what is resident for the whole step first.
-ORDER = ("parameter", "optimizer state", "input", "gradient", "output", "saved residual",
+ORDER = ("parameter", "optimizer state", "input", "constant", "gradient", "output",
+         "saved residual",
          "forward temporary", "backward temporary", "temporary", "other", "packing")
 
 

@@ -19,7 +19,7 @@ __all__ = ["COLORS", "render"]
 
 # One color per kind (the PNG uses the same).
 COLORS = {
-    "parameter": "#4c72b0", "optimizer state": "#8172b3", "input": "#64b5cd",
+    "parameter": "#4c72b0", "optimizer state": "#8172b3", "input": "#64b5cd", "constant": "#2a9d8f",
     "gradient": "#55a868", "output": "#937860", "saved residual": "#dd8452",
     "forward temporary": "#f2c45a", "backward temporary": "#c44e52", "temporary": "#da8bc3",
     "other": "#8c8c8c", "packing": "#d9d9d9",
