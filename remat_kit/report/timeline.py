@@ -242,11 +242,13 @@ def memory_timeline(fn: Callable[..., Any] | Mapping[str, Callable[..., Any]], *
   Example:
     >>> import jax.numpy as jnp, remat_kit as rk
     >>> def loss(w, x, policy=False):
-    ...   layer = rk.remat(lambda w, x: jnp.tanh(jnp.sin(x @ w) @ w.T), policy=policy)
-    ...   return jnp.sum(layer(w, layer(w, x)))
-    >>> w, x = jnp.ones((64, 256)), jnp.ones((32, 64))
+    ...   layer = rk.remat(lambda w, x: jnp.tanh(jnp.sin(x @ w) @ w), policy=policy)
+    ...   for _ in range(4):
+    ...     x = layer(w, x)
+    ...   return jnp.sum(x)
+    >>> w, x = jnp.ones((256, 256)), jnp.ones((512, 256))
     >>> tl = rk.memory_timeline(loss, w, x, policies={"none": False, "full": True})
-    >>> tl.peaks["full"] <= tl.peaks["none"]
+    >>> tl.peaks["full"] < 0.7 * tl.peaks["none"]
     True
     >>> tl.peaks["none"] == rk.explain_peak(loss, w, x).peak_bytes
     True
