@@ -127,13 +127,22 @@ def buffers_of(prog: _dumps.Program, allocs: list[_dumps.Alloc],
     for value, offset, size in a.values:
       if value in ranges:
         slots.setdefault((offset, size), []).append((*ranges[value], value))
+
+    def reused(offset: int, size: int, lo: int, hi: int) -> bool:
+      """Whether another value of the allocation occupies these bytes in ``[lo, hi]``."""
+      return any(o < offset + size and offset < o + z and s2 <= hi and lo <= e2
+                 for (o, z), vs in slots.items() if (o, z) != (offset, size)
+                 for s2, e2, _ in vs)
+
     for (offset, size), vals in slots.items():
       vals.sort()
       cur: list[Any] | None = None
       for s, e, v in vals:
         # Touching ranges are one buffer (an in-place update); so is a loop's initial
-        # value and what the loop body writes into it later (the loop carries it).
-        if cur is not None and (s <= cur[1] or feeds_loop(prog, cur[2][-1])):
+        # value and what the loop body writes into it later (the loop carries it), unless
+        # the compiler put another value in those bytes in between.
+        if cur is not None and (s <= cur[1] or (
+            feeds_loop(prog, cur[2][-1]) and not reused(offset, size, cur[1] + 1, s - 1))):
           cur[1] = max(cur[1], e)
           cur[2].append(v)
         else:

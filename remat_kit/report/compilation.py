@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import inspect
 import math
 import tempfile
@@ -224,6 +225,29 @@ def _leaf_key(x: Any) -> Any:
   return ("python", type(x).__name__)
 
 
+def _is_array_leaf(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def split_static_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(traced, static)``: a keyword argument is traced when every leaf is an array or a
+  ``ShapeDtypeStruct``; otherwise (a string, a Python number or bool, None, ...) it is
+  passed to the function as it is, as a readout never differentiates keywords."""
+  traced, static = {}, {}
+  for k, v in kwargs.items():
+    leaves = jax.tree_util.tree_leaves(v)
+    (traced if leaves and all(map(_is_array_leaf, leaves)) else static)[k] = v
+  return traced, static
+
+
+def _hashable(x: Any) -> bool:
+  try:
+    hash(x)
+  except TypeError:
+    return False
+  return True
+
+
 def _frozen(x: Any) -> Any:
   if isinstance(x, dict):
     return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
@@ -260,21 +284,23 @@ def compilation(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
   if donate and grad:
     raise ValueError(f"`{api}`: `donate_argnums` is for a whole step (grad=False); "
                      "a gradient's outputs cannot reuse its arguments.")
-  ref = _fn_ref(fn)
+  kwargs, static = split_static_kwargs(kwargs)
+  frozen_static = _frozen(static)
+  ref = _fn_ref(fn) if _hashable(frozen_static) else None
   key = None
   if ref is not None:
     leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
-    key = (ref[0], tree, tuple(_leaf_key(x) for x in leaves), t.name, nums, grad,
-           _frozen(arg_kinds), _frozen(out_kinds), _frozen(compiler_options or {}), donate,
-           _jax.remat3_enabled(), bool(jax.config.jax_enable_x64))
+    key = (ref[0], tree, tuple(_leaf_key(x) for x in leaves), frozen_static, t.name, nums,
+           grad, _frozen(arg_kinds), _frozen(out_kinds), _frozen(compiler_options or {}),
+           donate, _jax.remat3_enabled(), bool(jax.config.jax_enable_x64))
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is not None and hit[0]() == fn:
       _CACHE.move_to_end(key)
       _STATS["hits"] += 1
       return hit[1]
   _STATS["misses"] += 1
-  c = _compile(fn, args, kwargs, t, nums, grad, arg_kinds, out_kinds, compiler_options,
-               donate)
+  c = _compile(fn, args, kwargs, static, t, nums, grad, arg_kinds, out_kinds,
+               compiler_options, donate)
   if key is not None:
     _CACHE[key] = (ref[1], c)
     while len(_CACHE) > CACHE_SIZE:
@@ -283,11 +309,11 @@ def compilation(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
 
 
 def _compile(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             t: targets.Target, nums: tuple[int, ...], grad: bool,
+             static: dict[str, Any], t: targets.Target, nums: tuple[int, ...], grad: bool,
              arg_kinds: Sequence[str] | None, out_kinds: Sequence[str] | None,
              compiler_options: dict[str, Any] | None, donate: tuple[int, ...]
              ) -> Compilation:
-  m = _jaxpr.marked_jaxpr(fn, *args, **kwargs)
+  m = _jaxpr.marked_jaxpr(functools.partial(fn, **static) if static else fn, *args, **kwargs)
   leaf_kind, leaf_name, grad_leaves = _leaf_labels(args, kwargs, nums, grad, arg_kinds,
                                                         _param_names(fn))
   target_fn = jax.grad(m.run, argnums=tuple(grad_leaves)) if grad else m.run

@@ -349,7 +349,8 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
       local backend, ``"tpu:v5e:2x2"``, ``"gpu:h100"``, ...
     hbm_bytes: parse the compiled program for ``hbm_bytes_moved``; by
       default only for accelerator targets (their step-time estimate needs it).
-    fn_kwargs: keyword arguments of ``fn``.
+    fn_kwargs: keyword arguments of ``fn``; those that are not arrays (strings,
+      Python numbers, None, ...) are passed as they are, not traced.
 
   Returns:
     A JSON-serializable dict with the byte fields of
@@ -367,8 +368,10 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     return memory_fields(targets.compile_for(fn, t, *args), t, hbm_bytes)
   # The keyword arguments travel as one positional (traced) dict, so none of them meets
   # `compile_for`'s own parameters.
-  with_kwargs = lambda *a: fn(*a[:-1], **a[-1])
-  return memory_fields(targets.compile_for(with_kwargs, t, *args, kwargs), t, hbm_bytes)
+  from remat_kit.report.compilation import split_static_kwargs  # noqa: PLC0415 - a cycle
+  traced, static = split_static_kwargs(kwargs)
+  with_kwargs = lambda *a: fn(*a[:-1], **a[-1], **static)
+  return memory_fields(targets.compile_for(with_kwargs, t, *args, traced), t, hbm_bytes)
 
 
 def memory_fields(compiled: Any, target: Any, hbm_bytes: bool | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ plain dataclass: ``to_dict()`` is JSON-serializable, ``str()`` is a table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from remat_kit.report.core import (
 from remat_kit.report.estimate import estimate_seconds
 from remat_kit.report.explain import rule_for
 from remat_kit.report.peak import PeakReport, explained, peak_of
+from remat_kit.report.compilation import split_static_kwargs
 from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
@@ -230,7 +232,6 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   kwargs = fn_kwargs_of("memory_report", fn_kwargs, stray)
   label = label or getattr(fn, "__name__", "fn")
   t = targets.parse_target(target)
-  grad = jax.grad(fn, argnums=argnums)
   c = explained(fn, args, kwargs, target=t, argnums=argnums)
   peak = peak_of(c)
   compiled = memory_fields(c.compiled, t)
@@ -250,7 +251,9 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   elif live_peak_bytes() is None:
     note = f"the {jax.default_backend()} backend reports no memory_stats()"
   else:
-    peak_live, note = _measure_live_peak(grad, args, kwargs)
+    traced, static = split_static_kwargs(kwargs)
+    bound = functools.partial(fn, **static) if static else fn
+    peak_live, note = _measure_live_peak(jax.grad(bound, argnums=argnums), args, traced)
   return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak_live, note,
                       t.name, seconds, source, peak, before)
 
