@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments._io import LOCAL, check_out, finish, model_rows, save_figure, write_atomic
 from remat_kit import models
 from remat_kit.flax import LayerStack
 from remat_kit.report import live_peak_bytes
@@ -46,7 +45,6 @@ from remat_kit.report.timing import RELIABLE
 from remat_kit.report.timing import summary as _summary
 
 RESULTS = Path(__file__).parent / "results"
-LOCAL = RESULTS / "local"  # git-ignored: `make bench` writes here; `--refresh` writes RESULTS
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
 
@@ -468,8 +466,7 @@ def print_table(result: dict[str, Any]) -> None:
         f"{sum(r['timing_reliable'] for r in timed)}/{len(timed)} rows within "
         f"{RELIABLE:.0%}. x time is '≈' where it is within both spreads of no remat.")
   for name, desc in result["models"].items():
-    rows = [r for r in result["rows"] if r["model"] == name]
-    base = next((r for r in rows if r["strategy"] == "no remat" and not r.get("error")), None)
+    rows, base = model_rows(result, name)
     print(f"\n{desc}")
     head = (f"{'strategy':30s} {'temp MiB':>9s} {'x temp':>7s} {'act MiB':>8s} "
             f"{'+FLOPs%':>8s} {'step ms':>15s} {'x time':>7s} {'live MiB':>9s} {'grads':>6s}")
@@ -552,34 +549,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
             family="monospace")
   fig.suptitle(f"remat_kit bench: {result['device']} ({result['backend']}); green: Pareto, "
                "red stars: auto", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130, bbox_inches="tight")
-  plt.close(fig)
+  save_figure(fig, path, dpi=130, say=False)
   return True
-
-
-def check_out(path: Path) -> str | None:
-  """Why ``path`` cannot take the results, or None."""
-  if path.suffix != ".json":
-    return "must end in .json (the plot goes beside it as .png)"
-  if path.is_dir():
-    return "is a directory; give a file name ending in .json"
-  try:  # the one honest test of writability: make the folder and a file in it
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent):
-      pass
-  except OSError as e:
-    return f"cannot write in {str(path.parent)!r} ({e.strerror or e})"
-  return None
-
-
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(data, f, indent=1)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
 
 
 def _default_also_target() -> str:
@@ -662,11 +633,7 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print(f"\ninterrupted: the models finished so far are in {out}", file=sys.stderr)
     return 130
-  print_table(result)
-  write_atomic(out, result)
-  print(f"\nwrote {out}")
-  if plot(result, out.with_suffix(".png")):
-    print(f"wrote {out.with_suffix('.png')}")
+  finish(out, result, print_table, plot)
   if args.also_target and args.also_target != "none" and not args.worker:
     from experiments import target_bench
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments._io import write_json
 from experiments.bench import SIZES, _loss
 from remat_kit.report import compiled_memory, flop_breakdown
 from remat_kit.report.estimate import estimate_seconds, measure_local_rates
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
   out["agree"], out["pairs"] = total_agree, total_pairs
   print(f"\nall models: the estimate orders {total_agree}/{total_pairs} separable pairs as "
         "the clock does")
-  a.out.parent.mkdir(parents=True, exist_ok=True)
-  a.out.write_text(json.dumps(out, indent=1))
-  print(f"wrote {a.out}")
+  write_json(a.out, out)
   return 0
 
 

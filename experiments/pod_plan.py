@@ -6,7 +6,12 @@ donated) for every chip of a TPU topology, deviceless, sharded two ways:
 
 * ``fsdp``: parameters, gradients and optimizer state sharded over all chips
   (each weight split along its largest divisible axis), the batch too;
-* ``dp``: data parallel, everything but the batch replicated on every chip.
+* ``dp``: data parallel, everything but the batch replicated on every chip;
+* ``pipeline``: the GPT's blocks pipelined with ``rk.pipeline`` (GPipe,
+  ``--stages`` stages, ``--microbatches`` microbatches), each stage's layers,
+  optimizer state and batch sharded FSDP over the other ``chips / stages``
+  chips (see ``experiments/pipeline_plan.py``; embedding and LM head left out,
+  as a pipeline puts them on the first and last stage).
 
 For each policy it doubles the per-chip batch until the TPU compiler refuses
 the program (it does when the step's memory exceeds the chip's HBM, 16 GiB on
@@ -14,12 +19,12 @@ v5e), and reports the largest per-chip batch that fits with its compiled
 per-chip peak. The same function with real arrays on a Cloud TPU runs the step.
 
   python -m experiments.pod_plan [--topologies v5e:4x4 v5e:16x16] [--max-batch 64]
+  python -m experiments.pod_plan --modes pipeline --topologies v5e:4x4 --stages 4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -32,6 +37,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments._io import write_json
+from experiments.pipeline_plan import pipeline_row
 from remat_kit import models, targets
 
 RESULTS = Path(__file__).parent / "results"
@@ -153,10 +160,39 @@ def largest_batch(policy: Any, topology: str, mode: str, a: argparse.Namespace
   return {**best, **line, "compiles": compiles, "verified": True}
 
 
+PIPELINE_POLICIES = {"no remat": None, "full": "full", "save_dots_no_batch": "save_dots_no_batch",
+                     "save qkv, attn_out": "save_qkv_attn_out"}
+
+
+def pipeline_batch(label: str, topology: str, a: argparse.Namespace) -> dict[str, Any]:
+  """The pipeline mode's row: the largest microbatch per chip (affine fit through 1 and 2),
+  as examples per chip per step, with the per-stage peak at one example."""
+  if label not in PIPELINE_POLICIES:
+    return {"topology": topology, "mode": "pipeline", "fits": False,
+            "note": f"policy {label!r} has no per-layer form inside a pipeline stage"}
+  chips = len(targets.parse_target(f"tpu:{topology}").devices())
+  if chips % a.stages:
+    raise SystemExit(f"pod_plan: --stages {a.stages} does not divide the {chips} chips of "
+                     f"{topology}; pass a divisor of {chips}.")
+  r = pipeline_row(f"tpu:{topology}", chips // a.stages, "gpipe", 1, a.microbatches,
+                   PIPELINE_POLICIES[label], layers=a.layers, d_model=a.d_model,
+                   heads=a.heads, seq=a.seq)
+  batch = int(r["examples_per_chip_per_step"])
+  fits = r["largest_microbatch_per_chip"] > 0
+  return {"topology": topology, "chips": chips, "mode": "pipeline", "stages": a.stages,
+          "microbatches": a.microbatches, "bubble_fraction": r["bubble_fraction"],
+          "fits": fits, "batch_per_chip": batch, "predicted_batch": batch,
+          "fixed_bytes": r["fixed_bytes"], "bytes_per_sample": r["bytes_per_example"],
+          "peak_bytes": r["peak_bytes_at_1"],
+          "predicted_peak_bytes": (r["fixed_bytes"] + r["largest_microbatch_per_chip"]
+                                   * r["bytes_per_example"]) if fits else None,
+          "estimated_seconds_at_1": r["estimated_seconds_at_1"], "verified": False}
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--topologies", nargs="*", default=["v5e:4x4", "v5e:16x16"])
-  ap.add_argument("--modes", nargs="*", default=["fsdp", "dp"], choices=["fsdp", "dp"])
+  ap.add_argument("--modes", nargs="*", default=["fsdp", "dp"], choices=["fsdp", "dp", "pipeline"])
   ap.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
   ap.add_argument("--layers", type=int, default=24)
   ap.add_argument("--d-model", type=int, default=2048)
@@ -164,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--seq", type=int, default=2048)
   ap.add_argument("--vocab", type=int, default=32768)
   ap.add_argument("--max-batch", type=int, default=64)
+  ap.add_argument("--stages", type=int, default=4, help="pipeline mode: stages")
+  ap.add_argument("--microbatches", type=int, default=16, help="pipeline mode: microbatches")
   ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                   help="compile at the predicted batch (and one more) to confirm it; near the "
                        "HBM limit the TPU compiler takes minutes per compile")
@@ -174,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in a.modes:
       for label in a.policies:
         print(f"{topo} {mode} {label}", file=sys.stderr, flush=True)
-        best = largest_batch(POLICIES[label], topo, mode, a)
+        best = (pipeline_batch(label, topo, a) if mode == "pipeline"
+                else largest_batch(POLICIES[label], topo, mode, a))
         rows.append({"policy": label, **best})
   result = {"jax": jax.__version__, "model": (
       f"GPT: {a.layers} layers, d_model {a.d_model}, {a.heads} heads, seq {a.seq}, "
@@ -183,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
       "rows": rows}
   print(f"\n{result['model']}\nlargest per-chip batch under 16 GiB of v5e HBM "
         f"({'verified by compiling it' if a.verify else 'predicted: affine in batch from compiles at 1 and 2'}):")
-  print(f"{'topology':10s} {'mode':5s} {'policy':22s} {'fixed GiB':>9s} {'GiB/sample':>10s} "
+  print(f"{'topology':10s} {'mode':8s} {'policy':22s} {'fixed GiB':>9s} {'GiB/sample':>10s} "
         f"{'batch/chip':>10s} {'peak GiB':>9s}")
   for r in rows:
     if not r.get("fits"):
-      print(f"{r['topology']:10s} {r['mode']:5s} {r['policy']:22s} {'':>9s} {'':>10s} "
+      print(f"{r['topology']:10s} {r['mode']:8s} {r['policy']:22s} {'':>9s} {'':>10s} "
             f"{'none':>10s} {'-':>9s}")
       continue
     batch = r["batch_per_chip"] if a.verify else r.get("predicted_batch", r["batch_per_chip"])
@@ -195,11 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = r["peak_bytes"] if a.verify else r.get("predicted_peak_bytes", r["peak_bytes"])
     fixed = f"{r['fixed_bytes'] / 2**30:.2f}" if "fixed_bytes" in r else "-"
     per = f"{r['bytes_per_sample'] / 2**30:.3f}" if "bytes_per_sample" in r else "-"
-    print(f"{r['topology']:10s} {r['mode']:5s} {r['policy']:22s} {fixed:>9s} {per:>10s} "
+    print(f"{r['topology']:10s} {r['mode']:8s} {r['policy']:22s} {fixed:>9s} {per:>10s} "
           f"{batch:>10} {peak / 2**30:>9.2f}")
-  a.out.parent.mkdir(parents=True, exist_ok=True)
-  a.out.write_text(json.dumps(result, indent=1))
-  print(f"wrote {a.out}")
+  write_json(a.out, result)
   return 0
 
 

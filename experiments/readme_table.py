@@ -9,14 +9,14 @@ import json
 import sys
 from pathlib import Path
 
+from experiments._io import model_rows
 from experiments.bench import overhead_text
 
 
 def tables(result: dict) -> str:
   out = []
   for name, desc in result["models"].items():
-    rows = [r for r in result["rows"] if r["model"] == name]
-    base = next((r for r in rows if r["strategy"] == "no remat" and not r.get("error")), None)
+    rows, base = model_rows(result, name)
     out.append(f"**{desc}**\n")
     out.append("| strategy | temp MiB | x temp | saved act. MiB | +FLOPs % | step ms | x time "
                "| grads |")

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from experiments._io import LOCAL, check_out, finish, model_rows, save_figure
 from remat_kit import models, targets
 from remat_kit.flax import LayerStack
 from remat_kit.report import memory_report
@@ -156,8 +157,7 @@ def print_table(result: dict[str, Any]) -> None:
   print(f"\n{result['target']} (compiled deviceless, jax {result['jax']}; estimated step = "
         "remat_kit FLOPs / peak FLOP/s + compiled HBM bytes / bandwidth)")
   for name, desc in result["models"].items():
-    rows = [r for r in result["rows"] if r["model"] == name]
-    base = next((r for r in rows if r["strategy"] == "no remat" and not r.get("error")), None)
+    rows, base = model_rows(result, name)
     print(f"\n{desc}")
     head = (f"{'strategy':24s} {'temp MiB':>10s} {'peak MiB':>10s} {'x peak':>7s} "
             f"{'+FLOPs%':>8s} {'est. ms':>9s} {'x est.':>7s}")
@@ -199,14 +199,11 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("compiled peak memory per chip (GiB)")
     ax.set_ylabel("estimated step time (ms)")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, say=False)
   return True
 
 
 def main(argv: list[str] | None = None) -> int:
-  from experiments.bench import LOCAL, check_out, write_atomic
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--target", default="tpu:v5e:2x2", help="e.g. tpu:v5e:2x2, gpu:h100")
@@ -241,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("\ninterrupted: nothing written (the rows are compiled together)", file=sys.stderr)
     return 130
-  print_table(result)
-  write_atomic(out, result)
-  print(f"\nwrote {out}")
-  if plot(result, out.with_suffix(".png")):
-    print(f"wrote {out.with_suffix('.png')}")
+  finish(out, result, print_table, plot)
   # A plan the chip cannot hold is a result; any other failure is not.
   return 1 if any(r.get("error") and "oom_required_bytes" not in r
                   for r in result["rows"]) else 0

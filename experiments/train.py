@@ -37,6 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments._io import save_figure
 from remat_kit import models
 from remat_kit.report import compiled_memory, memory_report
 
@@ -182,10 +183,7 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f"wrote {path}")
+  save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from remat_kit import flax as flax
 from remat_kit import microbatch as microbatch
 from remat_kit import models as models
 from remat_kit import pipelining as pipelining
+from remat_kit import pipelining_plan as pipelining_plan
 from remat_kit import planner as planner
 from remat_kit import policies as policies
 from remat_kit import report as report
@@ -39,6 +40,8 @@ from remat_kit.transforms import to_jax_policy as to_jax_policy
 
 __version__ = "0.2.0"
 
+# Subpackages stay attributes (`rk.flax`, `rk.models`, ...); `flax` is left out of
+# `__all__` so that `from remat_kit import *` never shadows the user's own `flax`.
 __all__ = [
     "Policy",
     "auto",
@@ -47,7 +50,6 @@ __all__ = [
     "compare",
     "diff",
     "explain_peak",
-    "flax",
     "from_config",
     "lint",
     "memory_report",
@@ -57,6 +59,7 @@ __all__ = [
     "models",
     "pipeline",
     "pipelining",
+    "pipelining_plan",
     "planner",
     "plan_groups",
     "policies",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments import bench
+from experiments import _io, bench
 
 
 def _row(strategy, temp, ms, spread):
@@ -53,12 +53,12 @@ def test_out_is_checked_before_any_work(path, says, capsys):
 def test_a_directory_named_like_json_is_refused(tmp_path):
   d = tmp_path / "x.json"
   d.mkdir()
-  assert "is a directory" in bench.check_out(d)
+  assert "is a directory" in _io.check_out(d)
 
 
 def test_default_output_is_the_ignored_local_folder():
   import subprocess
-  ignored = subprocess.run(["git", "check-ignore", "-q", str(bench.LOCAL / "cpu-cpu.json")],
+  ignored = subprocess.run(["git", "check-ignore", "-q", str(_io.LOCAL / "cpu-cpu.json")],
                            cwd=bench.RESULTS.parent.parent, check=False)
   assert ignored.returncode == 0
 

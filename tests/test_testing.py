@@ -152,14 +152,14 @@ def test_plugin_option_is_registered(pytestconfig):
   assert pytestconfig.getoption("--remat-update-fingerprints") in (False, True)
 
 
-def test_readme_pytest_example_runs(tmp_path):
-  """The README's test file, run by pytest as a user would (the plugin from the install)."""
+def test_the_docs_pytest_example_runs(tmp_path):
+  """The testing page's test file, run by pytest as a user would (the plugin from the install)."""
   import os
   import re
   import subprocess
   import sys
   from pathlib import Path
-  readme = (Path(__file__).parent.parent / "README.md").read_text()
+  readme = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
   block = re.search(r"<!-- pytest-example -->\n```python\n(.*?)```", readme, re.S).group(1)
   (tmp_path / "test_my_model.py").write_text(block)
   env = dict(os.environ, JAX_PLATFORMS="cpu")

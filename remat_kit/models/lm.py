@@ -64,12 +64,12 @@ class TransformerLM(nn.Module):
 
   Attributes:
     vocab_size: tokens in the vocabulary.
+    max_len: the longest sequence (learned position embeddings).
+    dtype: the activation dtype (parameters stay float32).
     emb_dim: the model width.
     num_heads: attention heads.
     num_layers: decoder blocks (a Python loop: no scan).
     mlp_dim: the MLP hidden width.
-    max_len: the longest sequence (learned position embeddings).
-    dtype: the activation dtype (parameters stay float32).
     dropout_rate: dropout on attention probabilities and residual branches.
     deterministic: no dropout (no ``dropout`` rng needed).
     remat: None, or a policy for ``nn.remat`` around each block.
@@ -90,12 +90,12 @@ class TransformerLM(nn.Module):
   """
 
   vocab_size: int = 32_000
+  max_len: int = 1024
+  dtype: Any = jnp.bfloat16
   emb_dim: int = 1024
   num_heads: int = 16
   num_layers: int = 12
   mlp_dim: int = 4096
-  max_len: int = 1024
-  dtype: Any = jnp.bfloat16
   dropout_rate: float = 0.1
   deterministic: bool = False
   remat: Any = None

@@ -29,6 +29,9 @@ and combinators), :mod:`~remat_kit.policies.library` (leaf policies and
 factories) and :mod:`~remat_kit.policies.config` (registry and parser).
 """
 
+from remat_kit.policies import base as _base
+from remat_kit.policies import config as _config
+from remat_kit.policies import library as _library
 from remat_kit.policies.base import DEFAULT_OFFLOAD_DST as DEFAULT_OFFLOAD_DST
 from remat_kit.policies.base import DEFAULT_OFFLOAD_SRC as DEFAULT_OFFLOAD_SRC
 from remat_kit.policies.base import Intersection as Intersection
@@ -68,37 +71,5 @@ from remat_kit.policies.library import save_by_size as save_by_size
 from remat_kit.policies.library import save_only_these_names as save_only_these_names
 from remat_kit.policies.library import save_these_primitives as save_these_primitives
 
-__all__ = [
-    "CallablePolicy",
-    "Intersection",
-    "NamePlan",
-    "Offload",
-    "OffloadNames",
-    "Policy",
-    "SaveAnyNamesBut",
-    "SaveAnythingExcept",
-    "SaveBySize",
-    "SaveDots",
-    "SaveEverything",
-    "SaveNames",
-    "SaveNothing",
-    "SavePrimitives",
-    "Union",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "everything_saveable",
-    "from_config",
-    "nothing_saveable",
-    "offload",
-    "offload_these_names",
-    "register",
-    "registered",
-    "save_any_names_but_these",
-    "save_anything_except_these_names",
-    "save_by_size",
-    "save_from_all_policies",
-    "save_from_both_policies",
-    "save_if_all_policies_save",
-    "save_only_these_names",
-    "save_these_primitives",
-]
+# What each module exports (the explicit re-exports above name them for type checkers).
+__all__ = _base.__all__ + _config.__all__ + _library.__all__

@@ -99,27 +99,40 @@ class SaveDots(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
-class SaveNames(Policy):
-  """Saves the values tagged with these `checkpoint_name`s; recomputes the rest.
-
-  Attributes:
-    names: the `checkpoint_name` tags to save.
-  """
+class _ByName(Policy):
+  """A policy that decides at `checkpoint_name` tags alone: a tagged value is saved when
+  ``_keeps(name)``; untagged values are recomputed."""
 
   names: tuple[str, ...]
 
   def __post_init__(self):
-    object.__setattr__(self, "names", names_arg(self.names, "SaveNames(names=...)"))
+    object.__setattr__(self, "names",
+                       names_arg(self.names, f"{type(self).__name__}(names=...)"))
+
+  def _keeps(self, name: str) -> bool:
+    raise NotImplementedError
 
   def saving_primitives(self):
     return frozenset({_jax.name_primitive_name()})
 
   def decide(self, prim, avals, params):
     n = _jax.checkpoint_name_of(prim, params)
-    return _jax.Saveable if n is not None and n in self.names else _jax.Recompute
+    return _jax.Saveable if n is not None and self._keeps(n) else _jax.Recompute
 
   def own_names(self):
     return frozenset(self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveNames(_ByName):
+  """Saves the values tagged with these `checkpoint_name`s; recomputes the rest.
+
+  Attributes:
+    names: the `checkpoint_name` tags to save.
+  """
+
+  def _keeps(self, name: str) -> bool:
+    return name in self.names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,23 +224,15 @@ class NamePlan(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
-class SaveAnyNamesBut(Policy):
-  """Saves every named value except these names; recomputes unnamed values."""
+class SaveAnyNamesBut(_ByName):
+  """Saves every named value except these names; recomputes unnamed values.
 
-  names: tuple[str, ...]
+  Attributes:
+    names: the `checkpoint_name` tags not to save.
+  """
 
-  def __post_init__(self):
-    object.__setattr__(self, "names", names_arg(self.names, "SaveAnyNamesBut(names=...)"))
-
-  def saving_primitives(self):
-    return frozenset({_jax.name_primitive_name()})
-
-  def decide(self, prim, avals, params):
-    n = _jax.checkpoint_name_of(prim, params)
-    return _jax.Saveable if n is not None and n not in self.names else _jax.Recompute
-
-  def own_names(self):
-    return frozenset(self.names)
+  def _keeps(self, name: str) -> bool:
+    return name not in self.names
 
 
 @dataclasses.dataclass(frozen=True)

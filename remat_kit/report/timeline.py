@@ -46,10 +46,10 @@ from remat_kit.report.peak import (
 
 __all__ = ["MemoryTimeline", "Timeline", "TimelineBuffer", "memory_timeline", "timeline_of"]
 
-# Bottom to top in the stacked chart: what is resident for the whole step first.
-ORDER = ("parameter", "optimizer state", "input", "constant", "gradient", "output",
-         "saved residual",
-         "forward temporary", "backward temporary", "temporary", "other", "packing")
+# Bottom to top in the stacked chart: what is resident for the whole step first, then
+# the rest of explain_peak's kinds in its order.
+_RESIDENT = ("parameter", "optimizer state", "input", "constant", "gradient", "output")
+ORDER = _RESIDENT + tuple(k for k in KINDS if k not in _RESIDENT)
 
 
 @dataclasses.dataclass(frozen=True)
