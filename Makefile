@@ -43,7 +43,7 @@ SMOKE    := tests/test__jax.py tests/test__jaxpr.py tests/test__xla.py tests/tes
 MID_TESTS := $(SMOKE) tests/test_flax_nnx.py tests/test_flax_signatures.py tests/test_report_core.py \
              tests/test_report_summary.py
 
-.PHONY: install test test-new test-mid test-min bench bench-refresh lint check clean versions docs
+.PHONY: install test test-new test-mid test-min bench bench-refresh lint typecheck check clean versions docs
 
 $(STAMP): pyproject.toml
 	@test -n "$(NEWPY)" || { .ci/pick-python; exit 1; }
@@ -121,7 +121,11 @@ docs: $(DOCS_STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check remat_kit tests experiments pytest_remat_kit.py conftest.py
 
-check: lint test
+# mypy over the package ([tool.mypy] in pyproject.toml); CI runs it too.
+typecheck: $(STAMP)
+	$(VPY) -m mypy remat_kit
+
+check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) $(VMIN) $(VMID) .pytest_cache site

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from remat_kit.planner import Search
-from remat_kit.report.timing import RELIABLE
+from remat_kit.report import RELIABLE
 
 _SEARCHES: dict[str, Search] = {}
 

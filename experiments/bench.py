@@ -35,14 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments._io import LOCAL, check_out, finish, model_rows, save_figure, write_atomic
-from remat_kit import models
+from remat_kit import models, report
 from remat_kit.flax import LayerStack
-from remat_kit.report import live_peak_bytes
-from remat_kit.report.compilation import compilation
-from remat_kit.report.core import memory_fields
-from remat_kit.report.timeline import MemoryTimeline, timeline_of
-from remat_kit.report.timing import RELIABLE
-from remat_kit.report.timing import summary as _summary
+from remat_kit.report import (
+    MemoryTimeline,
+    compilation,
+    live_peak_bytes,
+    memory_fields,
+    timeline_of,
+)
 
 RESULTS = Path(__file__).parent / "results"
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -119,7 +120,8 @@ SIZES: dict[str, Callable[[], list[Model]]] = {
 }
 
 
-def _loss(model: Model, kw: dict[str, Any], inputs: tuple[Any, ...]) -> Callable[..., Any]:
+def model_loss(model: Model, kw: dict[str, Any], inputs: tuple[Any, ...]) -> Callable[..., Any]:
+  """The mean-square loss of ``model`` built with ``kw``, on fixed inputs and dropout key."""
   module = model.build(**kw)
 
   def loss(params: Any) -> jax.Array:
@@ -166,7 +168,7 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
     row["error"] = "skipped: this backend has no pinned_host memory for offloading"
     return row
   try:
-    loss, ref = _loss(model, kw, inputs), _loss(model, base_kw, inputs)
+    loss, ref = model_loss(model, kw, inputs), model_loss(model, base_kw, inputs)
     # One trace and one compile, read and timed: the memory, the FLOPs and the residuals
     # the compiled program carries from the forward to the backward pass.
     c = compilation(loss, (params,), {}, None, api="bench")
@@ -194,7 +196,9 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
         grads_match=all(np.allclose(a, b, rtol=2e-4, atol=1e-6) for a, b in leaves),
         error=None)
     if timed:
-      row.update(_timing([_time(step, (params,), 1)[0] for _ in range(2 * repeats)]))
+      once = report.time_interleaved({"step": lambda: step(params)}, 2 * repeats,
+                                     max_rounds=2 * repeats)
+      row.update(_ms(once["step"]))
     else:
       row["_step"], row["_args"], row["_kw"] = step, (params,), kw
     if row["offloaded_bytes"] and jax.default_backend() == "cpu":
@@ -207,38 +211,29 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
   return row
 
 
-def _timing(times: list[float]) -> dict[str, Any]:
-  """Median step time and its spread (half the 10-90th percentile range)."""
-  median, spread = _summary(times)
-  return {"step_ms_median": median, "step_ms_spread": spread, "step_ms_n": len(times),
-          "timing_reliable": spread <= RELIABLE * median}
+def _ms(t: report.Timing) -> dict[str, Any]:
+  """A row's timing fields, in milliseconds."""
+  return {"step_ms_median": t.median_s * 1e3, "step_ms_spread": t.spread_s * 1e3,
+          "step_ms_n": t.n, "timing_reliable": t.reliable}
 
 
+def _row_timing(r: dict[str, Any]) -> report.Timing:
+  return report.Timing(r["step_ms_median"] / 1e3, r["step_ms_spread"] / 1e3,
+                       r.get("step_ms_n", 1))
 
 
 def time_interleaved(rows: list[dict[str, Any]], repeats: int, max_rounds: int = 0,
                      budget_s: float | None = None) -> None:
-  """Times the compiled steps of ``rows`` in interleaved rounds (one step of each per
-  round), so that a slow spell of a shared machine hits every strategy alike.
-
-  Rounds continue past ``repeats`` until every spread is within RELIABLE of its
-  median, up to ``max_rounds`` (default 3 x repeats); rows whose spread stays
-  larger are marked ``timing_reliable = False``. With ``budget_s``, no round starts
-  after that many seconds (one always runs): the spreads stand as reached.
-  """
+  """Times the compiled steps of ``rows`` with :func:`remat_kit.report.time_interleaved`
+  (interleaved rounds until the spreads are within report.RELIABLE of their medians, or
+  ``budget_s`` runs out) and writes each row's timing fields."""
   live = [r for r in rows if "_step" in r]
-  times: dict[int, list[float]] = {id(r): [] for r in live}
-  max_rounds = max_rounds or 3 * repeats
-  start = time.perf_counter()
-  for n in range(max_rounds):
-    for r in live:
-      times[id(r)].extend(_time(r["_step"], r["_args"], 1))
-    if n + 1 >= repeats and all(_timing(times[id(r)])["timing_reliable"] for r in live):
-      break
-    if budget_s is not None and time.perf_counter() - start >= budget_s:
-      break
-  for r in live:
-    r.update(_timing(times[id(r)]))
+  if not live:
+    return
+  steps = {str(i): (lambda r=r: r["_step"](*r["_args"])) for i, r in enumerate(live)}
+  timed = report.time_interleaved(steps, repeats, max_rounds=max_rounds, budget_s=budget_s)
+  for i, r in enumerate(live):
+    r.update(_ms(timed[str(i)]))
     del r["_step"], r["_args"]
 
 
@@ -286,13 +281,7 @@ def _jsonable(x: Any) -> Any:
 
 def _faster(q: dict[str, Any], r: dict[str, Any]) -> bool:
   """q is faster than r beyond both spreads."""
-  return (q["step_ms_median"] + q["step_ms_spread"]
-          < r["step_ms_median"] - r["step_ms_spread"])
-
-
-def _tied(q: dict[str, Any], r: dict[str, Any]) -> bool:
-  """The timings of q and r overlap within their spreads."""
-  return not _faster(q, r) and not _faster(r, q)
+  return report.faster(_row_timing(q), _row_timing(r))
 
 
 def auto_beaten(rows: list[dict[str, Any]]) -> list[str]:
@@ -323,18 +312,13 @@ def pareto(rows: list[dict[str, Any]], mem: str = "temp_bytes") -> list[str]:
   frontier buys a speedup larger than the noise. Timings whose spreads overlap
   are a tie, and the tie goes to less memory.
   """
-  ok = sorted((r for r in rows if not r.get("error") and "step_ms_median" in r),
-              key=lambda r: (r[mem], r["step_ms_median"]))
-  front: list[dict[str, Any]] = []
-  for r in ok:
-    if not front or _faster(r, front[-1]):
-      front.append(r)
-  return [r["strategy"] for r in front]
+  ok = [r for r in rows if not r.get("error") and "step_ms_median" in r]
+  return [r["strategy"] for r in report.pareto_front(ok, lambda r: r[mem], _row_timing)]
 
 
 def overhead_text(r: dict[str, Any], base: dict[str, Any]) -> str:
   """Step time relative to no remat, "≈1.00" when within the two spreads."""
-  if r is base or _tied(r, base):
+  if r is base or report.tied(_row_timing(r), _row_timing(base)):
     return "≈" + f"{r['step_ms_median'] / base['step_ms_median']:.2f}"
   return f"{r['step_ms_median'] / base['step_ms_median']:.2f}"
 
@@ -379,7 +363,7 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
       "repeats": repeats,
       "timing": ("each strategy in its own process, 2 x repeats steps" if isolate else
                  "interleaved rounds over a model's strategies (one step each per round), "
-                 f"repeated until every spread is within {RELIABLE:.0%} of its median or "
+                 f"repeated until every spread is within {report.RELIABLE:.0%} of its median or "
                  f"{3 * repeats} rounds; where auto ran, the rounds of its search, which "
                  "holds every strategy of the model, and near ties timed again by themselves"),
       "time_budget_s": time_budget_s,
@@ -464,7 +448,7 @@ def print_table(result: dict[str, Any]) -> None:
   timed = [r for r in result["rows"] if "step_ms_median" in r]
   print(f"step time: {result['timing']}; median +- half the 10-90th percentile range; "
         f"{sum(r['timing_reliable'] for r in timed)}/{len(timed)} rows within "
-        f"{RELIABLE:.0%}. x time is '≈' where it is within both spreads of no remat.")
+        f"{report.RELIABLE:.0%}. x time is '≈' where it is within both spreads of no remat.")
   for name, desc in result["models"].items():
     rows, base = model_rows(result, name)
     print(f"\n{desc}")

@@ -24,9 +24,13 @@ import jax
 import numpy as np
 
 from experiments._io import write_json
-from experiments.bench import SIZES, _loss
-from remat_kit.report import compiled_memory, flop_breakdown
-from remat_kit.report.estimate import estimate_seconds, measure_local_rates
+from experiments.bench import SIZES, model_loss
+from remat_kit.report import (
+    compiled_memory,
+    estimate_seconds,
+    flop_breakdown,
+    measure_local_rates,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, kw in model.strategies.items():
       if "offload" in label:
         continue
-      loss = _loss(model, kw, inputs)
+      loss = model_loss(model, kw, inputs)
       grad = jax.grad(loss)
       est, _ = estimate_seconds(flop_breakdown(loss, params)["total"],
                                 compiled_memory(grad, params, hbm_bytes=True), "cpu",

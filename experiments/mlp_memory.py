@@ -52,10 +52,7 @@ import optax
 import remat_kit as rk
 from remat_kit import models, targets
 from remat_kit.flax import LayerStack, remat_policy
-from remat_kit.report import count_flops
-from remat_kit.report.core import memory_fields
-from remat_kit.report.estimate import estimate_seconds
-from remat_kit.report.peak import compile_explained
+from remat_kit.report import compile_explained, count_flops, estimate_seconds, memory_fields
 
 SEED_SIZES = {"batch": 32768, "din": 1024, "width": 4096}
 CPU_SIZES = {"batch": 16384, "din": 256, "width": 512}

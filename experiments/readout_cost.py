@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import optax
 
 import remat_kit as rk
-from remat_kit import targets
+from remat_kit import report, targets
 from remat_kit.models import TransformerLM
-from remat_kit.report import compilation
 
 SIZES = {
     "small": (dict(vocab_size=2048, emb_dim=256, num_heads=4, num_layers=4, mlp_dim=1024,
@@ -76,7 +75,7 @@ def measure(target: str, size: str, rounds: int, lint: bool = False) -> dict[str
   for _ in range(rounds):
     times["bare compile"].append(
         _seconds(lambda: targets.compile_for(jax.grad(loss), t, params, tokens)))
-    compilation.clear_cache()
+    report.clear_compilation_cache()
     times["memory_report"].append(_seconds(
         lambda: rk.memory_report(loss, params, tokens, target=target, live=False)))
     times["explain_peak (after)"].append(_seconds(

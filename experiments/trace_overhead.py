@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import remat_kit as rk
-from remat_kit import _jax
+from remat_kit import testing as rkt
 from remat_kit.flax import remat_policy
 
 
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                   help="which JAX remat implementation to trace under (default: both)")
   a = ap.parse_args(argv)
   modes = {"on": [True], "off": [False], "both": [False, True]}[a.remat3]
-  if not _jax.has_remat3():
+  if "remat3" not in rkt.implementations():
     modes = [False]
   ratios = {}
   for on in modes:
-    with _jax.remat3(on):
+    with rkt.remat_implementation("remat3" if on else "classic"):
       ratios.update({f"{k} (remat3={on})": v for k, v in _measure(a).items()})
   worst = max(ratios.values())
   print(f"worst ratio {worst:.2f} (target <= 1.2): {'ok' if worst <= 1.2 else 'over'}")
@@ -97,7 +97,7 @@ def _measure(a: argparse.Namespace) -> dict[str, float]:
   jax_pol = {"full": None, "save:pre": jax.checkpoint_policies.save_only_these_names("pre")}
   ratios = {}
   print(f"trace time of grad over a {n}-layer Python loop, median of {a.repeats} "
-        f"({jax.__version__}, remat3={_jax.remat3_enabled()})")
+        f"({jax.__version__}, remat3={bool(getattr(jax.config, "jax_remat3", False))})")
   for label, pol in jax_pol.items():
     # A fresh wrapper per trace, as a user's model code makes one per call of the step.
     def trace_jax(pol: Any = pol) -> Any:

@@ -133,10 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fns = fn if isinstance(fn, dict) else {args.target: fn}
     out = {}
     for label, f in fns.items():
-      rep = report.explain_peak(f, *fn_args, target=args.compile_target, top=args.top,
-                                argnums=argnums)
-      print(f"{label}\n{rep.table()}\n")
-      out[label] = rep.to_dict()
+      peak_rep = report.explain_peak(f, *fn_args, target=args.compile_target, top=args.top,
+                                     argnums=argnums)
+      print(f"{label}\n{peak_rep.table()}\n")
+      out[label] = peak_rep.to_dict()
     if args.json:
       Path(args.json).write_text(json.dumps(out, indent=1))
       print(f"wrote {args.json}")

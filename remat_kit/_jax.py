@@ -60,7 +60,7 @@ def ensure_decision(value: Any) -> Any:
     return Saveable
   if value is False:
     return Recompute
-  if value is Saveable or value is Recompute or isinstance(value, Offloadable):
+  if value is Saveable or value is Recompute or isinstance(value, _ad.Offloadable):
     return value
   raise TypeError(
       f"a remat policy returned {value!r} of type {type(value).__name__}; it must return "
@@ -85,16 +85,18 @@ def _policy_class(public_name: str, example: Any) -> type | None:
   return None if t.__name__ == "function" or not hasattr(t, "__dataclass_fields__") else t
 
 
-JaxSaveOnlyTheseNames = _policy_class(
+# Typed Any: classes found at import time, whose fields (read after an isinstance
+# check) are the installed JAX's.
+JaxSaveOnlyTheseNames: Any = _policy_class(
     "SaveOnlyTheseNames", lambda cp: cp.save_only_these_names("n"))
-JaxSaveAnyNamesButThese = _policy_class(
+JaxSaveAnyNamesButThese: Any = _policy_class(
     "SaveAnyNamesButThese", lambda cp: cp.save_any_names_but_these("n"))
-JaxSaveAndOffloadOnlyTheseNames = _policy_class(
+JaxSaveAndOffloadOnlyTheseNames: Any = _policy_class(
     "SaveAndOffloadOnlyTheseNames", lambda cp: cp.save_and_offload_only_these_names(
         names_which_can_be_saved=(), names_which_can_be_offloaded=("n",),
         offload_src="device", offload_dst="pinned_host"))
-JaxDotsSaveable = _policy_class("DotsSaveable", lambda cp: cp.dots_saveable)
-JaxOffloadDotWithNoBatchDims = _policy_class(
+JaxDotsSaveable: Any = _policy_class("DotsSaveable", lambda cp: cp.dots_saveable)
+JaxOffloadDotWithNoBatchDims: Any = _policy_class(
     "OffloadDotWithNoBatchDims",
     lambda cp: cp.offload_dot_with_no_batch_dims("device", "pinned_host"))
 everything_saveable = jax.checkpoint_policies.everything_saveable
@@ -218,9 +220,8 @@ def checkpoint_name_of(prim: Any, params: dict[str, Any]) -> str | None:
     if prim is m.name_primitive:
       if not m.name_classes:
         return params.get("name")
-      inner = params.get("_prim")
-      if isinstance(inner, m.name_classes):
-        return inner.name
+      if isinstance(params.get("_prim"), m.name_classes):
+        return params["_prim"].name
   return None
 
 
@@ -244,9 +245,11 @@ def eqn_context(eqn: Any) -> Any:
 
 def remat_uses_remat3(eqn: Any) -> bool:
   """Whether a remat equation was bound by the jax_remat3 implementation."""
-  return has_remat3() and eqn.primitive is markers(True).remat_primitive and (
-      markers(True).remat_class is None
-      or isinstance(eqn.params.get("_prim"), markers(True).remat_class))
+  if not has_remat3():
+    return False
+  m = markers(True)
+  return eqn.primitive is m.remat_primitive and (
+      m.remat_class is None or isinstance(eqn.params.get("_prim"), m.remat_class))
 
 
 def remat_params(eqn: Any) -> dict[str, Any]:
@@ -421,9 +424,9 @@ def remat3_decided_at() -> str:
     ck = jax.checkpoint(lambda x: x * 2.0)
   with remat3(True):
     eqn = _single_eqn(ck)
-  return "called" if eqn.primitive is markers(True).remat_primitive and (
-      markers(True).remat_class is None
-      or isinstance(eqn.params.get("_prim"), markers(True).remat_class)) else "built"
+  m = markers(True)
+  return "called" if eqn.primitive is m.remat_primitive and (
+      m.remat_class is None or isinstance(eqn.params.get("_prim"), m.remat_class)) else "built"
 
 
 def version_report() -> dict[str, Any]:

@@ -122,7 +122,7 @@ def is_jit(eqn: Any) -> bool:
 
 def dot_batch_dims(params: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """``(lhs batch dims, rhs batch dims)`` of a ``dot_general``'s parameters."""
-  dn = params.get("dimension_numbers")
+  dn: Any = params.get("dimension_numbers")  # unpacked below; anything else is refused
   try:
     (_, _), (lhs_b, rhs_b) = dn
   except (TypeError, ValueError):
@@ -134,7 +134,7 @@ def dot_batch_dims(params: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, 
 
 def dot_contracting_dims(params: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """``(lhs contracting dims, rhs contracting dims)`` of a ``dot_general``."""
-  dn = params.get("dimension_numbers")
+  dn: Any = params.get("dimension_numbers")  # unpacked below; anything else is refused
   try:
     (lc, rc), (_, _) = dn
   except (TypeError, ValueError):
@@ -199,8 +199,8 @@ def producer_signatures(closed: ClosedJaxpr, names: frozenset[str]
         producer[v] = eqn
       n = _jax.checkpoint_name_of(eqn.primitive, eqn.params)
       if n is not None and n in names:
-        for v in eqn.invars:
-          src = producer.get(v) if isinstance(v, Var) else None
+        for inv in eqn.invars:
+          src = producer.get(inv) if isinstance(inv, Var) else None
           if src is not None:
             sigs.add((src.primitive.name, tuple(aval_key(x.aval) for x in src.invars)))
       for sub in sub_jaxprs(eqn.params):
@@ -334,7 +334,8 @@ def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: Any = Fa
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     name = next((tagged[v] for v in eqn.outvars if v in tagged), None)
-    scope = marks.name_scope(name, eqn.primitive.name) if name else None
+    # `tagged` is filled only with `marks`.
+    scope = marks.name_scope(name, eqn.primitive.name) if name and marks is not None else None
     with _jax.eqn_context(eqn), (
         jax.named_scope(scope) if scope else contextlib.nullcontext()):
       outs = _eval_eqn(eqn, invals, full, marks)

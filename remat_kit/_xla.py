@@ -290,8 +290,8 @@ def _shape_bytes(text: str) -> int:
 
 
 def _kernel_bytes(op: str, rhs: str, op_m: Any, table: dict[str, str],
-                  comps: dict[str, list[Any]], param_reads: Callable[[str], dict[int, int]]
-                  ) -> list[tuple[int, bool]]:
+                  comps: dict[str, list[tuple[str, str]]],
+                  param_reads: Callable[[str], dict[int, int]]) -> list[tuple[int, bool]]:
   """What one top-level kernel moves: ``(bytes, over the host link)`` pairs."""
   operands = [_split_bytes(table.get(o, "")) for o in _operand_names("(" + rhs[op_m.end():])]
   sizes = [(d + h, h > 0) for d, h in operands]
@@ -340,7 +340,7 @@ def bytes_moved(hlo_text: str) -> tuple[int, int]:
   (update-)slices in loops, which XLA does in place, count the slice only.
   """
   text = re.sub(r"/\*.*?\*/", "", hlo_text)
-  comps: dict[str, list[str]] = {}
+  comps: dict[str, list[tuple[str, str]]] = {}  # computation -> [(instruction, rhs)]
   shapes: dict[str, dict[str, str]] = {}
   entry, cur = None, None
   for line in text.splitlines():
@@ -377,7 +377,9 @@ def bytes_moved(hlo_text: str) -> tuple[int, int]:
       if m is None:
         continue
       if m.group(2) == "parameter":
-        params[ins_name] = int(re.match(r"(\d+)", m.group(3)).group(1))
+        index_m = re.match(r"(\d+)", m.group(3))
+        assert index_m is not None, rhs  # HLO prints every parameter as `parameter(N)`
+        params[ins_name] = int(index_m.group(1))
         continue
       ops = _operand_names("(" + m.group(3))
       for k, o in enumerate(ops):
@@ -398,6 +400,7 @@ def bytes_moved(hlo_text: str) -> tuple[int, int]:
     table = shapes.get(name, {})
     for _, rhs in comps.get(name, ()):
       op_m = re.match(r"(\(.*?\)|\S+)\s+([\w\-]+)\(", rhs)
+      assert op_m is not None, rhs  # `comps` holds only instructions this pattern matched
       op = op_m.group(2)
       if op == "while":
         body = re.search(r"body=%?([\w.\-]+)", rhs)

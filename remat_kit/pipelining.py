@@ -49,8 +49,10 @@ __all__ = ["SCHEDULES", "Pipeline", "ScheduleInfo", "pipeline", "schedule_info",
 SCHEDULES = ("gpipe", "circular")
 ITERATION_INPUT = "iteration_input"
 
-_shard_map = getattr(jax, "shard_map", None)
-if _shard_map is None:  # pragma: no cover - JAX before jax.shard_map was public
+_shard_map: Callable[..., Any]
+if hasattr(jax, "shard_map"):
+  _shard_map = jax.shard_map
+else:  # pragma: no cover - JAX before jax.shard_map was public
   from jax.experimental.shard_map import shard_map as _shard_map
 
 
@@ -328,8 +330,8 @@ class Pipeline:
     circular = i.schedule == "circular"
     iterate = self.iteration_policy is not None and self.iteration_policy is not False
 
-    def compute(params: Any, inp: jax.Array, m: jax.Array, r: jax.Array, key: jax.Array,
-                stage: Callable[..., jax.Array]) -> jax.Array:
+    def compute_on(params: Any, inp: jax.Array, m: jax.Array, r: jax.Array, key: jax.Array,
+                   stage: Callable[..., jax.Array]) -> jax.Array:
       if circular:  # this round's piece of the stage
         params = jax.tree_util.tree_map(
             lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), params)
@@ -343,10 +345,11 @@ class Pipeline:
       # stage's policy that never saves slices, so they are re-sliced from the stage's
       # parameters, which the loop keeps once.
       pol = _NO_SLICES if self.policy is None else from_config(self.policy) & _NO_SLICES
-      compute = remat(functools.partial(compute, stage=self.stage_fn), policy=pol,
-                      prevent_cse=False, check_names=self.policy is not None)
+      compute: Callable[..., jax.Array] = remat(
+          functools.partial(compute_on, stage=self.stage_fn), policy=pol, prevent_cse=False,
+          check_names=self.policy is not None)
     else:
-      compute = functools.partial(compute, stage=self._stage)
+      compute = functools.partial(compute_on, stage=self._stage)
 
     def step(params: Any, xs: jax.Array, state: jax.Array, circ: jax.Array, m: jax.Array,
              r: jax.Array, key: jax.Array) -> jax.Array:

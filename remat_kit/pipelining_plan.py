@@ -116,6 +116,8 @@ def plan_step(stage_fn: Callable[..., jax.Array], stage_params: Any, x: Any, *,
       mesh, P("fsdp") if fsdp > 1 else P()))
   loss = loss or (lambda y: jnp.mean(jnp.square(y.astype(jnp.float32))))
   objective = lambda p, xb: loss(run(p, xb))
+  args: tuple[Any, ...]
+  donate: tuple[int, ...]
   if optimizer is None:
     step, args, donate = jax.grad(objective), (params, batch), ()
   else:

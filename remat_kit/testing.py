@@ -33,7 +33,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import chex
 import jax
@@ -228,7 +228,8 @@ def _linen_case(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], rngs
 def _nnx_case(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
               ) -> Callable[[Any, bool], dict[str, Any]]:
   from flax import nnx
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  # Two filters: exactly three parts (flax types the rest as a variadic tuple).
+  graphdef, params, rest = cast(tuple[Any, Any, Any], nnx.split(module, nnx.Param, ...))
 
   def check(policy: Any, use_jit: bool) -> dict[str, Any]:
     def call(p: Any, *a: Any) -> Any:

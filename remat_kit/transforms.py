@@ -346,7 +346,8 @@ def plan_groups(length: int, levels: int) -> tuple[int, ...]:
   # Inner group sizes to try: within 4x of the ideal length ** ((levels - 1) / levels).
   ideal = length ** ((levels - 1) / levels)
   sizes = range(max(1, int(ideal / 4)), min(length, math.ceil(ideal * 4)) + 1)
-  best, best_key = (length,), (length + 1,)
+  best: tuple[int, ...] = (length,)
+  best_key: tuple[Any, ...] = (length + 1,)
   for q in sizes:
     inner = _min_sum_factors(q, levels - 1)
     cand = (-(-length // q),) + inner

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from remat_kit import _jaxpr, _xla, targets
-from remat_kit.report import compilation, peak
+from remat_kit.report import compiled, peak
 
 FIXTURES = sorted(p for p in (pathlib.Path(__file__).parent / "fixtures" / "xla").iterdir()
                   if p.is_dir())
@@ -92,7 +92,7 @@ def test_explain_peak_reads_each_compilers_dumps_and_reconciles(dump):
   run, marks, leaves = _jaxpr.marked(_loss(), *args)
   jax.eval_shape(jax.grad(run), *leaves)  # the trace that numbers the scopes
   compiler = {k: v for k, v in mem.items() if isinstance(v, int)}
-  c = compilation.from_dumps(
+  c = compiled.from_dumps(
       _read(d, "after_optimizations.txt"), _read(d, "after_optimizations-buffer-assignment.txt"),
       _read(d, "after_optimizations-live-range.txt"), marks,
       ["parameter", "input"], ["ws", "x"], ["gradient"], mem["target"], compiler)

@@ -103,15 +103,17 @@ def remat_policy(policy: Any = None, *, static_argnames: str | Sequence[str] = (
       raise ValueError(f"`remat_policy`: {cls.__name__} has no methods {missing}.")
     # Decorating a class this decorator made (twice, or with another policy) replaces
     # its policy: the new class derives from the undecorated one, so it is one level.
-    if "__remat_policy__" in cls.__dict__:
-      cls = cls.__bases__[0]
-    body = {m: wrap(cls, m, pol, _names_for(cls, m, names, meths), prevent_cse, check_names)
-            for m in meths}
-    body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
-    new = type(cls.__name__, (cls,), body)
+    base: type = cls.__bases__[0] if "__remat_policy__" in cls.__dict__ else cls
+    body: dict[str, Any] = {
+        m: wrap(base, m, pol, _names_for(base, m, names, meths), prevent_cse, check_names)
+        for m in meths}
+    body.update(__module__=base.__module__, __qualname__=base.__qualname__,
+                __doc__=base.__doc__)
+    # Any: a class made at run time, with an attribute set on it below.
+    new: Any = type(base.__name__, (base,), body)
     # Set after creation: Flax wraps callable class attributes (policies are) as methods.
     new.__remat_policy__ = pol
-    return new  # type: ignore[return-value]
+    return new
 
   return decorate
 

@@ -75,7 +75,10 @@ def auto_chain(layers: Sequence[Callable[[Any, Any], Any]], params: Sequence[Any
       steps[str(i)] = lambda fwd=fwd, p=p, hi=hi: fwd(p, hi)
     else:
       mem = compiled_memory(f, p, inputs[i], target=t, hbm_bytes=True)
-      fcost.append(coster(count_flops(f, p, inputs[i]), mem)[0])
+      layer_s, why = coster(count_flops(f, p, inputs[i]), mem)
+      if layer_s is None:  # a roofline without a host rate, for a layer that moves host bytes
+        raise ValueError(f"`auto`: no {kind} cost for chain layer {i}: {why}")
+      fcost.append(layer_s)
   if kind == "measured":
     timed = time_interleaved(steps, repeats)
     fcost = [timed[str(i)].median_s for i in range(len(layers))]
@@ -106,10 +109,12 @@ def auto_chain(layers: Sequence[Callable[[Any, Any], Any]], params: Sequence[Any
     compiled = targets.compile_for(grad, t, list(params), x, compiler_options=opts)
     mem = memory_fields(compiled, t, hbm_bytes=kind != "measured")
     flops = count_flops(grad, list(params), x)
+    cost_s: float | None
     if kind == "measured":
-      timed = time_interleaved({"plan": lambda c=compiled: c(list(params), x)}, repeats)["plan"]
-      cost_s, spread, source = (timed.median_s, timed.spread_s,
-                                f"timed: median of {timed.n} steps")
+      # Timed at once, in this iteration: the lambda may read `compiled` as it is.
+      step = time_interleaved({"plan": lambda: compiled(list(params), x)}, repeats)["plan"]
+      cost_s, spread, source = (step.median_s, step.spread_s,
+                                f"timed: median of {step.n} steps")
     else:
       cost_s, source = coster(flops, mem)
       spread = 0.0

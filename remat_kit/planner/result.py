@@ -9,6 +9,7 @@ from typing import Any
 
 from remat_kit import targets
 from remat_kit.report.estimate import estimate_seconds, measure_local_rates
+from remat_kit.report.timing import Timing, faster, pareto_front
 from remat_kit.solver import ChainPlan
 
 __all__ = ["AutoResult", "Candidate", "Roofline", "choose", "parse_bytes"]
@@ -74,10 +75,14 @@ class Candidate:
     return d
 
 
+def _timing(c: Candidate) -> Timing:
+  assert c.cost_s is not None
+  return Timing(c.cost_s, c.cost_spread_s, 1)
+
+
 def _faster(a: Candidate, b: Candidate) -> bool:
   """a costs less than b beyond both spreads."""
-  assert a.cost_s is not None and b.cost_s is not None
-  return a.cost_s + a.cost_spread_s < b.cost_s - b.cost_spread_s
+  return faster(_timing(a), _timing(b))
 
 
 def choose(candidates: Sequence[Candidate], budget: int, budget_kind: str = "temp"
@@ -120,12 +125,8 @@ class AutoResult:
   @property
   def pareto(self) -> list[Candidate]:
     """From the least bytes up, each candidate that costs less than the last beyond noise."""
-    front: list[Candidate] = []
     costed = [c for c in self.candidates if c.cost_s is not None]
-    for c in sorted(costed, key=lambda c: (c.nbytes(self.budget_kind), c.cost_s)):
-      if not front or _faster(c, front[-1]):
-        front.append(c)
-    return front
+    return pareto_front(costed, lambda c: c.nbytes(self.budget_kind), _timing)
 
   def to_dict(self) -> dict[str, Any]:
     return {"budget_bytes": self.budget_bytes, "budget_kind": self.budget_kind,

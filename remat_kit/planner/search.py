@@ -27,7 +27,7 @@ from remat_kit.planner.result import (
 )
 from remat_kit.policies import OffloadNames, Policy, SaveNames, from_config, registered
 from remat_kit.report import count_flops, without_remat
-from remat_kit.report.compilation import compilation
+from remat_kit.report.compiled import compilation
 from remat_kit.report.core import memory_fields
 from remat_kit.report.timing import Timing, time_interleaved
 
@@ -343,8 +343,9 @@ class Search:
     for kind in ("temp", "peak"):
       for budget in {c.nbytes(kind) for c in cands}:
         chosen = choose(cands, budget, kind)
+        assert chosen is not None  # `budget` is the bytes of one of `cands`: it fits
         quicker = [c.label for c in cands
-                   if c.nbytes(kind) <= budget and c.cost_s < chosen.cost_s]
+                   if c.nbytes(kind) <= budget and _cost(c) < _cost(chosen)]
         if quicker:
           contenders |= {chosen.label, *quicker}
     if len(contenders) < 2 or frozenset(contenders) in self._confirmed:
@@ -365,7 +366,8 @@ class Search:
     self._knapsacked.add((budget, budget_kind))
     singles = {n: self.measured[self._keys[(SaveNames((n,)), None)]] for n in self.names}
     full = self.full
-    gain = {n: (s.nbytes(budget_kind) - full.nbytes(budget_kind), full.cost_s - s.cost_s)
+    # `solve` has costed every candidate (`_time_all`) before this.
+    gain = {n: (s.nbytes(budget_kind) - full.nbytes(budget_kind), _cost(full) - _cost(s))
             for n, s in singles.items()}
     ranked = []
     for r in range(2, len(self.names) + 1):
@@ -396,6 +398,12 @@ class Search:
           f"memory; the least reached is {least.nbytes(budget_kind):,} bytes ({least.label}). "
           "Raise the budget, shrink the batch, or add nesting levels.")
     return AutoResult(budget_bytes, budget_kind, choice, cands)
+
+
+def _cost(c: Candidate) -> float:
+  """``c.cost_s`` of a candidate already costed (estimated or timed)."""
+  assert c.cost_s is not None, c.label
+  return c.cost_s
 
 
 def _tagged_names(fn: Callable[..., Any], args: tuple[Any, ...]) -> frozenset[str]:

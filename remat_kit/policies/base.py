@@ -40,6 +40,9 @@ def names_arg(names: Iterable[str], api: str) -> tuple[str, ...]:
   """Validates and sorts a collection of `checkpoint_name` tags."""
   if isinstance(names, str):
     names = (names,)
+  if not isinstance(names, Iterable):
+    raise TypeError(f"`{api}`: `names` must be a str or a sequence of str, got {names!r}. "
+                    "Pass the strings you gave to `checkpoint_name`.")
   out = []
   for n in names:
     if not isinstance(n, str) or not n:
@@ -158,7 +161,7 @@ class Offload(Policy):
     return dataclasses.replace(self, policy=children[0])
 
 
-def _flatten(kind: type, policies: Iterable[Policy]) -> tuple[Policy, ...]:
+def _flatten(kind: type[_Combination], policies: Iterable[Policy]) -> tuple[Policy, ...]:
   out: list[Policy] = []
   for p in policies:
     out.extend(p.policies if isinstance(p, kind) else (p,))

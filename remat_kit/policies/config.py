@@ -183,7 +183,9 @@ def _check_no_conflict(s: str, parts: list[Policy]) -> None:
 
 
 def _from_dict(d: Mapping[Any, Any]) -> Policy:
-  save, off, rec = [], [], []
+  save: list[str] = []
+  off: list[str] = []
+  rec: list[str] = []
   default = "recompute"
   for k, v in d.items():
     if not isinstance(k, str):

@@ -3,7 +3,7 @@
 A :class:`Buffer` is what a temp or host allocation holds at one offset for one
 stretch of the schedule; the helpers read an HLO value's primitive, `checkpoint_name`,
 remat site and role (saved residual, forward or backward temporary) from its op
-metadata. :mod:`remat_kit.report.compilation` builds on them.
+metadata. :mod:`remat_kit.report.compiled` builds on them.
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
     base, frames, _, _, cast = _follow(
         v, [top], _PASS | _VIEWS | {"convert_element_type"})
     if len(frames) == 1 and base in invar_index:
-      key = ("argument", base, cast, str(v.aval.dtype), memory)
+      aval: Any = v.aval  # a ShapedArray; `AbstractValue` declares no dtype
+      key: tuple[Any, ...] = ("argument", base, cast, str(aval.dtype), memory)
       if key in buffers:
         continue
       buffers[key] = len(rows)
@@ -368,7 +369,7 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     return memory_fields(targets.compile_for(fn, t, *args), t, hbm_bytes)
   # The keyword arguments travel as one positional (traced) dict, so none of them meets
   # `compile_for`'s own parameters.
-  from remat_kit.report.compilation import split_static_kwargs  # noqa: PLC0415 - a cycle
+  from remat_kit.report.compiled import split_static_kwargs  # noqa: PLC0415 - a cycle
   traced, static = split_static_kwargs(kwargs)
   with_kwargs = lambda *a: fn(*a[:-1], **a[-1], **static)
   return memory_fields(targets.compile_for(with_kwargs, t, *args, traced), t, hbm_bytes)

@@ -53,9 +53,9 @@ def jaxpr_remat_sites(jaxpr: Any) -> list[RematSite]:
 
 def _site(eqn: Any, layers: int) -> RematSite:
   body, _ = _jaxpr.remat_body(eqn)
-  names = {_jax.checkpoint_name_of(e.primitive, e.params) for e in _jaxpr.walk(body)}
-  names.discard(None)
-  return RematSite(_jaxpr.policy_of(eqn), frozenset(names), layers)
+  names = frozenset(n for e in _jaxpr.walk(body)
+                    if (n := _jax.checkpoint_name_of(e.primitive, e.params)) is not None)
+  return RematSite(_jaxpr.policy_of(eqn), names, layers)
 
 
 def rule_for(r: Residual, sites: list[RematSite]) -> str:

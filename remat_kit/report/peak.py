@@ -55,7 +55,7 @@ from remat_kit.report.buffers import (
     primitive,
     temp_kind,
 )
-from remat_kit.report.compilation import (
+from remat_kit.report.compiled import (
     Compilation,
     compilation,
 )
@@ -205,7 +205,7 @@ def compile_explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
 
 def explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
               **options: Any) -> Compilation:
-  """The cached :class:`~remat_kit.report.compilation.Compilation` behind a readout."""
+  """The cached :class:`~remat_kit.report.compiled.Compilation` behind a readout."""
   return compilation(fn, args, kwargs, api="explain_peak", **options)
 
 

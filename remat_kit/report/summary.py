@@ -6,7 +6,7 @@ buffer the compiled program carries from the forward to the backward pass (its
 per layer, FLOPs split into forward, backward and recomputation, what is live at
 the compiled peak, and the live peak on GPU/TPU. One trace and one compile,
 shared with :func:`~remat_kit.report.explain_peak` and
-:func:`~remat_kit.report.lint` (see :mod:`remat_kit.report.compilation`). It is a
+:func:`~remat_kit.report.lint` (see :mod:`remat_kit.report.compiled`). It is a
 plain dataclass: ``to_dict()`` is JSON-serializable, ``str()`` is a table.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from remat_kit import targets
+from remat_kit.report.compiled import split_static_kwargs
 from remat_kit.report.core import (
     Residual,
     fn_kwargs_of,
@@ -31,7 +32,6 @@ from remat_kit.report.core import (
 from remat_kit.report.estimate import estimate_seconds
 from remat_kit.report.explain import rule_for
 from remat_kit.report.peak import PeakReport, explained, peak_of
-from remat_kit.report.compilation import split_static_kwargs
 from remat_kit.report.table import format_bytes, format_table
 
 __all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
@@ -230,7 +230,7 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   if not callable(fn):
     raise TypeError(f"`memory_report`: `fn` must be callable, got {fn!r}.")
   kwargs = fn_kwargs_of("memory_report", fn_kwargs, stray)
-  label = label or getattr(fn, "__name__", "fn")
+  label = label if label else getattr(fn, "__name__", "fn")  # (mypy types `or` as Optional)
   t = targets.parse_target(target)
   c = explained(fn, args, kwargs, target=t, argnums=argnums)
   peak = peak_of(c)

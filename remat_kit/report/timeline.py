@@ -32,7 +32,7 @@ import numpy as np
 
 from remat_kit import targets
 from remat_kit.report.buffers import instr_of, is_host
-from remat_kit.report.compilation import Compilation
+from remat_kit.report.compiled import Compilation
 from remat_kit.report.core import fn_kwargs_of
 from remat_kit.report.peak import (
     KINDS,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
-__all__ = ["RELIABLE", "Timing", "faster", "summary", "tied", "time_interleaved"]
+__all__ = ["RELIABLE", "Timing", "faster", "pareto_front", "summary", "tied", "time_interleaved"]
 
 # A timing whose spread is within this fraction of its median is called reliable.
 RELIABLE = 0.05
@@ -51,6 +51,32 @@ def faster(a: Timing, b: Timing) -> bool:
 def tied(a: Timing, b: Timing) -> bool:
   """The timings overlap within their spreads."""
   return not faster(a, b) and not faster(b, a)
+
+
+T = TypeVar("T")
+
+
+def pareto_front(items: Iterable[T], nbytes: Callable[[T], float],
+                 timing: Callable[[T], Timing]) -> list[T]:
+  """The memory-time frontier that timing noise cannot fake, by memory ascending.
+
+  From the least memory up, an item joins the frontier only if it is
+  :func:`faster` than the last one on it beyond both spreads, so each step along
+  the frontier buys a speedup larger than the noise; ties go to less memory.
+  Estimates are timings with no spread (``Timing(seconds, 0.0, 1)``).
+
+  Example:
+    >>> from remat_kit.report.timing import Timing, pareto_front
+    >>> plans = {"full": (1, Timing(1.3, 0.05, 9)), "dots": (2, Timing(1.28, 0.05, 9)),
+    ...          "none": (4, Timing(1.0, 0.05, 9))}
+    >>> pareto_front(plans, lambda k: plans[k][0], lambda k: plans[k][1])
+    ['full', 'none']
+  """
+  front: list[T] = []
+  for item in sorted(items, key=lambda i: (nbytes(i), timing(i).median_s)):
+    if not front or faster(timing(item), timing(front[-1])):
+      front.append(item)
+  return front
 
 
 def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int = 5,

@@ -233,7 +233,8 @@ def split_static_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[st
   """``(traced, static)``: a keyword argument is traced when every leaf is an array or a
   ``ShapeDtypeStruct``; otherwise (a string, a Python number or bool, None, ...) it is
   passed to the function as it is, as a readout never differentiates keywords."""
-  traced, static = {}, {}
+  traced: dict[str, Any] = {}
+  static: dict[str, Any] = {}
   for k, v in kwargs.items():
     leaves = jax.tree_util.tree_leaves(v)
     (traced if leaves and all(map(_is_array_leaf, leaves)) else static)[k] = v
@@ -301,7 +302,7 @@ def compilation(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
   _STATS["misses"] += 1
   c = _compile(fn, args, kwargs, static, t, nums, grad, arg_kinds, out_kinds,
                compiler_options, donate)
-  if key is not None:
+  if key is not None and ref is not None:  # `key` is set exactly when `ref` is
     _CACHE[key] = (ref[1], c)
     while len(_CACHE) > CACHE_SIZE:
       _CACHE.popitem(last=False)
@@ -387,7 +388,9 @@ def _param_names(fn: Callable[..., Any]) -> list[str]:
 def _leaf_labels(args: tuple[Any, ...], kwargs: dict[str, Any], nums: tuple[int, ...],
                  grad: bool, arg_kinds: Sequence[str] | None, params: list[str]
                  ) -> tuple[list[str], list[str], list[int]]:
-  kinds, names, grad_leaves = [], [], []
+  kinds: list[str] = []
+  names: list[str] = []
+  grad_leaves: list[int] = []
   for i, a in enumerate(args):
     kind = (arg_kinds[i] if arg_kinds is not None
             else "parameter" if (i in nums or not grad and i == 0) else "input")

@@ -31,7 +31,7 @@ import jax
 
 from remat_kit import _jax, _jaxpr, targets
 from remat_kit.policies import SaveEverything, SaveNothing
-from remat_kit.report.compilation import compilation
+from remat_kit.report.compiled import compilation
 from remat_kit.report.core import compiled_memory, memory_fields, saved_residuals
 from remat_kit.report.explain import policy_names, policy_repr
 from remat_kit.report.flops import (

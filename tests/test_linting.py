@@ -6,7 +6,7 @@ import optax
 
 import remat_kit as rk
 from remat_kit.models import TransformerLM
-from remat_kit.report import compilation
+from remat_kit.report import compiled
 from remat_kit.report.table import format_bytes
 
 
@@ -30,13 +30,13 @@ def test_offload_that_costs_device_memory_is_flagged_and_readouts_share_one_comp
   readouts on one function and target compile it once."""
   policy = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
   loss, params, tok = _lm_loss(policy)
-  compilation.clear_cache()
-  before = compilation.cache_info()
+  compiled.clear_cache()
+  before = compiled.cache_info()
   with jax.numpy_dtype_promotion("standard"):
     rep = rk.memory_report(loss, params, tok, target="gpu:h100", live=False)
     peak = rk.explain_peak(loss, params, tok, target="gpu:h100")
     warnings = {w.code: w.message for w in rk.lint(loss, params, tok, target="gpu:h100")}
-  info = compilation.cache_info()
+  info = compiled.cache_info()
   # one compile of the function (memory_report), reused by explain_peak and lint; one of
   # the reference that keeps the offloaded tensors on the device (lint's question)
   assert info["misses"] - before["misses"] == 2
