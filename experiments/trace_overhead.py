@@ -97,7 +97,7 @@ def _measure(a: argparse.Namespace) -> dict[str, float]:
   jax_pol = {"full": None, "save:pre": jax.checkpoint_policies.save_only_these_names("pre")}
   ratios = {}
   print(f"trace time of grad over a {n}-layer Python loop, median of {a.repeats} "
-        f"({jax.__version__}, remat3={bool(getattr(jax.config, "jax_remat3", False))})")
+        f"({jax.__version__}, remat3={bool(getattr(jax.config, 'jax_remat3', False))})")
   for label, pol in jax_pol.items():
     # A fresh wrapper per trace, as a user's model code makes one per call of the step.
     def trace_jax(pol: Any = pol) -> Any:
