@@ -7,6 +7,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu's process lock guards a real TPU; deviceless compiles in parallel test workers
+# (pytest-xdist) have none to guard.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # mkdocs' helper (it imports griffe, from the `docs` extra), not a test module.
 collect_ignore = ["docs/_griffe_examples.py"]

@@ -12,3 +12,7 @@ import os
 if "JAX_PLATFORMS" not in os.environ and not glob.glob("/dev/nvidia[0-9]*") \
     and not glob.glob("/dev/accel[0-9]*") and not glob.glob("/dev/vfio/[0-9]*"):
   os.environ["JAX_PLATFORMS"] = "cpu"
+
+# libtpu guards a real TPU with a process lock file; deviceless compiles have no TPU to
+# guard, and the bench's worker processes would otherwise refuse each other.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

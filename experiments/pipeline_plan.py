@@ -110,6 +110,7 @@ def _verified(best: dict[str, Any]) -> dict[str, Any]:
     return {}
   row = best["verified_row"]
   return {"predicted_microbatch_per_chip": best["predicted_size"],
+          "refused_at": best.get("refused_at"),
           "verified": best["verified"], "verified_peak_bytes": row.get("peak_bytes"),
           "verified_estimated_seconds": row.get("estimated_seconds")}
 

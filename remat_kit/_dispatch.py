@@ -34,19 +34,19 @@ import jax
 
 from remat_kit import _jax
 from remat_kit.policies import (
-    NamePlan,
-    Offload,
-    OffloadNames,
-    Policy,
-    SaveAnyNamesBut,
-    SaveDots,
-    SaveEverything,
-    SaveNames,
-    SaveNothing,
-    from_config,
+  Offload,
+  OffloadNames,
+  Policy,
+  SaveAnyNamesBut,
+  SaveDots,
+  SaveEverything,
+  SaveNames,
+  SaveNothing,
+  SaveOrOffloadNames,
+  from_config,
 )
 
-__all__ = ["Plan", "TO_JAX", "apply_transform", "checkpoint", "plan", "to_jax_policy"]
+__all__ = ["Route", "TO_JAX", "apply_transform", "checkpoint", "route", "to_jax_policy"]
 
 
 def _make(cls: type | None, *args: Any) -> Any:
@@ -75,12 +75,12 @@ TO_JAX: dict[type, Callable[[Any], Any]] = {
     SaveNames: lambda p: _make(_jax.JaxSaveOnlyTheseNames, frozenset(p.names)),
     SaveAnyNamesBut: lambda p: _make(_jax.JaxSaveAnyNamesButThese, frozenset(p.names)),
     OffloadNames: lambda p: _name_plan((), p.names, p.src, p.dst),
-    NamePlan: lambda p: _name_plan(p.save, p.offload, p.src, p.dst),
+    SaveOrOffloadNames: lambda p: _name_plan(p.save, p.offload, p.src, p.dst),
     Offload: _offload,
 }
 
 
-class Plan(NamedTuple):
+class Route(NamedTuple):
   """How a policy is applied now.
 
   Attributes:
@@ -103,23 +103,23 @@ def _native(policy: Policy) -> Any:
   return None if translate is None else translate(policy)
 
 
-def plan(policy: Policy, remat3: bool | None = None) -> Plan:
+def route(policy: Policy, remat3: bool | None = None) -> Route:
   """How ``policy`` is applied under the current (or the given) remat implementation."""
   if isinstance(policy, SaveEverything):
-    return Plan("skip", None)
+    return Route("skip", None)
   if isinstance(policy, SaveNothing):
-    return Plan("full", None)
+    return Route("full", None)
   remat3 = _jax.remat3_enabled() if remat3 is None else remat3
   if not remat3:
-    return Plan("classic", policy)
+    return Route("classic", policy)
   native = _native(policy)
-  return Plan("native", native) if native is not None else Plan("classic", policy)
+  return Route("native", native) if native is not None else Route("classic", policy)
 
 
 def checkpoint(fn: Callable[..., Any], policy: Policy, prevent_cse: Any = True
                ) -> Callable[..., Any]:
   """``jax.checkpoint(fn)`` applying ``policy`` faithfully under either implementation."""
-  p = plan(policy)
+  p = route(policy)
   if p.kind == "skip":
     return _traced(fn)
   if p.kind != "classic":
@@ -156,7 +156,7 @@ def apply_transform(transform: Callable[..., Any], fn: Callable[..., Any], polic
   """``transform(fn, policy=...)(*args)`` for a Flax transform (``nn.checkpoint``,
   ``nnx.remat``), which calls ``jax.checkpoint`` when applied: the classic
   implementation is selected around the call, not the wrap."""
-  p = plan(policy)
+  p = route(policy)
   if p.kind == "skip":
     return fn(*args)
   ck = transform(fn, policy=p.policy, static_argnums=static_argnums, prevent_cse=prevent_cse)

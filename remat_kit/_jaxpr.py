@@ -233,7 +233,7 @@ def has_remat(jaxpr: Jaxpr) -> bool:
   return any(is_remat(e) for e in walk(jaxpr))
 
 
-def remat_sites(jaxpr: Jaxpr) -> Iterator[tuple[Any, int]]:
+def remat_equations(jaxpr: Jaxpr) -> Iterator[tuple[Any, int]]:
   """Every remat equation under ``jaxpr`` with the product of the scan trip counts around it."""
 
   def visit(j: Jaxpr, layers: int) -> Iterator[tuple[Any, int]]:
@@ -261,7 +261,7 @@ class Marks:
 
   :func:`eval_inlined` with ``marks`` re-binds every remat boundary as it was
   (same policy, same implementation) with its body under the named scope
-  ``rks<i>`` (``i`` its index in :func:`remat_sites` order), and every op whose
+  ``rks<i>`` (``i`` its index in :func:`remat_equations` order), and every op whose
   output is tagged by `checkpoint_name` under ``rkn<k>``. The scopes reach the
   jaxpr's ``name_stack`` and the HLO ``op_name`` metadata and change nothing
   else.
@@ -271,7 +271,7 @@ class Marks:
   NAME = re.compile(r"\brkn(\d+)\b")
 
   def __init__(self, jaxpr: Jaxpr):
-    self.sites = {id(e): i for i, (e, _) in enumerate(remat_sites(jaxpr))}
+    self.sites = {id(e): i for i, (e, _) in enumerate(remat_equations(jaxpr))}
     self.names: list[tuple[str, str]] = []  # (checkpoint name, primitive that made it)
 
   def name_scope(self, name: str, primitive: str) -> str:

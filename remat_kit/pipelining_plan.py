@@ -184,17 +184,19 @@ def largest_microbatch(stage_fn: Callable[..., jax.Array], stage_params: Any,
     example: one example's shape and dtype (the batch axis left out).
     target, microbatches, fsdp: as in :func:`plan_step`.
     budget_bytes: the per-chip memory to stay under; the chip's HBM by default.
-    verify: also compile at the predicted size; while the compiler refuses it or
-      its peak is over the budget, step down by an eighth (at most 4 more
-      compiles). The result then says ``verified`` and carries that row.
+    verify: also compile at the predicted size; when the compiler refuses it or
+      its peak is over the budget, step down (by an eighth, then halving) until a
+      size fits, then bisect towards the smallest refused size (at most 7 more
+      compiles). The result then carries the compiled row of the size it returns.
     **plan: passed on to :func:`plan_step` (policy, schedule, optimizer, ...).
 
   Returns:
     ``{"microbatch_size": k, "fixed_bytes", "bytes_per_example",
     "predicted_peak_bytes", "rows": [row at 1, row at 2]}``; size 0 when not
     even one example fits. With ``verify``: ``"predicted_size"``,
-    ``"verified"`` (the compiled peak at ``microbatch_size`` is under the
-    budget) and ``"verified_row"``.
+    ``"verified"`` (True: the compiled peak at ``microbatch_size`` is under the
+    budget), ``"verified_row"`` and ``"refused_at"`` (the smallest size found
+    over the budget, or None).
   """
   t = targets.parse_target(target)
   if budget_bytes is None:
@@ -219,13 +221,22 @@ def largest_microbatch(stage_fn: Callable[..., jax.Array], stage_params: Any,
          "rows": rows}
   if not verify or size <= 2:
     return out
+  # The line is a guess: compile there. Refused: step down (by an eighth, then halving)
+  # until a size fits; then bisect between it and the smallest refused size.
   out["predicted_size"] = size
-  for _ in range(5):
+  lo, lo_row, hi = 2, rows[1], None
+  for _ in range(7):
     x = jax.ShapeDtypeStruct((size * microbatches * fsdp,) + tuple(example.shape),
                              example.dtype)
     row = plan_step(stage_fn, stage_params, x, target=t, fsdp=fsdp,
                     microbatches=microbatches, **plan)
     if row["fits"] and row["peak_bytes"] <= budget_bytes:
-      return {**out, "microbatch_size": size, "verified": True, "verified_row": row}
-    size = max(2, size - max(1, size // 8))
-  return {**out, "microbatch_size": 2, "verified": False, "verified_row": row}
+      lo, lo_row = size, row
+    else:
+      hi = size
+    if hi is None or hi - lo <= max(1, lo // 16):
+      break
+    size = (lo + hi) // 2 if lo > 2 else max(3, hi * 7 // 8 if hi == out["predicted_size"]
+                                                else hi // 2)
+  return {**out, "microbatch_size": lo, "verified": True, "verified_row": lo_row,
+          "refused_at": hi}

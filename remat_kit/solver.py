@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
-    "ChainPlan",
+    "ChainSchedule",
     "apply_chain_plan",
     "optimal_forward_steps",
     "revolve_schedule",
@@ -150,7 +150,7 @@ def _split(n: int, s: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class ChainPlan:
+class ChainSchedule:
   """The solver's answer for a chain.
 
   Attributes:
@@ -195,7 +195,7 @@ def _validate_chain(api: str, forward_costs: Sequence[float], act_bytes: Sequenc
 
 def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
                 ckpt_bytes: Sequence[float], budget: float, *, grid: int | None = None,
-                max_exact: int | None = None, max_units: int = 4096) -> ChainPlan:
+                max_exact: int | None = None, max_units: int = 4096) -> ChainSchedule:
   """The least-recompute schedule for an uneven chain under a memory budget.
 
   Layer i costs ``forward_costs[i]`` to run, keeps ``act_bytes[i]`` of
@@ -287,12 +287,12 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
         f"schedule needs is {least:,.0f} bytes (each layer's residuals while it is "
         "reversed, plus the checkpoints kept meanwhile). Raise the budget.")
   peak, sim_cost = simulate(tree, f, act_bytes, ckpt_bytes)
-  return ChainPlan(sim_cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree,
+  return ChainSchedule(sim_cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree,
                    bound_budget=bound)
 
 
 def _solve_blocks(f: Sequence[float], a: Sequence[float], c: Sequence[float], budget: float,
-                  grid: int | None, blocks: int, max_units: int) -> ChainPlan:
+                  grid: int | None, blocks: int, max_units: int) -> ChainSchedule:
   n = len(f)
   total = sum(f) or n
   starts, acc = [0], 0.0
@@ -314,7 +314,7 @@ def _solve_blocks(f: Sequence[float], a: Sequence[float], c: Sequence[float], bu
 
   tree = expand(block_plan.tree)
   peak, cost = simulate(tree, f, a, c)
-  return ChainPlan(cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree, exact=False)
+  return ChainSchedule(cost, peak, tuple(sorted(_first_sweep_ckpts(tree))), tree, exact=False)
 
 
 def _least_memory(f: Sequence[float], act_bytes: Sequence[float],
@@ -370,7 +370,7 @@ def simulate(tree: Any, forward_costs: Sequence[float], act_bytes: Sequence[floa
   return peak[0], cost[0]
 
 
-def apply_chain_plan(plan: ChainPlan | Any, layers: Sequence[Any]) -> Any:
+def apply_chain_plan(plan: ChainSchedule | Any, layers: Sequence[Any]) -> Any:
   """The chain ``layers[0] -> ... -> layers[n-1]`` run as ``plan`` says, with ``jax.checkpoint``.
 
   Each ``("ckpt", s, k, t, right, left)`` node becomes ``right(checkpoint(left)(x))``:
@@ -382,7 +382,7 @@ def apply_chain_plan(plan: ChainPlan | Any, layers: Sequence[Any]) -> Any:
   :func:`remat_kit.report.flop_breakdown`.
 
   Args:
-    plan: a :class:`ChainPlan` (or its ``tree``).
+    plan: a :class:`ChainSchedule` (or its ``tree``).
     layers: one function per layer, ``x -> x``.
 
   Returns:
@@ -390,7 +390,7 @@ def apply_chain_plan(plan: ChainPlan | Any, layers: Sequence[Any]) -> Any:
   """
   import jax
 
-  tree = plan.tree if isinstance(plan, ChainPlan) else plan
+  tree = plan.tree if isinstance(plan, ChainSchedule) else plan
 
   def build(node: Any) -> Any:
     if node[0] == "save":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -230,16 +229,15 @@ def _topology(target: Target) -> Any:
       raise RuntimeError(
           f"`target`={target.name!r} needs libtpu to compile for a TPU without one. "
           f'Install it with: pip install "jax[tpu]=={jax.__version__}"') from None
-    # libtpu guards a real TPU with a process lock file; a deviceless compile has no TPU
-    # to guard, and parallel test workers or benches would otherwise refuse each other.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
       return topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
     except Exception as e:  # noqa: BLE001 - libtpu's error, made readable
       raise ValueError(
           f"`target`: libtpu refused topology {target.topology!r} ({e}). Topologies known to "
           "work: v5e:2x2, v5e:4x4, v5e:16x16, v4:2x2x1, v5p:2x2x1, v6e:2x2, tpu7x:2x2x1 "
-          "(the last with libtpu 0.0.50, JAX 0.12; not v5e:1x1).") from e
+          "(the last with libtpu 0.0.50, JAX 0.12; not v5e:1x1). If another process holds "
+          "libtpu's lock (deviceless compiles in parallel processes), set "
+          "ALLOW_MULTIPLE_LIBTPU_LOAD=1 in the environment before Python starts.") from e
   try:
     import jax_plugins.xla_cuda12  # noqa: F401
   except ImportError:

@@ -22,7 +22,7 @@ from remat_kit import _args, _dispatch, _jax, _jaxpr
 from remat_kit._dispatch import to_jax_policy
 from remat_kit.policies import Policy, from_config
 
-__all__ = ["checkpoint_name", "classic_remat", "plan_groups", "remat", "remat_scan", "scan_carries",
+__all__ = ["checkpoint_name", "classic_remat", "group_lengths", "remat", "remat_scan", "scan_carries",
            "remat_sequential", "to_jax_policy"]
 
 checkpoint_name = _ad_checkpoint.checkpoint_name
@@ -43,7 +43,7 @@ def classic_remat() -> Any:
 def _check_names(api: str, policy: Policy, closed: Any,
                  rules: Callable[[], Any] | None = None) -> None:
   want_names = policy.referenced_names()
-  want_prims = policy.referenced_primitives() - {"dot_general"}
+  want_prims = policy.checked_primitives()
   if not want_names and not want_prims:
     return
   have_names, have_prims = _jaxpr.tags_and_primitives(closed)
@@ -165,7 +165,7 @@ def remat(fn: Callable[..., Any] | None = None, *, policy: Any = None,
     argnames = argnames + tuple(n for n in num_names.values() if n not in argnames)
 
   needs_trace = bool(pol.excluded_names()) or (
-      check_names and bool(pol.referenced_names() or pol.referenced_primitives()))
+      check_names and bool(pol.referenced_names() or pol.checked_primitives()))
   static_set = bool(argnums or name_pos or argnames)
   # The wrapper's own caches: the function of the dynamic arguments per static values
   # (JAX's trace cache keys on it), the checkpointed function, the resolved policy.
@@ -310,13 +310,13 @@ def scan_carries(length: int, levels: Sequence[int]) -> int:
   inner = math.prod(levels[1:])
   full, rem = divmod(length, inner)
   if full == 0:
-    return scan_carries(length, plan_groups(length, len(levels) - 1))
-  tail = 1 + scan_carries(rem, plan_groups(rem, len(levels) - 1)) if rem else 0
+    return scan_carries(length, group_lengths(length, len(levels) - 1))
+  tail = 1 + scan_carries(rem, group_lengths(rem, len(levels) - 1)) if rem else 0
   return full + max(scan_carries(inner, levels[1:]), tail)
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_groups(length: int, levels: int) -> tuple[int, ...]:
+def group_lengths(length: int, levels: int) -> tuple[int, ...]:
   """Group lengths, outermost first, for a ``levels``-deep nested scan.
 
   Chooses the level lengths that keep the fewest carries (see
@@ -328,19 +328,19 @@ def plan_groups(length: int, levels: int) -> tuple[int, ...]:
   shortest short group, wins. When nesting would keep no fewer carries than a
   flat scan (very short stacks), the flat ``(length,)`` is returned.
 
-  >>> plan_groups(64, 2)
+  >>> group_lengths(64, 2)
   (8, 8)
-  >>> plan_groups(16, 3)  # a short last group keeps fewer carries than (2, 2, 4)
+  >>> group_lengths(16, 3)  # a short last group keeps fewer carries than (2, 2, 4)
   (3, 2, 3)
-  >>> plan_groups(37, 2)
+  >>> group_lengths(37, 2)
   (7, 6)
-  >>> plan_groups(61, 3), scan_carries(61, plan_groups(61, 3))
+  >>> group_lengths(61, 3), scan_carries(61, group_lengths(61, 3))
   ((4, 4, 4), 11)
   """
   if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
-    raise ValueError(f"`plan_groups`: `levels` must be an int >= 1, got {levels!r}.")
+    raise ValueError(f"`group_lengths`: `levels` must be an int >= 1, got {levels!r}.")
   if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-    raise ValueError(f"`plan_groups`: `length` must be an int >= 1, got {length!r}.")
+    raise ValueError(f"`group_lengths`: `length` must be an int >= 1, got {length!r}.")
   if levels == 1 or length <= 2:
     return (length,)
   # Inner group sizes to try: within 4x of the ideal length ** ((levels - 1) / levels).
@@ -423,7 +423,7 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
   elif isinstance(groups, int) and not isinstance(groups, bool):
     if groups < 1:
       raise ValueError(f"`remat_scan`: `groups` must be >= 1, got {groups!r}.")
-    levels = plan_groups(n, groups)
+    levels = group_lengths(n, groups)
   else:
     levels = _args.as_tuple(groups, "remat_scan", "groups", int)
     if any(g < 1 for g in levels) or math.prod(levels) != n:
@@ -457,6 +457,6 @@ def _nested_scan(step: Callable[..., Any], carry: Any, xs: Any, n: int,
     return carry, ys
   # The short last group, planned on its own (slicing the stacked inputs, which XLA copies).
   xs_tail = jax.tree_util.tree_map(lambda a: a[head:], xs)
-  carry, ys_tail = group(plan_groups(rem, len(inner_levels)), rem)(carry, xs_tail)
+  carry, ys_tail = group(group_lengths(rem, len(inner_levels)), rem)(carry, xs_tail)
   ys = jax.tree_util.tree_map(lambda a, b: jax.numpy.concatenate([a, b]), ys, ys_tail)
   return carry, ys

@@ -70,7 +70,7 @@ def test_closed_parts_of_either_jaxpr_type():
     _jaxpr.closed_parts("not a jaxpr")
 
 
-def test_remat_sites_count_scan_trips(remat_impl):
+def test_remat_equations_count_scan_trips(remat_impl):
   f = lambda ws, x: rk.remat_scan(lambda c, w: (jnp.sin(c @ w), None), x, ws, policy="full")[0]
   jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 4, 4)), jnp.ones((2, 4))).jaxpr
-  assert [n for _, n in _jaxpr.remat_sites(jaxpr)] == [3]
+  assert [n for _, n in _jaxpr.remat_equations(jaxpr)] == [3]

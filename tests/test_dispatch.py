@@ -20,7 +20,7 @@ NEEDS_REMAT3 = pytest.mark.skipif(not _jax.has_remat3(), reason="this JAX has no
 ])
 def test_plan_independent_of_jax_classes(policy, kind):
   for remat3 in (False, True):
-    assert _dispatch.plan(policy, remat3=remat3).kind == kind
+    assert _dispatch.route(policy, remat3=remat3).kind == kind
 
 
 def _loss(x):
@@ -38,8 +38,8 @@ def test_native_forms_under_remat3(policy):
   """The native form is JAX's class (0.10.2, 0.11) or the policy itself where remat3
   consults callables at every primitive it saves at (0.12); either way, handed to
   jax.checkpoint under remat3 it saves what the classic implementation saves."""
-  assert _dispatch.plan(policy, remat3=False) == ("classic", policy)
-  kind, native = _dispatch.plan(policy, remat3=True)
+  assert _dispatch.route(policy, remat3=False) == ("classic", policy)
+  kind, native = _dispatch.route(policy, remat3=True)
   assert kind == "native"
   if native is policy:
     assert policy.saving_primitives() <= _jax.remat3_consulted()
@@ -74,7 +74,7 @@ def test_a_policy_remat3_does_not_consult_runs_classic_under_remat3(policy):
   """A policy that saves at primitives remat3 never asks about (sin, sizes) runs on the
   classic implementation, selected when the wrapper is built *and* when it is called."""
   pol = P.from_config(policy)
-  assert _dispatch.plan(pol, remat3=True).kind == "classic"
+  assert _dispatch.route(pol, remat3=True).kind == "classic"
   with _jax.remat3(False):
     classic = activation_bytes(rk.remat(_loss, policy=pol), X)
   built = rk.remat(_loss, policy=pol)

@@ -189,7 +189,7 @@ def _remat_sites(cls, x):
   v = model.init(jax.random.key(0), x)
   jaxpr = jax.make_jaxpr(jax.grad(lambda v: model.apply(v, x).sum()))(v).jaxpr
   from remat_kit import _jaxpr
-  return v, sum(1 for _ in _jaxpr.remat_sites(jaxpr))
+  return v, sum(1 for _ in _jaxpr.remat_equations(jaxpr))
 
 
 @pytest.mark.parametrize("how", ["twice", "subclass", "other policy"])

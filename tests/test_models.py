@@ -17,7 +17,8 @@ from flax import nnx
 
 from remat_kit import models
 from remat_kit import testing as rkt
-from remat_kit.flax import LayerStack, remat_policy, stack_params, unstack_params
+from remat_kit.flax import LayerStack, remat_policy
+from remat_kit.flax import linen as rk_linen
 from remat_kit.flax.nnx import stack_layers, unstack_layers
 from remat_kit.report import compiled_memory
 
@@ -148,11 +149,11 @@ def test_linen_scanned_stack_equals_unrolled(name, policy, groups):
   # Same init, converted. Equal to float rounding only: XLA may compile the initializers'
   # arithmetic differently inside the init scan (JAX 0.12: 7e-9 in one of 576 kernel
   # entries of the CNN).
-  chex.assert_trees_all_close(unstack_params(v), vu, rtol=1e-6, atol=1e-8)
-  chex.assert_trees_all_close(stack_params(vu), v, rtol=1e-6, atol=1e-8)
+  chex.assert_trees_all_close(rk_linen.unstack_layers(v), vu, rtol=1e-6, atol=1e-8)
+  chex.assert_trees_all_close(rk_linen.stack_layers(vu), v, rtol=1e-6, atol=1e-8)
   ls, gs = jax.jit(jax.value_and_grad(_stack_loss(scanned, x, args)))(v, KEY)
   chex.assert_trees_all_close(ls, lu, **SCAN_TOL)
-  chex.assert_trees_all_close(unstack_params(gs), gu, **SCAN_TOL)
+  chex.assert_trees_all_close(rk_linen.unstack_layers(gs), gu, **SCAN_TOL)
 
 
 def _nnx_gpt(**kw):
@@ -260,7 +261,7 @@ def test_layer_stack_errors():
   with pytest.raises(ValueError, match=r"\['attn_out'\].*Names it tags: \['dense'"):
     LayerStack(models.HiddenLayer(4), 2, policy="save_attn_out").init(KEYS, x, True)
   with pytest.raises(ValueError, match=r"layer indices \[0, 2\]"):
-    stack_params({"layers_0": {"w": x}, "layers_2": {"w": x}})
+    rk_linen.stack_layers({"layers_0": {"w": x}, "layers_2": {"w": x}})
   from remat_kit.flax.nnx import LayerStack as NNXStack
 
   with pytest.raises(TypeError, match="`make_block` must be a function"):

@@ -22,7 +22,7 @@ ALL = [
     P.save_these_primitives("sin"),
     P.save_by_size(max_bytes=1024),
     P.offload(P.dots_with_no_batch_dims_saveable()),
-    P.NamePlan(save=("a",), offload=("b",)),
+    P.SaveOrOffloadNames(save=("a",), offload=("b",)),
     P.dots_saveable() | P.save_only_these_names("a"),
     P.dots_saveable() & P.save_by_size(max_bytes=10),
 ]
@@ -76,7 +76,7 @@ def test_union_and_intersection_flatten_and_match_hand_written():
 
 def test_name_plan_rejects_overlap():
   with pytest.raises(ValueError, match=r"both saved and offloaded"):
-    P.NamePlan(save=("a",), offload=("a",))
+    P.SaveOrOffloadNames(save=("a",), offload=("a",))
 
 
 def test_save_by_size_validates():
@@ -105,8 +105,8 @@ def test_save_by_size_validates():
         ("save_dots & prims:dot_general",
          P.Intersection((P.SaveDots(False), P.SavePrimitives(("dot_general",))))),
         ({"attn_out": "save", "mlp_hidden": "offload", "*": "recompute"},
-         P.NamePlan(save=("attn_out",), offload=("mlp_hidden",))),
-        ({"a": "save"}, P.NamePlan(save=("a",))),
+         P.SaveOrOffloadNames(save=("attn_out",), offload=("mlp_hidden",))),
+        ({"a": "save"}, P.SaveOrOffloadNames(save=("a",))),
         ({"*": "save", "p": "recompute"}, P.SaveAnythingExcept(("p",))),
         ({"*": "save"}, P.SaveEverything()),
         (jax.checkpoint_policies.dots_saveable, P.SaveDots(False)),

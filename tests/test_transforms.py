@@ -315,24 +315,24 @@ def test_remat_scan_without_xs():
 
 
 def test_plan_groups():
-  assert rk.plan_groups(64, 2) == (8, 8)
-  assert rk.plan_groups(37, 2) == (7, 6)
-  assert rk.plan_groups(64, 3) == (4, 4, 4)
-  assert rk.plan_groups(16, 3) == (3, 2, 3)  # 7 carries; (2, 2, 4) keeps 8
-  assert np.prod(rk.plan_groups(1000, 3)) == 1000
-  assert np.prod(rk.plan_groups(9973, 2)) >= 9973  # a prime: remainder path
-  assert rk.plan_groups(4, 2) == (4,)  # nesting would keep as many carries: flat
+  assert rk.group_lengths(64, 2) == (8, 8)
+  assert rk.group_lengths(37, 2) == (7, 6)
+  assert rk.group_lengths(64, 3) == (4, 4, 4)
+  assert rk.group_lengths(16, 3) == (3, 2, 3)  # 7 carries; (2, 2, 4) keeps 8
+  assert np.prod(rk.group_lengths(1000, 3)) == 1000
+  assert np.prod(rk.group_lengths(9973, 2)) >= 9973  # a prime: remainder path
+  assert rk.group_lengths(4, 2) == (4,)  # nesting would keep as many carries: flat
   with pytest.raises(ValueError, match="`levels` must be an int >= 1"):
-    rk.plan_groups(8, 0)
+    rk.group_lengths(8, 0)
 
 
 def test_nesting_never_keeps_more_carries_than_a_flat_scan():
   from remat_kit.transforms import scan_carries
   for n in range(1, 160):
     for d in (2, 3, 4):
-      assert scan_carries(n, rk.plan_groups(n, d)) <= n, (n, d)
+      assert scan_carries(n, rk.group_lengths(n, d)) <= n, (n, d)
   # Uneven: 61 layers in 3 levels keep fewer carries than in 2 (the old plan kept 16 vs 12).
-  assert scan_carries(61, rk.plan_groups(61, 3)) < scan_carries(61, rk.plan_groups(61, 2)) < 61
+  assert scan_carries(61, rk.group_lengths(61, 3)) < scan_carries(61, rk.group_lengths(61, 2)) < 61
 
 
 def test_uneven_nesting_saves_compiled_memory_and_keeps_gradients():

@@ -16,9 +16,7 @@ from remat_kit.flax import nnx as nnx
 from remat_kit.flax.decorator import remat_policy as remat_policy
 from remat_kit.flax.linen import LayerStack as LayerStack
 from remat_kit.flax.linen import stack_layers as stack_layers
-from remat_kit.flax.linen import stack_params as stack_params
 from remat_kit.flax.linen import unstack_layers as unstack_layers
-from remat_kit.flax.linen import unstack_params as unstack_params
 
 __all__ = [
     "LayerStack",
@@ -26,7 +24,5 @@ __all__ = [
     "nnx",
     "remat_policy",
     "stack_layers",
-    "stack_params",
     "unstack_layers",
-    "unstack_params",
 ]

@@ -26,7 +26,7 @@ __all__ = ["bind_statics", "is_python_static", "method_signature", "missing_tags
 def needs_tag_check(pol: Policy, check_names: bool) -> bool:
   """Whether applying ``pol`` calls for the trace-time tag check."""
   return check_names and bool(
-      pol.referenced_names() or pol.referenced_primitives() - {"dot_general"})
+      pol.referenced_names() or pol.checked_primitives())
 
 
 def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str, ...],
@@ -39,7 +39,7 @@ def wrap_method(cls: type, method: str, pol: Policy, static_argnames: tuple[str,
   """
   # The transforms count the module itself as argument 0, as the signature does.
   orig, sig = method_signature(cls, method, static_argnames)
-  if _dispatch.plan(pol).kind == "skip":
+  if _dispatch.route(pol).kind == "skip":
     return orig  # no remat: saves everything, exactly as the undecorated method
   checked: set[Any] = set()
   wants_check = needs_tag_check(pol, check_names)
@@ -214,7 +214,7 @@ def missing_tags_error(pol: Policy, closed: Any, cls: type, method: str) -> None
         f"names {missing} that the method never tags. Names it tags: "
         f"{sorted(have) or 'none'}. Fix the spelling, or tag the value with "
         "`remat_kit.checkpoint_name(x, name)`.")
-  missing_p = sorted(pol.referenced_primitives() - {"dot_general"} - have_prims)
+  missing_p = sorted(pol.checked_primitives() - have_prims)
   if missing_p:
     raise ValueError(
         f"`remat_policy`: policy {pol!r} on {cls.__name__}.{method} refers to primitives "

@@ -28,7 +28,7 @@ from remat_kit.flax._methods import missing_tags_error, wrap_method
 from remat_kit.policies import Policy
 from remat_kit.transforms import remat, remat_scan
 
-__all__ = ["LayerStack", "add_layer_axis", "stack_layers", "stack_params", "unstack_layers", "unstack_params",
+__all__ = ["LayerStack", "add_layer_axis", "stack_layers", "unstack_layers",
            "wrap_linen_method"]
 
 
@@ -272,5 +272,3 @@ def stack_layers(params: Mapping[str, Any], *, prefix: str = "layers",
 
 
 # The names of remat_kit 0.1, kept for existing code.
-stack_params = stack_layers
-unstack_params = unstack_layers

@@ -22,7 +22,7 @@ from remat_kit.planner.result import (
 from remat_kit.report import compiled_memory, count_flops, saved_residuals
 from remat_kit.report.core import memory_fields
 from remat_kit.report.timing import time_interleaved
-from remat_kit.solver import ChainPlan, apply_chain_plan, solve_chain
+from remat_kit.solver import ChainSchedule, apply_chain_plan, solve_chain
 
 __all__ = ["auto_chain"]
 
@@ -83,7 +83,7 @@ def auto_chain(layers: Sequence[Callable[[Any, Any], Any]], params: Sequence[Any
     timed = time_interleaved(steps, repeats)
     fcost = [timed[str(i)].median_s for i in range(len(layers))]
 
-  def chain_fn(plan: ChainPlan) -> Callable[..., Any]:
+  def chain_fn(plan: ChainSchedule) -> Callable[..., Any]:
     def run(ps: Sequence[Any], x: Any) -> Any:
       bound = [lambda h, f=f, p=p: f(p, h) for f, p in zip(layers, ps)]
       return apply_chain_plan(plan, bound)(x)

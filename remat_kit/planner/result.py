@@ -10,7 +10,7 @@ from typing import Any
 from remat_kit import targets
 from remat_kit.report.estimate import estimate_seconds, measure_local_rates
 from remat_kit.report.timing import Timing, faster, pareto_front
-from remat_kit.solver import ChainPlan
+from remat_kit.solver import ChainSchedule
 
 __all__ = ["AutoResult", "Candidate", "Roofline", "choose", "parse_bytes"]
 
@@ -120,7 +120,7 @@ class AutoResult:
   choice: Candidate
   candidates: list[Candidate]
   fn: Callable[..., Any] | None = None
-  plan: ChainPlan | None = None
+  plan: ChainSchedule | None = None
 
   @property
   def pareto(self) -> list[Candidate]:

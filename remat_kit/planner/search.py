@@ -34,16 +34,16 @@ from remat_kit.report.timing import Timing, time_interleaved
 __all__ = ["Search", "auto"]
 
 
-def _builder(target: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str, Any]
+def _builder(model: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str, Any]
              ) -> tuple[Callable[..., Callable[..., jax.Array]], bool]:
   """``(build, takes_groups)``: ``build(policy, groups)`` returns a loss of
   ``(params, *inputs)``."""
   import flax.linen as nn
 
-  if isinstance(target, nn.Module):
+  if isinstance(model, nn.Module):
     for attr in ("policy", "groups"):
-      if not hasattr(target, attr):
-        raise TypeError(f"`auto`: module {type(target).__name__} has no `{attr}` attribute; "
+      if not hasattr(model, attr):
+        raise TypeError(f"`auto`: module {type(model).__name__} has no `{attr}` attribute; "
                         "pass a module built on LayerStack, a function "
                         "`build(policy) -> loss(params, *inputs)` that applies the policy "
                         "to your model (see `auto`'s docstring), or a list of layer "
@@ -51,17 +51,17 @@ def _builder(target: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[st
     head = loss or (lambda out: jnp.mean(jnp.square(out.astype(jnp.float32))))
 
     def build(policy: Any, groups: Any) -> Callable[..., jax.Array]:
-      module = target.clone(policy=policy, groups=groups)
+      module = model.clone(policy=policy, groups=groups)
       return lambda params, *xs: head(module.apply({"params": params}, *xs, rngs=rngs))
 
     return build, True
-  if callable(target):
-    if _takes(target, "groups"):
-      return (lambda policy, groups: target(policy=policy, groups=groups)), True
-    return (lambda policy, groups: target(policy=policy)), False
+  if callable(model):
+    if _takes(model, "groups"):
+      return (lambda policy, groups: model(policy=policy, groups=groups)), True
+    return (lambda policy, groups: model(policy=policy)), False
   raise TypeError(f"`auto`: `fn_or_module` must be a Linen module with `policy`/`groups`, a "
                   f"function `build(policy[, groups]) -> loss(params, *inputs)`, or a list "
-                  f"of layer functions `f(params, x) -> x`, got {target!r}.")
+                  f"of layer functions `f(params, x) -> x`, got {model!r}.")
 
 
 def _takes(fn: Callable[..., Any], arg: str) -> bool:

@@ -46,7 +46,6 @@ from remat_kit.policies.config import save_from_all_policies as save_from_all_po
 from remat_kit.policies.config import save_from_both_policies as save_from_both_policies
 from remat_kit.policies.config import save_if_all_policies_save as save_if_all_policies_save
 from remat_kit.policies.library import CallablePolicy as CallablePolicy
-from remat_kit.policies.library import NamePlan as NamePlan
 from remat_kit.policies.library import OffloadNames as OffloadNames
 from remat_kit.policies.library import SaveAnyNamesBut as SaveAnyNamesBut
 from remat_kit.policies.library import SaveAnythingExcept as SaveAnythingExcept
@@ -55,6 +54,7 @@ from remat_kit.policies.library import SaveDots as SaveDots
 from remat_kit.policies.library import SaveEverything as SaveEverything
 from remat_kit.policies.library import SaveNames as SaveNames
 from remat_kit.policies.library import SaveNothing as SaveNothing
+from remat_kit.policies.library import SaveOrOffloadNames as SaveOrOffloadNames
 from remat_kit.policies.library import SavePrimitives as SavePrimitives
 from remat_kit.policies.library import dots_saveable as dots_saveable
 from remat_kit.policies.library import (

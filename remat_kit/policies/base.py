@@ -10,7 +10,7 @@ or JAX's ``Offloadable``, so every policy is a valid ``jax.checkpoint`` policy.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from remat_kit import _jax
@@ -22,18 +22,14 @@ Decision = Any  # _jax.Saveable | _jax.Recompute | _jax.Offloadable
 DEFAULT_OFFLOAD_SRC = "device"
 DEFAULT_OFFLOAD_DST = "pinned_host"
 
-# Turns a config value into a policy for `|` and `&`; `config` installs
-# `from_config` here when it is imported (it sits above this module).
-_coerce: Callable[[Any], Policy] | None = None
-
-
 def as_policy(value: Any) -> Policy:
-  """``value`` as a policy: itself if it is one, else through ``from_config``."""
+  """``value`` as a policy: itself if it is one, else through ``from_config`` (for ``|``
+  and ``&`` with config values)."""
   if isinstance(value, Policy):
     return value
-  if _coerce is None:  # pragma: no cover - remat_kit.policies imports config
-    raise TypeError(f"expected a remat_kit Policy, got {value!r}.")
-  return _coerce(value)
+  from remat_kit.policies.config import from_config  # noqa: PLC0415 - config sits above
+
+  return from_config(value)
 
 
 def names_arg(names: Iterable[str], api: str) -> tuple[str, ...]:
@@ -101,6 +97,12 @@ class Policy:
   def referenced_primitives(self) -> frozenset[str]:
     """The primitive names this policy refers to."""
     return frozenset().union(*(c.referenced_primitives() for c in self.children()))
+
+  def checked_primitives(self) -> frozenset[str]:
+    """The primitives the trace-time check requires the function to use: those this
+    policy refers to, less ``dot_general`` (a matmul policy applies to any function,
+    whether it has matmuls or not)."""
+    return self.referenced_primitives() - {"dot_general"}
 
   def saving_primitives(self) -> frozenset[str] | None:
     """The primitives at whose outputs this policy may save or offload; None for any.

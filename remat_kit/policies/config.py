@@ -12,26 +12,25 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from remat_kit import _jax
-from remat_kit.policies import base
 from remat_kit.policies.base import (
-    DEFAULT_OFFLOAD_DST,
-    DEFAULT_OFFLOAD_SRC,
-    Intersection,
-    Offload,
-    Policy,
-    Union,
+  DEFAULT_OFFLOAD_DST,
+  DEFAULT_OFFLOAD_SRC,
+  Intersection,
+  Offload,
+  Policy,
+  Union,
 )
 from remat_kit.policies.library import (
-    CallablePolicy,
-    NamePlan,
-    OffloadNames,
-    SaveAnyNamesBut,
-    SaveAnythingExcept,
-    SaveDots,
-    SaveEverything,
-    SaveNames,
-    SaveNothing,
-    SavePrimitives,
+  CallablePolicy,
+  OffloadNames,
+  SaveAnyNamesBut,
+  SaveAnythingExcept,
+  SaveDots,
+  SaveEverything,
+  SaveNames,
+  SaveNothing,
+  SaveOrOffloadNames,
+  SavePrimitives,
 )
 
 __all__ = ["from_config", "offload", "register", "registered", "save_from_all_policies",
@@ -172,9 +171,9 @@ def _from_string(s: str) -> Policy:
 
 def _check_no_conflict(s: str, parts: list[Policy]) -> None:
   """A name both saved and offloaded in one union is an error, as in the dict form."""
-  saved = {n for p in parts if isinstance(p, (SaveNames, NamePlan))
+  saved = {n for p in parts if isinstance(p, (SaveNames, SaveOrOffloadNames))
            for n in (p.names if isinstance(p, SaveNames) else p.save)}
-  offloaded = {n for p in parts if isinstance(p, (OffloadNames, NamePlan))
+  offloaded = {n for p in parts if isinstance(p, (OffloadNames, SaveOrOffloadNames))
                for n in (p.names if isinstance(p, OffloadNames) else p.offload)}
   both = sorted(saved & offloaded)
   if both:
@@ -199,7 +198,7 @@ def _from_dict(d: Mapping[Any, Any]) -> Policy:
       continue
     {"save": save, "offload": off, "recompute": rec}[v].append(k)
   if default == "recompute":
-    return NamePlan(tuple(save), tuple(off))
+    return SaveOrOffloadNames(tuple(save), tuple(off))
   if default == "save":
     if not rec and not off:
       return SaveEverything()
@@ -234,7 +233,7 @@ def from_config(value: Any) -> Policy:
   Example:
     >>> from remat_kit.policies import from_config
     >>> from_config({"attn_out": "save", "mlp_hidden": "offload", "*": "recompute"})
-    NamePlan(save=('attn_out',), offload=('mlp_hidden',), src='device', dst='pinned_host')
+    SaveOrOffloadNames(save=('attn_out',), offload=('mlp_hidden',), src='device', dst='pinned_host')
     >>> from_config("save_dots_no_batch | save:qkv")
     Union(policies=(SaveDots(no_batch_dims=True), SaveNames(names=('qkv',))))
   """
@@ -287,12 +286,10 @@ def _from_jax_policy(value: Any) -> Policy | None:
     return SaveNames(tuple(value.saveable_names))
   if (_jax.JaxSaveAndOffloadOnlyTheseNames is not None
       and isinstance(value, _jax.JaxSaveAndOffloadOnlyTheseNames)):
-    return NamePlan(tuple(value.names_which_can_be_saved),
+    return SaveOrOffloadNames(tuple(value.names_which_can_be_saved),
                     tuple(value.names_which_can_be_offloaded),
                     value.offload_src, value.offload_dst)
   if _jax.JaxSaveAnyNamesButThese is not None and isinstance(value, _jax.JaxSaveAnyNamesButThese):
     return SaveAnyNamesBut(tuple(value.names))
   return None
 
-
-base._coerce = from_config

@@ -18,7 +18,7 @@ from remat_kit.policies.base import DEFAULT_OFFLOAD_DST, DEFAULT_OFFLOAD_SRC, Po
 
 __all__ = [
     "CallablePolicy",
-    "NamePlan",
+    "SaveOrOffloadNames",
     "OffloadNames",
     "SaveAnyNamesBut",
     "SaveAnythingExcept",
@@ -173,7 +173,7 @@ class OffloadNames(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
-class NamePlan(Policy):
+class SaveOrOffloadNames(Policy):
   """A per-name plan: save some names, offload others, recompute the rest.
 
   Built from a dict by :func:`from_config`, e.g.
@@ -192,12 +192,12 @@ class NamePlan(Policy):
   dst: str = DEFAULT_OFFLOAD_DST
 
   def __post_init__(self):
-    save = names_arg(self.save, "NamePlan(save=...)")
-    off = names_arg(self.offload, "NamePlan(offload=...)")
+    save = names_arg(self.save, "SaveOrOffloadNames(save=...)")
+    off = names_arg(self.offload, "SaveOrOffloadNames(offload=...)")
     both = sorted(set(save) & set(off))
     if both:
       raise ValueError(
-          f"`NamePlan`: names {both} are both saved and offloaded. Give each "
+          f"`SaveOrOffloadNames`: names {both} are both saved and offloaded. Give each "
           "name one action: 'save', 'offload' or 'recompute'.")
     object.__setattr__(self, "save", save)
     object.__setattr__(self, "offload", off)

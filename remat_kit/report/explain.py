@@ -48,7 +48,7 @@ def remat_sites(fn: Callable[..., Any], args: tuple[Any, ...],
 
 def jaxpr_remat_sites(jaxpr: Any) -> list[RematSite]:
   """:func:`remat_sites` of an already traced jaxpr."""
-  return [_site(eqn, layers) for eqn, layers in _jaxpr.remat_sites(jaxpr)]
+  return [_site(eqn, layers) for eqn, layers in _jaxpr.remat_equations(jaxpr)]
 
 
 def _site(eqn: Any, layers: int) -> RematSite:
