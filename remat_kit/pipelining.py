@@ -49,11 +49,8 @@ __all__ = ["SCHEDULES", "Pipeline", "ScheduleInfo", "pipeline", "schedule_info",
 SCHEDULES = ("gpipe", "circular")
 ITERATION_INPUT = "iteration_input"
 
-_shard_map: Callable[..., Any]
-if hasattr(jax, "shard_map"):
-  _shard_map = jax.shard_map
-else:  # pragma: no cover - JAX before jax.shard_map was public
-  from jax.experimental.shard_map import shard_map as _shard_map
+_shard_map: Callable[..., Any] = getattr(jax, "shard_map", None) or __import__(
+    "jax.experimental.shard_map", fromlist=["shard_map"]).shard_map  # before jax.shard_map
 
 
 def _int(api: str, arg: str, value: Any, low: int = 1) -> int:

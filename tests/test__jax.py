@@ -11,7 +11,23 @@ def test_version_gate_and_report():
   assert _jax.JAX_VERSION >= _jax.MIN_JAX
   rep = _jax.version_report()
   assert rep["jax"] == jax.__version__
-  assert rep["jax_remat3 flag"] == ("jax_remat3" in jax.config.values)
+
+
+def test_the_remat3_flag_is_reported_where_it_changes_what_checkpoint_binds():
+  """Behaviour, not the boundary's own test: with the flag, jax.checkpoint binds another
+  primitive; without it, there is nothing to switch."""
+  f = lambda x: jnp.sin(x).sum()
+  bound = lambda: jax.make_jaxpr(jax.checkpoint(f))(jnp.ones(3)).jaxpr.eqns[0].primitive.name
+  flag = _jax.version_report()["jax_remat3 flag"]
+  assert flag == _jax.has_remat3()
+  if not flag:
+    with pytest.raises(Exception):  # noqa: B017 - whatever JAX raises for an unknown flag
+      jax.config.update("jax_remat3", True)
+    return
+  with _jax.remat3(False):
+    classic = bound()
+  with _jax.remat3(True):
+    assert bound() != classic
 
 
 def _f(x):

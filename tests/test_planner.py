@@ -51,7 +51,7 @@ def test_the_search_is_complete_and_every_candidate_is_costed_honestly():
   # Every registered preset that applies (its names are tagged; no offload without host memory).
   for p in registered():
     pol = from_config(p)
-    if not pol.referenced_names() - set(names) and "offload" not in repr(pol).lower():
+    if not pol.referenced_names() - set(names) and not pol.offloads:
       assert pol in policies, p
   assert {"full + nested (2 levels)", "full + nested (3 levels)"} <= labels
   assert not any(c.source == "offload" for c in search.measured.values())  # CPU: no host memory

@@ -175,3 +175,12 @@ def test_one_spelling_each_for_no_remat_and_full_remat():
   for ambiguous in ("none", "None", " none "):
     with pytest.raises(ValueError, match=r"ambiguous.*'no_remat'.*'full'"):
       P.from_config(ambiguous)
+
+
+def test_composing_with_a_config_value_is_a_type_error_naming_from_config():
+  with pytest.raises(TypeError, match=r"`\|` composes remat_kit policies; got 'save:x'.*"
+                                      r"from_config\('save:x'\)"):
+    P.dots_saveable() | "save:x"
+  with pytest.raises(TypeError, match=r"`&` composes .*got True"):
+    True & P.dots_saveable()
+  assert P.dots_saveable() | P.from_config("save:x") == P.from_config("save_dots | save:x")

@@ -22,14 +22,15 @@ Decision = Any  # _jax.Saveable | _jax.Recompute | _jax.Offloadable
 DEFAULT_OFFLOAD_SRC = "device"
 DEFAULT_OFFLOAD_DST = "pinned_host"
 
-def as_policy(value: Any) -> Policy:
-  """``value`` as a policy: itself if it is one, else through ``from_config`` (for ``|``
-  and ``&`` with config values)."""
+def as_policy(value: Any, op: str = "|") -> Policy:
+  """``value`` itself if it is a policy; anything else is a ``TypeError`` naming the fix
+  (``from_config`` converts strings, dicts and JAX's policies)."""
   if isinstance(value, Policy):
     return value
-  from remat_kit.policies.config import from_config  # noqa: PLC0415 - config sits above
-
-  return from_config(value)
+  raise TypeError(
+      f"`{op}` composes remat_kit policies; got {value!r}. Convert it first with "
+      f"`remat_kit.policies.from_config({value!r})`, or write the whole policy as one "
+      f"config string, e.g. from_config(\"save_dots {op} save:attn_out\").")
 
 
 def names_arg(names: Iterable[str], api: str) -> tuple[str, ...]:
@@ -76,10 +77,10 @@ class Policy:
     return Union.of(as_policy(other), self)
 
   def __and__(self, other: Any) -> Intersection:
-    return Intersection.of(self, as_policy(other))
+    return Intersection.of(self, as_policy(other, "&"))
 
   def __rand__(self, other: Any) -> Intersection:
-    return Intersection.of(as_policy(other), self)
+    return Intersection.of(as_policy(other, "&"), self)
 
   # Introspection -----------------------------------------------------------
   def children(self) -> tuple[Policy, ...]:

@@ -45,7 +45,7 @@ from remat_kit.report.buffers import (
     reader_site,
     stacks,
 )
-from remat_kit.report.core import Residual
+from remat_kit.report.core import Residual, split_static_kwargs
 from remat_kit.report.explain import RematSite, jaxpr_remat_sites
 from remat_kit.report.flops import _jaxpr_flops
 
@@ -223,22 +223,6 @@ def _leaf_key(x: Any) -> Any:
     sh = repr(sh) if isinstance(sh, jax.sharding.NamedSharding) else None
     return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)), sh)
   return ("python", type(x).__name__)
-
-
-def _is_array_leaf(x: Any) -> bool:
-  return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def split_static_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """``(traced, static)``: a keyword argument is traced when every leaf is an array or a
-  ``ShapeDtypeStruct``; otherwise (a string, a Python number or bool, None, ...) it is
-  passed to the function as it is, as a readout never differentiates keywords."""
-  traced: dict[str, Any] = {}
-  static: dict[str, Any] = {}
-  for k, v in kwargs.items():
-    leaves = jax.tree_util.tree_leaves(v)
-    (traced if leaves and all(map(_is_array_leaf, leaves)) else static)[k] = v
-  return traced, static
 
 
 def _hashable(x: Any) -> bool:

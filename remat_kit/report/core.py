@@ -25,6 +25,7 @@ __all__ = [
     "compiled_memory",
     "live_peak_bytes",
     "memory_fields",
+    "split_static_kwargs",
 ]
 
 
@@ -338,6 +339,22 @@ def fn_kwargs_of(api: str, fn_kwargs: Any, stray: dict[str, Any]) -> dict[str, A
   return dict(fn_kwargs)
 
 
+def _is_array_leaf(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def split_static_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(traced, static)``: a keyword argument is traced when every leaf is an array or a
+  ``ShapeDtypeStruct``; otherwise (a string, a Python number or bool, None, ...) it is
+  passed to the function as it is, as a readout never differentiates keywords."""
+  traced: dict[str, Any] = {}
+  static: dict[str, Any] = {}
+  for k, v in kwargs.items():
+    leaves = jax.tree_util.tree_leaves(v)
+    (traced if leaves and all(map(_is_array_leaf, leaves)) else static)[k] = v
+  return traced, static
+
+
 def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
                     hbm_bytes: bool | None = None, fn_kwargs: Mapping[str, Any] | None = None,
                     **stray: Any) -> dict[str, Any]:
@@ -369,7 +386,6 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     return memory_fields(targets.compile_for(fn, t, *args), t, hbm_bytes)
   # The keyword arguments travel as one positional (traced) dict, so none of them meets
   # `compile_for`'s own parameters.
-  from remat_kit.report.compiled import split_static_kwargs  # noqa: PLC0415 - a cycle
   traced, static = split_static_kwargs(kwargs)
   with_kwargs = lambda *a: fn(*a[:-1], **a[-1], **static)
   return memory_fields(targets.compile_for(with_kwargs, t, *args, traced), t, hbm_bytes)

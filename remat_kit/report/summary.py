@@ -21,13 +21,13 @@ from typing import Any
 import jax
 
 from remat_kit import targets
-from remat_kit.report.compiled import split_static_kwargs
 from remat_kit.report.core import (
-    Residual,
-    fn_kwargs_of,
-    live_peak_bytes,
-    memory_fields,
-    saved_residuals,
+  Residual,
+  fn_kwargs_of,
+  live_peak_bytes,
+  memory_fields,
+  saved_residuals,
+  split_static_kwargs,
 )
 from remat_kit.report.estimate import estimate_seconds
 from remat_kit.report.explain import rule_for
