@@ -1,93 +1,21 @@
-"""Readouts you can trust: one count per buffer, credit by provenance, the peak explained,
-lint for remat that silently does nothing."""
+"""remat_kit.report.peak: the compiled gradient's peak explained, buffer by buffer, and
+reconciled with the compiler."""
 
 import json
 
 import jax
 import jax.numpy as jnp
 import pytest
-from _facts import TANH_DERIVATIVE
 
 import remat_kit as rk
 from remat_kit.__main__ import main
-from remat_kit.report import activation_bytes, explain_peak, saved_residuals
+from remat_kit.report import explain_peak
 
 try:
   import jax_cuda12_plugin  # noqa: F401
   HAVE_GPU = True
 except ImportError:  # pragma: no cover
   HAVE_GPU = False
-
-
-# --------------------------------------------------------------------------
-# One buffer, one count
-# --------------------------------------------------------------------------
-def test_a_named_tanh_output_is_one_buffer():
-  """h is the tanh output: kept once, with 1 - tanh**2 (129,024 bytes were reported)."""
-  def f(w1, w2, x):
-    h = rk.checkpoint_name(jnp.tanh(x @ w1), "h")
-    return jnp.sum(h @ w2)
-
-  args = jnp.ones((64, 168)), jnp.ones((168, 4)), jnp.ones((64, 64))
-  assert activation_bytes(f, *args) == 86_016
-  rows = [r for r in saved_residuals(f, *args) if r.kind == "activation"]
-  assert sorted(r.primitive for r in rows) == sorted([TANH_DERIVATIVE, "tanh"])
-  assert next(r for r in rows if r.primitive == "tanh").names == ("h",)
-
-
-def test_a_buffer_reached_by_two_names_and_a_reshape_is_one_row_with_both_names():
-  def f(w, v, x):
-    y = jnp.exp(x @ w)  # exp's derivative reads y; a @ v and b * b read a and b: one buffer
-    a = rk.checkpoint_name(y, "a")
-    b = rk.checkpoint_name(y.reshape(-1), "b")
-    return jnp.sum(a @ v) + jnp.sum(b * b)
-
-  rows = [r for r in saved_residuals(f, jnp.ones((4, 4)), jnp.ones((4, 3)), jnp.ones((2, 4)))
-          if r.kind == "activation"]
-  assert len(rows) == 1 and set(rows[0].names) == {"a", "b"} and rows[0].bytes == 32
-
-
-def test_a_cast_to_another_dtype_is_another_buffer():
-  def f(w, x):
-    y = rk.checkpoint_name(jnp.exp(x @ w), "y")
-    yb = y.astype(jnp.bfloat16)
-    return jnp.sum(y * y) + jnp.sum(yb * yb).astype(jnp.float32)
-
-  rows = [r for r in saved_residuals(f, jnp.ones((4, 4)), jnp.ones((2, 4)))
-          if r.kind == "activation"]
-  assert {r.dtype for r in rows} == {"float32", "bfloat16"}
-
-
-# --------------------------------------------------------------------------
-# Credit by provenance
-# --------------------------------------------------------------------------
-def test_a_residual_made_outside_remat_is_not_credited_to_its_policy(remat_impl):
-  """x @ w is computed outside the remat: shape matching used to credit it to the policy."""
-  inner = rk.remat(lambda w, y: jnp.sum(jnp.sin(y @ w.T)), policy="full")
-  g = lambda w, x: inner(w, (x @ w) ** 2)
-  rep = rk.memory_report(g, jnp.ones((32, 32)), jnp.ones((16, 32)), live=False,
-                         before_xla=True)
-  # As compiled: the remat's input, and x @ w (which the square's derivative reads).
-  acts = [r for r in rep.residuals if r.kind == "activation"]
-  assert acts and not any("saved by policy" in r.rule for r in acts)
-  rules = {r.primitive: r.rule for r in acts}
-  assert rules["integer_pow"].startswith("the input of a remat")
-  assert rules["dot_general"] == "kept by autodiff outside remat"
-  # Before XLA, autodiff keeps 2 * (x @ w) instead; XLA keeps the product it came from.
-  before = {r.primitive: r.rule for r in rep.residuals_before_xla if r.kind == "activation"}
-  assert before["integer_pow"].startswith("the input of a remat")
-  assert before["mul"] == "kept by autodiff outside remat"
-
-
-def test_a_residual_saved_inside_a_scanned_remat_is_credited_to_its_name(remat_impl):
-  def body(c, w):
-    h = rk.checkpoint_name(c @ w, "pre")
-    return jnp.tanh(h), None
-
-  f = lambda ws, x: jnp.sum(rk.remat_scan(body, x, ws, policy="save:pre")[0])
-  rep = rk.memory_report(f, jnp.ones((4, 8, 8)), jnp.ones((2, 8)), live=False)
-  pre = [r for r in rep.residuals if "pre" in r.names]
-  assert pre and all("saved by policy" in r.rule and "'pre'" in r.rule for r in pre)
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +55,7 @@ def test_explain_peak_names_the_large_residual_and_adds_up(target):
   assert rep.peak_bytes >= WIDE_BYTES
   saved = [r for r in rep.rows if r.kind == "saved residual"]
   assert saved and saved[0].bytes >= WIDE_BYTES
-  assert saved[0].source.startswith("test_readouts.py:")
+  assert saved[0].source.startswith("test_peak.py:")
   if target is None:
     assert (saved[0].name, saved[0].op, saved[0].bytes) == ("wide", "exp", WIDE_BYTES)
   else:
@@ -191,67 +119,6 @@ def test_memory_report_reconciles_residuals_with_the_peak():
   line = rep.reconcile()
   assert line.startswith("peak ") and "saved residual" in line and "% of the peak" in line
   assert line in str(rep) and rep.to_dict()["peak"]["peak_bytes"] == rep.peak.peak_bytes
-
-
-# --------------------------------------------------------------------------
-# lint: silent no-ops
-# --------------------------------------------------------------------------
-def _mlp(after_gelu):
-  def layer(p, x):
-    if after_gelu:
-      h = rk.checkpoint_name(jax.nn.gelu(x @ p["up"]), "hidden")
-      return x + h @ p["down"]
-    h = rk.checkpoint_name(x @ p["up"], "hidden")
-    return x + jax.nn.gelu(h) @ p["down"]
-  return layer
-
-
-def _stack(layer):
-  def loss(params, x):
-    for p in params:
-      x = layer(p, x)
-    return jnp.sum(x)
-  return loss
-
-
-D = 32
-PARAMS = [{"up": jnp.ones((D, 4 * D)) / D, "down": jnp.ones((4 * D, D)) / D}] * 3
-X = jnp.ones((256, D))
-
-
-def _codes(fn, *args, target=None):
-  return [w.code for w in rk.lint(fn, *args, target=target)]
-
-
-def test_lint_dominated_flags_a_name_after_the_nonlinearity_only():
-  bad = _stack(rk.remat(_mlp(True), policy="save:hidden"))
-  good = _stack(rk.remat(_mlp(False), policy="save:hidden"))
-  assert "dominated" in _codes(bad, PARAMS, X)
-  assert "dominated" not in _codes(good, PARAMS, X)
-  msg = next(str(w) for w in rk.lint(bad, PARAMS, X) if w.code == "dominated")
-  assert "pre-activation" in msg and "policy='full'" in msg
-
-
-def test_lint_no_effect_when_the_compiler_keeps_what_remat_drops():
-  """The lint fires exactly when the compiled temp does not shrink. XLA:CPU merged the
-  recomputation back in a Python loop up to JAX 0.10 (not from 0.11 on); a scan keeps
-  the saving on every version."""
-  loop = _stack(rk.remat(_mlp(False), policy="full"))
-  temp = lambda f: rk.report.compiled_memory(jax.grad(f), PARAMS, X)["temp_size"]
-  undone = temp(loop) >= 0.99 * temp(_stack(_mlp(False)))
-  assert ("no-effect" in _codes(loop, PARAMS, X)) == undone
-  if undone:
-    assert "XLA:CPU" in str(next(w for w in rk.lint(loop, PARAMS, X) if w.code == "no-effect"))
-  # remat of a layer whose backward reads only its inputs saves nothing on any compiler
-  linear = _stack(rk.remat(lambda p, x: x * jnp.mean(p["up"]), policy="full"))
-  assert "no-effect" in _codes(linear, PARAMS, X)
-
-  def body(x, p):
-    return _mlp(False)(p, x), None
-
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *PARAMS)
-  scanned = lambda ps, x: jnp.sum(rk.remat_scan(body, x, ps, policy="full")[0])
-  assert "no-effect" not in _codes(scanned, stacked, X)
 
 
 def test_command_line_peak(tmp_path, capsys):
