@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments._io import LOCAL, check_out, finish, model_rows, save_figure, write_atomic
-from remat_kit import models, report
+from remat_kit import models, report, targets
 from remat_kit.flax import LayerStack
 from remat_kit.report import (
     MemoryTimeline,
@@ -140,11 +140,6 @@ def _time(step: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> list
   return times
 
 
-def _offload_supported() -> bool:
-  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-  return "pinned_host" in kinds
-
-
 _PARAMS: dict[str, Any] = {}
 
 
@@ -164,7 +159,7 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
         {"params": k, "dropout": jax.random.key(3)}, *inputs))(key)["params"]
   params = _PARAMS[model.describe]
   row: dict[str, Any] = {"model": model.name, "strategy": strategy, "config": _jsonable(kw)}
-  if "offload" in strategy and not _offload_supported():
+  if "offload" in strategy and not targets.can_offload():
     row["error"] = "skipped: this backend has no pinned_host memory for offloading"
     return row
   try:

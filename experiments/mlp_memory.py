@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,7 @@ import jax.numpy as jnp
 import optax
 
 import remat_kit as rk
-from remat_kit import models, targets
+from remat_kit import models, report, targets
 from remat_kit.flax import LayerStack, remat_policy
 from remat_kit.report import compile_explained, count_flops, estimate_seconds, memory_fields
 
@@ -217,32 +215,13 @@ def _compile_peak(setup: Setup, keep_remat: bool) -> dict[str, Any]:
   return out
 
 
-def _time(compiled: Any, args: tuple[Any, ...]) -> float:
-  leaves = jax.tree.leaves(args)  # the compiled step takes the flat leaves
-  t0 = time.perf_counter()
-  out = compiled(*leaves)
-  jax.block_until_ready(out)
-  return time.perf_counter() - t0
-
-
 def time_interleaved(entries: dict[str, tuple[Any, Setup]], rounds: int = 5
-                     ) -> dict[str, dict[str, float]]:
-  """Median step seconds of each compiled step, timed in interleaved rounds.
-
-  Donated buffers are rebuilt for each call, outside the timed region.
-  """
-  times: dict[str, list[float]] = {k: [] for k in entries}
-  fresh = {k: s.concrete for k, (_, s) in entries.items()}
-  for k, (c, _) in entries.items():  # warm up
-    _time(c, fresh[k]())
-  for _ in range(rounds):
-    for k, (c, _) in entries.items():
-      times[k].append(_time(c, fresh[k]()))
-  out = {}
-  for k, ts in times.items():
-    med = statistics.median(ts)
-    out[k] = {"seconds": med, "spread": (max(ts) - min(ts)) / med}
-  return out
+                     ) -> dict[str, report.Timing]:
+  """Step times of each compiled step (:func:`remat_kit.report.time_interleaved`), the
+  donated buffers rebuilt for each call outside the timed region."""
+  steps = {k: (lambda *leaves, c=c: c(*leaves)) for k, (c, _) in entries.items()}
+  fresh = {k: (lambda s=s: tuple(jax.tree.leaves(s.concrete()))) for k, (_, s) in entries.items()}
+  return report.time_interleaved(steps, rounds, max_rounds=rounds, args=fresh)
 
 
 def _mb(b: float) -> str:
@@ -358,10 +337,11 @@ def _time_against(base: Setup, chosen: Setup, t: targets.Target, result: dict[st
   result["baseline_peak_bytes"] = pb["peak_bytes"]
   if t.is_local:
     timed = time_interleaved({"base": (pb["compiled"], base), "chosen": (pc["compiled"], chosen)})
-    result["time_ratio"] = timed["chosen"]["seconds"] / timed["base"]["seconds"]
-    spread = max(v["spread"] for v in timed.values())
+    result["time_ratio"] = timed["chosen"].median_s / timed["base"].median_s
+    spread = max(v.spread_s / v.median_s for v in timed.values())
     result["time_source"] = (f"measured on {jax.default_backend()}, median of 5 interleaved "
-                             f"rounds, largest spread {spread:.0%}")
+                             f"rounds, largest spread (half the 10-90th percentile range) "
+                             f"{spread:.0%}")
   else:
     result["time_ratio"] = pc["seconds"] / pb["seconds"]
     result["time_source"] = f"estimated for {t.name} ({pb['seconds_source']})"
@@ -420,10 +400,10 @@ def _choose_best(base: Setup, sizes: dict[str, int], t: targets.Target, layout: 
   if t.is_local:
     timed = time_interleaved({"no checkpointing": (peaks["no checkpointing"]["compiled"], base),
                               **{k: (peaks[k]["compiled"], s) for k, s in setups.items()}})
-    seconds = {k: v["seconds"] for k, v in timed.items()}
-    spread = max(v["spread"] for v in timed.values())
+    seconds = {k: v.median_s for k, v in timed.items()}
+    spread = max(v.spread_s / v.median_s for v in timed.values())
     source = (f"measured on {jax.default_backend()}, median of 5 interleaved rounds, "
-              f"largest spread {spread:.0%}")
+              f"largest spread (half the 10-90th percentile range) {spread:.0%}")
   else:
     seconds = {k: v["seconds"] for k, v in peaks.items()}
     source = f"estimated for {t.name} ({peaks['no checkpointing']['seconds_source']})"

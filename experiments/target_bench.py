@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments._io import LOCAL, check_out, finish, model_rows, save_figure
-from remat_kit import models, targets
+from remat_kit import models, report, targets
 from remat_kit.flax import LayerStack
 from remat_kit.report import memory_report
 
@@ -122,13 +122,11 @@ def measure(case: Case, strategy: str, target: str) -> dict[str, Any]:
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[str]:
-  """Strategies no other beats on both peak bytes and estimated time, by peak ascending."""
-  front: list[dict[str, Any]] = []
-  for r in sorted((r for r in rows if not r.get("error")),
-                  key=lambda r: (r["peak_bytes"], r["estimated_ms"])):
-    if not front or r["estimated_ms"] < front[-1]["estimated_ms"]:
-      front.append(r)
-  return [r["strategy"] for r in front]
+  """Strategies no other beats on both peak bytes and estimated time, by peak ascending
+  (:func:`remat_kit.report.pareto_front`; an estimate has no spread)."""
+  ok = [r for r in rows if not r.get("error")]
+  est = lambda r: report.Timing(r["estimated_ms"] / 1e3, 0.0, 1)
+  return [r["strategy"] for r in report.pareto_front(ok, lambda r: r["peak_bytes"], est)]
 
 
 def run(target: str, names: list[str], only: list[str] | None = None,

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments._io import save_figure
-from remat_kit import models
+from remat_kit import models, targets
 from remat_kit.report import compiled_memory, memory_report
 
 CORPUS_MODULES = ("argparse", "dataclasses", "textwrap", "json.decoder", "json.encoder",
@@ -164,10 +164,6 @@ def sharded_train_step(loss: Callable[..., jax.Array], opt: optax.GradientTransf
                  out_shardings=(p_sh, s_sh, None))
 
 
-def offload_supported() -> bool:
-  return "pinned_host" in {m.kind for m in jax.devices()[0].addressable_memories()}
-
-
 def plot(curves: dict[str, list[float]], path: Path) -> None:
   try:
     import matplotlib
@@ -231,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                           jax.random.key(0), live=False)
       print(f"GPT residual activations at {jnp.dtype(dt).name} activations: "
             f"{rep.activation_bytes / 2**20:.2f} MiB")
-  if offload_supported():
+  if targets.can_offload():
     off_loss = gpt_loss(gpt_model("offload_dots", dtype))
     with jax.numpy_dtype_promotion("standard"):
       rep = memory_report(off_loss, gpt_params, jnp.asarray(data(0)), jax.random.key(0),

@@ -34,7 +34,8 @@ import jax
 
 from remat_kit import _xla
 
-__all__ = ["CHIPS", "GPU_SPECS", "Target", "bytes_moved", "compile_for", "has_host_memory",
+__all__ = ["CHIPS", "GPU_SPECS", "Target", "bytes_moved", "can_offload", "compile_for",
+           "has_host_memory",
            "hbm_bytes_moved",
            "parse_target", "place"]
 
@@ -185,8 +186,14 @@ def has_host_memory(target: Any = None) -> bool:
   t = parse_target(target)
   if not t.is_local:
     return True
-  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-  return "pinned_host" in kinds and jax.default_backend() != "cpu"
+  return can_offload() and jax.default_backend() != "cpu"
+
+
+def can_offload() -> bool:
+  """Whether a step that offloads to host memory runs on the local backend (it has
+  ``pinned_host`` memory). On XLA:CPU it runs yet frees nothing: see
+  :func:`has_host_memory` for whether offloading saves device memory."""
+  return "pinned_host" in {m.kind for m in jax.devices()[0].addressable_memories()}
 
 
 def parse_target(value: Any) -> Target:

@@ -79,10 +79,11 @@ def pareto_front(items: Iterable[T], nbytes: Callable[[T], float],
   return front
 
 
-def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int = 5,
-                     max_rounds: int = 0, budget_s: float | None = None
+def time_interleaved(steps: Mapping[str, Callable[..., Any]], repeats: int = 5,
+                     max_rounds: int = 0, budget_s: float | None = None,
+                     args: Mapping[str, Callable[[], tuple[Any, ...]]] | None = None
                      ) -> dict[str, Timing]:
-  """Times each zero-argument ``step`` (it runs one step) in interleaved rounds.
+  """Times each ``step`` (a call runs one step) in interleaved rounds.
 
   Each step runs once untimed (compilation, warm-up). Then every round runs
   each step once; rounds continue past ``repeats`` until every spread is
@@ -90,6 +91,10 @@ def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int = 5,
   ``3 * repeats``). With ``budget_s``, no round starts once that many seconds
   have passed (the warm-up included; at least one round always runs): the
   timings then keep the spreads they reached, and say so by ``reliable``.
+
+  ``args[k]()``, where given, makes step ``k``'s arguments before each call,
+  outside the timed region (fresh buffers for a step that donates its own);
+  steps without an entry are called with none.
   """
   if not isinstance(repeats, int) or repeats < 1:
     raise ValueError(f"`time_interleaved`: `repeats` must be an int >= 1, got {repeats!r}.")
@@ -97,14 +102,16 @@ def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int = 5,
     raise ValueError(f"`time_interleaved`: `budget_s` must be a positive number of seconds "
                      f"or None, got {budget_s!r}.")
   start = time.perf_counter()
+  make = {k: (args or {}).get(k, tuple) for k in steps}
   times: dict[str, list[float]] = {k: [] for k in steps}
-  for step in steps.values():
-    jax.block_until_ready(step())
+  for k, step in steps.items():
+    jax.block_until_ready(step(*make[k]()))
   max_rounds = max_rounds or 3 * repeats
   for n in range(max_rounds):
     for k, step in steps.items():
+      a = make[k]()
       t0 = time.perf_counter()
-      jax.block_until_ready(step())
+      jax.block_until_ready(step(*a))
       times[k].append(time.perf_counter() - t0)
     if n + 1 >= repeats and all(Timing(*summary(ts), len(ts)).reliable for ts in times.values()):
       break
