@@ -38,7 +38,7 @@ from remat_kit.transforms import remat_scan as remat_scan
 from remat_kit.transforms import remat_sequential as remat_sequential
 from remat_kit.transforms import to_jax_policy as to_jax_policy
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Subpackages stay attributes (`rk.flax`, `rk.models`, ...); `flax` is left out of
 # `__all__` so that `from remat_kit import *` never shadows the user's own `flax`.
