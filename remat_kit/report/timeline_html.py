@@ -58,9 +58,10 @@ h1{font-size:18px;margin:0 0 4px}
 #switch button{font:inherit;margin:0 4px 6px 0;padding:4px 10px;border:1px solid #999;
  background:#f6f6f6;border-radius:4px;cursor:pointer}
 #switch button.on{background:#333;color:#fff;border-color:#333}
-#wrap{display:flex;gap:16px;align-items:flex-start}
-#chart{border:1px solid #ddd;background:#fff}
-#details{width:600px;max-height:560px;overflow:auto;font-size:12px;overflow-wrap:anywhere}
+#wrap{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+#chart{border:1px solid #ddd;background:#fff;flex:none}
+#details{width:600px;max-width:100%;max-height:560px;overflow:auto;font-size:12px;
+ overflow-wrap:anywhere}
 #details table,#summary{border-collapse:collapse}
 #details td,#details th,#summary td,#summary th{border-bottom:1px solid #eee;padding:2px 6px;
  text-align:left;vertical-align:top}
