@@ -43,7 +43,7 @@ SMOKE    := tests/test__jax.py tests/test__jaxpr.py tests/test__xla.py tests/tes
 MID_TESTS := $(SMOKE) tests/test_flax_nnx.py tests/test_flax_signatures.py tests/test_report_core.py \
              tests/test_report_summary.py
 
-.PHONY: install test test-new test-mid test-min bench bench-refresh lint typecheck check clean versions docs
+.PHONY: install test test-quick test-new test-mid test-min bench bench-refresh lint typecheck check clean versions docs
 
 $(STAMP): pyproject.toml
 	@test -n "$(NEWPY)" || { .ci/pick-python; exit 1; }
@@ -75,6 +75,11 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 install: $(STAMP)
 
 test: test-new test-mid test-min
+
+# The newest leg without the tests marked slow (deviceless compiles at real sizes,
+# subprocesses, whole benches): a few minutes while editing. CI runs everything.
+test-quick: $(STAMP)
+	$(VPY) -m pytest -q -n $(JOBS) -m "not slow" remat_kit tests
 
 test-new: $(STAMP)
 	@$(VPY) -c "import sys, jax, flax; print('full suite on Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"

@@ -85,6 +85,7 @@ def test_ctrl_c_keeps_finished_models_and_exits_cleanly(tmp_path, monkeypatch, c
   assert all("step_ms_median" in r for r in data["rows"])
 
 
+@pytest.mark.slow
 def test_where_auto_runs_the_rows_show_the_timings_it_chose_from(tmp_path):
   out = tmp_path / "r.json"
   code = bench.main(["--out", str(out), "--models", "mlp", "--only", "no remat", "full",

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import remat_kit as rk
 from remat_kit.models import TransformerLM
@@ -24,6 +25,7 @@ def _lm_loss(policy):
   return loss, params, tok
 
 
+@pytest.mark.slow
 def test_offload_that_costs_device_memory_is_flagged_and_readouts_share_one_compile():
   """JAX's offload_dot_with_no_batch_dims on the H100 compiler: the device peak is above
   that of saving the same dots on the device, so lint says so, with both figures. The

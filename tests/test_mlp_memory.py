@@ -44,6 +44,7 @@ def test_prints_the_seed_line_and_what_the_peak_is_made_of(mode, tmp_path, capsy
     assert data["time_ratio"] > 0 and "step time" in text
 
 
+@pytest.mark.slow
 def test_best_reports_both_ratios_and_equal_gradients(tmp_path, capsys):
   out = tmp_path / "best.json"
   assert mlp_memory.main(["--checkpoint", "best", *TINY, "--json", str(out)]) == 0

@@ -63,6 +63,7 @@ def _chain(name, policy=None):
   return Chain(cls, tuple(kwargs.items()), 1 if name == "rnn" else 2, train), shape
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LINEN_BLOCKS))
 def test_linen_decorated_model_is_identical(name, remat_impl):
   """Parameters, outputs (dropout masks included) and gradients equal the undecorated
@@ -138,6 +139,7 @@ def _unrolled_reference(name):
   return x, vu, jax.jit(jax.value_and_grad(_stack_loss(unrolled, x, args)))(vu, KEY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STACKS))
 @pytest.mark.parametrize(("policy", "groups"), [(True, None), ("save_dots", 2), (True, (3, 2)),
                                                  (False, None)])
@@ -175,6 +177,7 @@ def _nnx_unrolled_reference():
   return [step(m, TOKENS) for _ in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups", [None, 2, (3, 2)])
 def test_nnx_scanned_stack_equals_unrolled(groups):
   a = _nnx_gpt(groups=groups)
@@ -186,6 +189,7 @@ def test_nnx_scanned_stack_equals_unrolled(groups):
   chex.assert_trees_all_equal(nnx.state(stack_layers(layers)), nnx.state(a.blocks.layers))
 
 
+@pytest.mark.slow
 def test_nnx_resnet_and_gru_scanned_equal_unrolled():
   img = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
   r = models.nnx.ResNet(3, 8, 4, norm_groups=2, groups=2, rngs=nnx.Rngs(0))
@@ -217,6 +221,7 @@ def _temp(model, v, *args):
   return compiled_memory(jax.grad(loss), v["params"])["temp_size"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "gpt"])
 def test_remat_stack_uses_less_compiled_memory(name):
   """CPU XLA memory analysis of the scanned stacks: remat keeps fewer bytes."""

@@ -140,6 +140,7 @@ def test_command_line_peak(tmp_path, capsys):
     main(["peak", f"{case}:case", "--top", "0"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [
     None, pytest.param("gpu:h100", marks=pytest.mark.skipif(not HAVE_GPU, reason="no CUDA"))])
 def test_explain_peak_finds_the_residuals_a_scanned_gpt_stacks(target):

@@ -115,6 +115,7 @@ def equivalence(request):
   return request.param, json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_forward_and_gradients_equal_the_sequential_stages(equivalence):
   """GPipe and circular, with and without remat (in the stage and around each
   iteration, saved or offloaded), dropout keys per microbatch and piece, and a data
@@ -125,6 +126,7 @@ def test_forward_and_gradients_equal_the_sequential_stages(equivalence):
   assert {c["name"].split()[0] for c in cases} == {"gpipe", "circular"}
 
 
+@pytest.mark.slow
 def test_subprocess_reports_the_schedule(equivalence):
   n, cases = equivalence
   gpipe = cases[0]  # S = n stages, M = n microbatches

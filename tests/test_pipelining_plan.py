@@ -59,6 +59,7 @@ def test_circular_has_fewer_idle_slots_and_fsdp_shards_the_stage():
   assert two["argument_size"] < 4 * D * D * 4 + 16 * 32 * D * 4
 
 
+@pytest.mark.slow
 @needs_tpu
 def test_largest_microbatch_fits_the_budget_it_is_given():
   budget = 64 * 2**20

@@ -37,6 +37,7 @@ def _search():
   return Search(build, WS)
 
 
+@pytest.mark.slow
 def test_the_search_is_complete_and_every_candidate_is_costed_honestly():
   search = _search()
   search.solve(search.none.temp_bytes)  # times every candidate
@@ -84,6 +85,7 @@ def test_a_larger_budget_never_returns_a_plan_beaten_by_the_smaller_budgets_plan
     assert not small.cost_s + small.cost_spread_s < large.cost_s - large.cost_spread_s
 
 
+@pytest.mark.slow
 def test_budget_in_peak_bytes():
   search = _search()
   budget = int(0.6 * search.none.peak_bytes)
@@ -160,6 +162,7 @@ def test_a_roofline_is_calibrated_and_labelled():
   assert c.cost_kind == "roofline" and "measured on" in c.cost_source and c.cost_s > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("jax_plugins.xla_cuda12"),
                     reason="no CUDA plugin for deviceless GPU compiles")
 def test_auto_on_an_accelerator_target_uses_its_estimate_and_offloads():
@@ -257,6 +260,7 @@ def test_a_timing_budget_bounds_every_pass(monkeypatch):
     Search(build, WS, presets=[], max_names_exact=0, groups=(), time_budget_s=-1)
 
 
+@pytest.mark.slow
 def test_auto_on_a_model_written_without_remat_kit():
   """A Python-loop Flax model with boxed (nn.Partitioned) params and no policy/groups
   attributes, its inputs as ShapeDtypeStructs, planned for the H100 compiler: the build

@@ -159,6 +159,7 @@ def test_lint_saving_a_value_the_backward_never_reads():
   assert _codes(f, v)[0] == "same-as-full"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("s", "b", "h", "a"), [(64, 2, 64, 4), (32, 3, 32, 2)])
 def test_gpt_layer_activation_bytes_against_korthikanti(s, b, h, a):
   """Per-layer bytes before XLA without remat vs Korthikanti et al. 2022:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent('''
     import chex, jax, jax.numpy as jnp, flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -51,6 +53,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_stacked_gpt_shards_by_its_logical_axes_on_8_devices():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")

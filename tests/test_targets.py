@@ -47,6 +47,7 @@ def _loss(policy):
     pytest.param("tpu:v5e:2x2", marks=pytest.mark.skipif(not HAVE_TPU, reason="no libtpu")),
     pytest.param("gpu:h100", marks=pytest.mark.skipif(not HAVE_GPU, reason="no CUDA plugin")),
 ])
+@pytest.mark.slow
 def test_report_matches_a_direct_deviceless_compile(target):
   none = rk.memory_report(_loss(None), WS, X, target=target, label="none")
   full = rk.memory_report(_loss("full"), WS, X, target=target, label="full")
@@ -177,6 +178,7 @@ def _tpu7x_known() -> bool:
   return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _tpu7x_known(), reason="this libtpu has no tpu7x (JAX 0.12's has)")
 def test_tpu7x_compiles_deviceless_with_per_device_figures():
   t = targets.parse_target("tpu:tpu7x:2x2x1")

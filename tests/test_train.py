@@ -21,6 +21,7 @@ def test_corpus_is_real_text():
   assert len(text) > 100_000 and "def " in bytes(text[:5000].astype(np.uint8)).decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt", "mlp"])
 def test_training_is_the_same_with_and_without_remat(name, data):
   if name == "gpt":
@@ -40,6 +41,7 @@ def test_training_is_the_same_with_and_without_remat(name, data):
   assert off[-1] < off[0]  # it learns
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(data):
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
