@@ -16,8 +16,8 @@ from typing import Any
 
 import jax
 
+from remat_kit import report
 from remat_kit.planner import Search
-from remat_kit.report import RELIABLE
 
 _SEARCHES: dict[str, Search] = {}
 
@@ -59,8 +59,8 @@ def timing_of(model: Any, kw: dict[str, Any]) -> dict[str, Any] | None:
   if cand is None or cand.cost_s is None:
     return None
   return {"step_ms_median": cand.cost_s * 1e3, "step_ms_spread": cand.cost_spread_s * 1e3,
-          "step_ms_n": int(cand.cost_source.split("median of ")[1].split()[0]),
-          "timing_reliable": cand.cost_spread_s <= RELIABLE * cand.cost_s,
+          "step_ms_n": cand.cost_n,
+          "timing_reliable": report.Timing(cand.cost_s, cand.cost_spread_s, cand.cost_n).reliable,
           "timing_source": "auto's search: " + cand.cost_source}
 
 

@@ -113,16 +113,16 @@ def auto_chain(layers: Sequence[Callable[[Any, Any], Any]], params: Sequence[Any
     if kind == "measured":
       # Timed at once, in this iteration: the lambda may read `compiled` as it is.
       step = time_interleaved({"plan": lambda: compiled(list(params), x)}, repeats)["plan"]
-      cost_s, spread, source = (step.median_s, step.spread_s,
-                                f"timed: median of {step.n} steps")
+      cost_s, spread, source, n = (step.median_s, step.spread_s,
+                                   f"timed: median of {step.n} steps", step.n)
     else:
       cost_s, source = coster(flops, mem)
-      spread = 0.0
+      spread, n = 0.0, 1
     cand = Candidate(f"chain: checkpoints {list(plan.checkpoints)} (solver budget "
                      f"{model_budget:,} B)", None, None, "chain", mem["temp_size"],
                      mem["peak_bytes"], 0, flops,
                      100.0 * (flops - plain) / plain if plain else 0.0, cost_s, spread, kind,
-                     source)
+                     source, n)
     tried.append(cand)
     if verbose:
       print(f"auto chain [{n_try + 1}] {cand.label}: {budget_kind} "

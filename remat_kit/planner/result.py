@@ -49,7 +49,8 @@ class Candidate:
 
   ``cost_s`` is None for a candidate never costed (measured costs are timed
   in one interleaved pass over every candidate, at the first ``solve``).
-  ``cost_spread_s`` is the timing spread (0 for estimates).
+  ``cost_spread_s`` is the timing spread (0 for estimates), ``cost_n`` the number of
+  timed steps behind it. ``timing`` is the cost as a :class:`~remat_kit.report.Timing`.
   """
 
   label: str
@@ -65,6 +66,7 @@ class Candidate:
   cost_spread_s: float
   cost_kind: str  # "estimated", "measured" or "roofline"
   cost_source: str
+  cost_n: int = 1  # how many timed steps the cost is the median of (1 for estimates)
 
   def nbytes(self, kind: str) -> int:
     return self.temp_bytes if kind == "temp" else self.peak_bytes
@@ -77,7 +79,7 @@ class Candidate:
 
 def _timing(c: Candidate) -> Timing:
   assert c.cost_s is not None
-  return Timing(c.cost_s, c.cost_spread_s, 1)
+  return Timing(c.cost_s, c.cost_spread_s, c.cost_n)
 
 
 def _faster(a: Candidate, b: Candidate) -> bool:

@@ -314,9 +314,12 @@ class Search:
     self._confirm_ties()
 
   def _retime(self, labels: Sequence[str], what: str) -> None:
+    timed_already = all(self.measured[label].cost_s is not None for label in labels)
+    if timed_already and self.time_left_s is not None and self.time_left_s <= 0:
+      return  # out of budget: the timings stand as measured, never replaced by fewer steps
     steps = {label: self._compiled[label] for label in labels}
     t0 = time.perf_counter()
-    # Out of budget, one round still runs: every candidate gets a cost.
+    # Out of budget, MIN_ROUNDS rounds still run: every candidate gets a cost and a spread.
     budget = None if self.time_left_s is None else max(self.time_left_s, 1e-3)
     timed: dict[str, Timing] = time_interleaved(steps, self.repeats, budget_s=budget)
     if self.time_left_s is not None:
@@ -324,7 +327,7 @@ class Search:
     for label in labels:
       t = timed[label]
       self.measured[label] = dataclasses.replace(
-          self.measured[label], cost_s=t.median_s, cost_spread_s=t.spread_s,
+          self.measured[label], cost_s=t.median_s, cost_spread_s=t.spread_s, cost_n=t.n,
           cost_source=f"timed: median of {t.n} {what}, spread +-{t.spread_s * 1e3:.3f} ms")
 
   def _confirm_ties(self) -> None:

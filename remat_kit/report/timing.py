@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-__all__ = ["RELIABLE", "Timing", "faster", "pareto_front", "summary", "tied", "time_interleaved"]
+__all__ = ["MIN_ROUNDS", "RELIABLE", "Timing", "faster", "pareto_front", "summary", "tied", "time_interleaved"]
 
 # A timing whose spread is within this fraction of its median is called reliable.
 RELIABLE = 0.05
+# Fewer steps give no spread worth the name: a time budget never stops a pass before these.
+MIN_ROUNDS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,9 @@ class Timing:
 
   @property
   def reliable(self) -> bool:
-    return self.spread_s <= RELIABLE * self.median_s
+    """At least :data:`MIN_ROUNDS` steps, and a spread within :data:`RELIABLE` of the
+    median."""
+    return self.n >= MIN_ROUNDS and self.spread_s <= RELIABLE * self.median_s
 
 
 def summary(times: list[float]) -> tuple[float, float]:
@@ -89,8 +93,9 @@ def time_interleaved(steps: Mapping[str, Callable[..., Any]], repeats: int = 5,
   each step once; rounds continue past ``repeats`` until every spread is
   within :data:`RELIABLE` of its median, up to ``max_rounds`` (default
   ``3 * repeats``). With ``budget_s``, no round starts once that many seconds
-  have passed (the warm-up included; at least one round always runs): the
-  timings then keep the spreads they reached, and say so by ``reliable``.
+  have passed (the warm-up included), except that :data:`MIN_ROUNDS` rounds always
+  run (fewer if ``max_rounds`` says so): the timings then keep the spreads they
+  reached, and say so by ``reliable``.
 
   ``args[k]()``, where given, makes step ``k``'s arguments before each call,
   outside the timed region (fresh buffers for a step that donates its own);
@@ -115,6 +120,7 @@ def time_interleaved(steps: Mapping[str, Callable[..., Any]], repeats: int = 5,
       times[k].append(time.perf_counter() - t0)
     if n + 1 >= repeats and all(Timing(*summary(ts), len(ts)).reliable for ts in times.values()):
       break
-    if budget_s is not None and time.perf_counter() - start >= budget_s:
+    if (budget_s is not None and n + 1 >= min(MIN_ROUNDS, max_rounds)
+        and time.perf_counter() - start >= budget_s):
       break
   return {k: Timing(*summary(ts), len(ts)) for k, ts in times.items()}
