@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 
-from remat_kit import report
 from remat_kit.planner import Search
 
 _SEARCHES: dict[str, Search] = {}
@@ -60,7 +59,7 @@ def timing_of(model: Any, kw: dict[str, Any]) -> dict[str, Any] | None:
     return None
   return {"step_ms_median": cand.cost_s * 1e3, "step_ms_spread": cand.cost_spread_s * 1e3,
           "step_ms_n": cand.cost_n,
-          "timing_reliable": report.Timing(cand.cost_s, cand.cost_spread_s, cand.cost_n).reliable,
+          "timing_reliable": cand.timing.reliable,
           "timing_source": "auto's search: " + cand.cost_source}
 
 

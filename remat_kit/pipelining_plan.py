@@ -6,7 +6,7 @@ every chip of a target (deviceless: ``"tpu:v5e:2x2"``, ``"tpu:v5e:4x4"``, see
 axis, each stage's parameters and the batch sharded ``fsdp`` ways on the
 other. Every chip runs the same SPMD program on its stage's shard, so the
 compiled per-chip memory *is* each stage's memory. The step time is the
-library's roofline (:func:`remat_kit.report.estimate.estimate_seconds`): FLOPs
+library's roofline (:func:`remat_kit.report.estimate_seconds`): FLOPs
 per chip counted from the jaxpr (idle bubble slots included: in one SPMD
 program they compute too, on data that is thrown away) over the chip's peak,
 plus the compiled program's HBM bytes over its bandwidth. The ``ppermute``
@@ -35,9 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from remat_kit import targets
 from remat_kit.pipelining import ITERATION_INPUT, pipeline
-from remat_kit.report import count_flops
-from remat_kit.report.core import memory_fields
-from remat_kit.report.estimate import estimate_seconds
+from remat_kit.report import count_flops, estimate_seconds, memory_fields
 
 __all__ = ["largest_microbatch", "plan_step", "stage_mesh"]
 
@@ -204,12 +202,16 @@ def largest_microbatch(stage_fn: Callable[..., jax.Array], stage_params: Any,
       raise ValueError(f"`largest_microbatch`: target {t.name!r} has no published HBM size; "
                        "pass `budget_bytes=`.")
     budget_bytes = t.chip.hbm_bytes
-  rows = []
-  for size in (1, 2):
+
+  def at(size: int) -> dict[str, Any]:  # the step compiled with `size` per chip per microbatch
     x = jax.ShapeDtypeStruct((size * microbatches * fsdp,) + tuple(example.shape),
                              example.dtype)
-    rows.append(plan_step(stage_fn, stage_params, x, target=t, fsdp=fsdp,
-                          microbatches=microbatches, **plan))
+    return plan_step(stage_fn, stage_params, x, target=t, fsdp=fsdp,
+                     microbatches=microbatches, **plan)
+
+  rows = []
+  for size in (1, 2):
+    rows.append(at(size))
     if not rows[-1]["fits"]:
       return {"microbatch_size": size - 1, "rows": rows}
   one, two = rows[0]["peak_bytes"], rows[1]["peak_bytes"]
@@ -226,10 +228,7 @@ def largest_microbatch(stage_fn: Callable[..., jax.Array], stage_params: Any,
   out["predicted_size"] = size
   lo, lo_row, hi = 2, rows[1], None
   for _ in range(7):
-    x = jax.ShapeDtypeStruct((size * microbatches * fsdp,) + tuple(example.shape),
-                             example.dtype)
-    row = plan_step(stage_fn, stage_params, x, target=t, fsdp=fsdp,
-                    microbatches=microbatches, **plan)
+    row = at(size)
     if row["fits"] and row["peak_bytes"] <= budget_bytes:
       lo, lo_row = size, row
     else:

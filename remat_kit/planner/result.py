@@ -68,6 +68,12 @@ class Candidate:
   cost_source: str
   cost_n: int = 1  # how many timed steps the cost is the median of (1 for estimates)
 
+  @property
+  def timing(self) -> Timing:
+    """The cost as a :class:`~remat_kit.report.Timing` (a costed candidate only)."""
+    assert self.cost_s is not None, self.label
+    return Timing(self.cost_s, self.cost_spread_s, self.cost_n)
+
   def nbytes(self, kind: str) -> int:
     return self.temp_bytes if kind == "temp" else self.peak_bytes
 
@@ -77,14 +83,9 @@ class Candidate:
     return d
 
 
-def _timing(c: Candidate) -> Timing:
-  assert c.cost_s is not None
-  return Timing(c.cost_s, c.cost_spread_s, c.cost_n)
-
-
 def _faster(a: Candidate, b: Candidate) -> bool:
   """a costs less than b beyond both spreads."""
-  return faster(_timing(a), _timing(b))
+  return faster(a.timing, b.timing)
 
 
 def choose(candidates: Sequence[Candidate], budget: int, budget_kind: str = "temp"
@@ -128,7 +129,7 @@ class AutoResult:
   def pareto(self) -> list[Candidate]:
     """From the least bytes up, each candidate that costs less than the last beyond noise."""
     costed = [c for c in self.candidates if c.cost_s is not None]
-    return pareto_front(costed, lambda c: c.nbytes(self.budget_kind), _timing)
+    return pareto_front(costed, lambda c: c.nbytes(self.budget_kind), lambda c: c.timing)
 
   def to_dict(self) -> dict[str, Any]:
     return {"budget_bytes": self.budget_bytes, "budget_kind": self.budget_kind,
