@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 __all__ = ["COLORS", "render"]
@@ -44,8 +45,24 @@ def _page_data(mt: Any) -> dict[str, Any]:
 def render(mt: Any, title: str) -> str:
   """The page for ``mt`` (a :class:`~remat_kit.report.timeline.MemoryTimeline`)."""
   data = json.dumps(_page_data(mt), separators=(",", ":")).replace("</", "<\\/")
-  return (_TEMPLATE.replace("__TITLE__", html.escape(title))
-          .replace("__DATA__", data).replace("__SCRIPT__", _SCRIPT))
+  return (_PAGE.replace("__TITLE__", html.escape(title))
+          .replace("__DATA__", data).replace("__SCRIPT__", _PAGE_SCRIPT))
+
+
+def _one_line(source: str, comment: str | None = None) -> str:
+  """``source`` on one line: each line stripped, joined by a space, ``comment`` lines and
+  trailing comments dropped. The template stays readable here; the pages it writes are
+  compact (every page would otherwise repeat the same few hundred lines). Safe for this
+  template's HTML, CSS and script: no ``<pre>``, no template literals, and no statement
+  whose end only a line break marks (the browser tests run the page)."""
+  out = []
+  for line in source.splitlines():
+    if comment:
+      line = re.sub(rf"(^|\s){re.escape(comment)}\s.*$", "", line)
+    line = line.strip()
+    if line:
+      out.append(line)
+  return " ".join(out)
 
 
 _TEMPLATE = """<!doctype html>
@@ -306,3 +323,7 @@ document.getElementById("sub").textContent = "target " + D.target +
   " \u00b7 bytes live at each point of the compiled schedule, by kind (remat_kit)";
 draw();
 """
+
+
+_PAGE = _one_line(_TEMPLATE) + "\n"
+_PAGE_SCRIPT = _one_line(_SCRIPT, comment="//")
