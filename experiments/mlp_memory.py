@@ -20,12 +20,15 @@ Dropout, output layer). This prints ``Peak memory: X MB with Checkpoint =
   matmul).
 * ``plain``: for comparison, the seed's model and Python loop with each hidden
   layer under ``jax.checkpoint`` (full remat), as a plain-JAX port would.
-* ``best``: remat_kit chooses among strategies (the policy inside each
-  layer, keeping the dropout masks or recomputing them from their keys, the
-  dropout PRNG, offloading layer inputs where the target has host memory,
-  and cutting the batch into microbatches with
-  ``rk.microbatched_value_and_grad``) the one with the least peak whose step
-  time is at most 1.25x of no remat, and prints both ratios.
+* ``best``: ``rk.auto`` searches the plans of the pre-activation model (the
+  policy inside each layer: none, full, keeping the dropout masks, saving one
+  tagged name; offloading tagged names where the target has host memory),
+  each at 1, 4, 8 and 16 microbatches (``auto(..., microbatches=)``: the
+  gradient over slices of the batch added up in one buffer) and with either
+  dropout PRNG (``auto(..., options={"prng": ...})``), compiles and times
+  them all in one interleaved run (or estimates them for a ``--target``), and
+  takes the least peak within 1.25x of no remat's step time
+  (``AutoResult.least_memory``); it prints both ratios and checks gradients.
 
 Where the peak comes from: on a GPU or TPU, the device's live peak after the
 step (``memory_stats()``), as the seed does; for a ``--target`` compiled
@@ -50,6 +53,7 @@ import optax
 import remat_kit as rk
 from remat_kit import models, report, targets
 from remat_kit.flax import LayerStack, remat_policy
+from remat_kit.planner import AutoResult, Candidate
 from remat_kit.report import compile_explained, count_flops, estimate_seconds, memory_fields
 
 SEED_SIZES = {"batch": 32768, "din": 1024, "width": 4096}
@@ -96,37 +100,30 @@ class PreActMLP(nn.Module):
     return last(OUTPUTS, name="output")(z, train)
 
 
-# (label, model policy, dropout PRNG, microbatches): what `best` chooses among.
-CANDIDATES = (
-    ("full remat", "full", None, 1),
-    ("keep dropout masks", "prims:lt", None, 1),
-    ("full remat, rbg dropout", "full", "unsafe_rbg", 1),
-    ("keep dropout masks, rbg dropout", "prims:lt", "unsafe_rbg", 1),
-    # The batch cut into slices (rk.microbatched_value_and_grad): what a layer's backward
-    # holds at full batch (its input, output gradient and input gradient) divided.
-    # "seed": the seed's model and Python loop, no remat (a scan only adds stacked buffers).
-    ("4 microbatches, the seed's layers", "seed", None, 4),
-    ("8 microbatches, the seed's layers", "seed", None, 8),
-    ("16 microbatches, the seed's layers", "seed", None, 16),
-    ("8 microbatches, the seed's layers, rbg dropout", "seed", "unsafe_rbg", 8),
-    ("8 microbatches, full remat, rbg dropout", "full", "unsafe_rbg", 8),
-)
-# Where the target has host memory (GPU, TPU): each layer's input offloaded to it.
-OFFLOAD = (("offload layer inputs", "offload:carry", None, 1),
-           ("offload layer inputs, rbg dropout", "offload:carry", "unsafe_rbg", 1))
-STRATEGY_NOTES: dict[Any, str] = {
+# What `best` asks `rk.auto` to search, besides no remat, full remat and each tagged name
+# saved (or offloaded, where the target has host memory).
+PRESETS = ("prims:lt",)  # keep each layer's bool dropout mask (bernoulli's compare)
+MICROBATCHES = (1, 4, 8, 16)
+PRNGS = ("threefry", "unsafe_rbg")
+NOTES = {
     "microbatches": "the batch is cut into {k} slices whose gradients add up in one buffer "
                     "(rk.microbatched_value_and_grad); each slice draws its own dropout masks",
-    "prims:lt": "each layer's bool dropout mask is kept (1 byte/element; `prims:lt` saves "
-                "bernoulli's compare), ReLU is recomputed",
-    "full": "everything inside each layer is recomputed, masks from their keys",
-    "offload:carry": "each layer's input is offloaded to host memory and fetched back for "
-                     "the backward; the rest is recomputed",
-    "seed": "the seed's layers as they are, nothing recomputed",
     "unsafe_rbg": "dropout bits from XLA's RngBitGenerator (`jax.random.key(.., "
-                  "impl='unsafe_rbg')`): the same Bernoulli(0.9) masks in distribution, one op "
-                  "instead of threefry's large temporaries",
+                  "impl='unsafe_rbg')`, seeded from the step's key): the same Bernoulli(0.9) "
+                  "masks in distribution, one op instead of threefry's large temporaries",
 }
+
+
+def loss_of(model: nn.Module, prng: str = "threefry", train: bool = True
+            ) -> Any:
+  """The seed's loss, ``loss(params, x, y, key)``: cross-entropy of ``model`` with dropout
+  drawn from ``key`` (a threefry key; with ``prng="unsafe_rbg"`` it seeds an rbg key)."""
+  def loss(p: Any, x: Any, y: Any, key: Any) -> Any:
+    if prng != "threefry":
+      key = jax.random.key(jax.random.bits(key, dtype=jnp.uint32), impl=prng)
+    logits = model.apply({"params": p}, x, train, rngs={"dropout": key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss
 
 
 def _bool_or_best(s: str) -> bool | str:
@@ -144,8 +141,9 @@ class Setup:
   """One configuration: its model, step, arguments and compile for a target."""
 
   def __init__(self, model: nn.Module, sizes: dict[str, int], target: targets.Target,
-               prng: str | None = None, microbatches: int = 1):
+               prng: str = "threefry", microbatches: int = 1):
     self.model, self.target, self.microbatches = model, target, microbatches
+    self.prng, self.loss = prng, loss_of(model, prng)
     self.cache: dict[Any, Any] = {}
     b, din = sizes["batch"], sizes["din"]
     x = jax.ShapeDtypeStruct((b, din), jnp.float32)
@@ -155,16 +153,12 @@ class Setup:
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     self.opt = optax.adamw(1e-3)
     state = jax.eval_shape(self.opt.init, params)
-    key = jax.eval_shape(lambda: jax.random.key(4, impl=prng) if prng else jax.random.key(4))
-    self.prng = prng
+    key = jax.eval_shape(lambda: jax.random.key(4))
     self.abstract = (params, state, x, jax.ShapeDtypeStruct((b,), jnp.int32), key)
 
   def step(self, params: Any, state: Any, x: Any, y: Any, key: Any) -> Any:
-    def loss(p: Any, x: Any, y: Any, key: Any) -> Any:
-      logits = self.model.apply({"params": p}, x, rngs={"dropout": key})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     # One slice is the whole batch when microbatches == 1 (no scan, the seed's step).
-    vg = rk.microbatched_value_and_grad(loss, self.microbatches, batch_argnums=(1, 2),
+    vg = rk.microbatched_value_and_grad(self.loss, self.microbatches, batch_argnums=(1, 2),
                                         key_argnums=3)
     value, grads = vg(params, x, y, key)
     updates, state = self.opt.update(grads, state, params)
@@ -182,16 +176,23 @@ class Setup:
 
   def concrete(self) -> tuple[Any, ...]:
     params, state, x, y, _ = self.abstract
-    real = lambda s: jnp.zeros(s.shape, s.dtype) + 0.01 if s.dtype == jnp.float32 else \
-        jnp.zeros(s.shape, s.dtype)
-    key = jax.random.key(4, impl=self.prng) if self.prng else jax.random.key(4)
-    return (jax.tree.map(real, params), jax.tree.map(real, state),
-            jax.random.normal(jax.random.key(0), x.shape),
-            jax.random.randint(jax.random.key(1), y.shape, 0, OUTPUTS), key)
+    return (_filled(params), _filled(state), *_batch(x.shape[0], x.shape[1]))
 
   def flops(self) -> int:
     with jax.numpy_dtype_promotion("standard"):
       return count_flops(lambda *a: self.step(*a)[2], *self.abstract)
+
+
+def _filled(tree: Any) -> Any:
+  """Arrays of ``tree``'s shapes: floats 0.01 (a step's timing does not depend on values)."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype) + 0.01
+                      if s.dtype == jnp.float32 else jnp.zeros(s.shape, s.dtype), tree)
+
+
+def _batch(b: int, din: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The step's inputs: a batch, its labels and the dropout key."""
+  return (jax.random.normal(jax.random.key(0), (b, din)),
+          jax.random.randint(jax.random.key(1), (b,), 0, OUTPUTS), jax.random.key(4))
 
 
 def _peak(setup: Setup, keep_remat: bool) -> dict[str, Any]:
@@ -267,11 +268,15 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--din", type=int)
   ap.add_argument("--width", type=int)
   ap.add_argument("--json", help="also write the result to this JSON file")
+  ap.add_argument("--time-budget", type=float, default=60.0,
+                  help="best: seconds all timing rounds may take together (default 60)")
   args = ap.parse_args(argv)
   if args.json:
     out = Path(args.json)
     if out.is_dir() or not out.parent.exists():
       ap.error(f"--json {args.json!r}: must be a file in an existing directory")
+  if not args.time_budget > 0:
+    ap.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
   t = targets.parse_target(args.target)
   on_accel = not t.is_local or jax.default_backend() != "cpu"
   sizes = dict(SEED_SIZES if (args.seed_sizes or on_accel) else CPU_SIZES)
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     label = "True" if args.checkpoint is True else "True (plain jax.checkpoint)"
     _time_against(base, chosen, t, result)
   else:
-    chosen, label = _choose_best(base, sizes, t, args.layout, result), "best"
+    chosen, label = _choose_best(sizes, t, args.layout, result, args.time_budget), "best"
   peak = _peak(chosen, keep_remat=args.checkpoint is not False)
   live = None
   if t.is_local and jax.default_backend() != "cpu":
@@ -351,22 +356,18 @@ def _gradient_check(setup: Setup, sizes: dict[str, int]) -> tuple[float, str]:
   """Max |grad(chosen) - grad(reference)| at a small batch, and what the reference was.
 
   The reference is the same model without remat, with the same dropout keys (sliced
-  the same way); for a sliced batch, also the whole batch's gradient with dropout off
-  (slices draw their own masks, so only without dropout is the whole batch the same
-  function).
+  the same way); for a sliced batch, also the slices' gradient against the whole batch's,
+  without remat and with dropout off (slices draw their own masks, so only without
+  dropout is the whole batch the same function).
   """
   model, k = setup.model, setup.microbatches
   plain = model.clone(policy=False) if hasattr(model, "policy") else model
-  x = jax.random.normal(jax.random.key(0), (64, sizes["din"]))
-  y = jax.random.randint(jax.random.key(1), (64,), 0, OUTPUTS)
-  key = jax.random.key(4, impl=setup.prng) if setup.prng else jax.random.key(4)
+  x, y, key = _batch(64, sizes["din"])
   params = model.init({"params": jax.random.key(2), "dropout": key}, x)["params"]
 
   def grad_of(m: nn.Module, slices: int, train: bool) -> Any:
-    def loss(p: Any, x: Any, y: Any, key: Any) -> Any:
-      logits = m.apply({"params": p}, x, train, rngs={"dropout": key})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    vg = rk.microbatched_value_and_grad(loss, slices, batch_argnums=(1, 2), key_argnums=3)
+    vg = rk.microbatched_value_and_grad(loss_of(m, setup.prng, train), slices,
+                                        batch_argnums=(1, 2), key_argnums=3)
     return jax.jit(vg)(params, x, y, key)[1]
 
   def max_diff(a: Any, b: Any) -> float:
@@ -377,56 +378,61 @@ def _gradient_check(setup: Setup, sizes: dict[str, int]) -> tuple[float, str]:
   err = max_diff(grad_of(model, k, True), ref)
   what = "the same model without remat (same dropout keys)"
   if k > 1:
-    err = max(err, max_diff(grad_of(model, k, False), grad_of(plain, 1, False)))
-    what += f"; and, dropout off, the whole batch's gradient without the {k} slices"
+    # Dropout off, without remat (a policy may refer to dropout's compare): slicing alone.
+    err = max(err, max_diff(grad_of(plain, k, False), grad_of(plain, 1, False)))
+    what += f"; and, dropout off, the {k} slices' gradient against the whole batch's"
   return err, f"{what}: max |diff| {err:.1e} (largest |gradient| {scale:.1e})"
 
 
-def _choose_best(base: Setup, sizes: dict[str, int], t: targets.Target, layout: str,
-                 result: dict[str, Any]) -> Setup:
-  """The candidate with the least peak whose step time is at most TIME_LIMIT x no remat."""
-  candidates = CANDIDATES + (OFFLOAD if targets.has_host_memory(t) else ())
-  def model(policy: Any) -> nn.Module:
-    if policy == "seed":
-      return models.CheckpointedMLP(width=sizes["width"], depth=DEPTH, checkpoint=False)
-    return PreActMLP(sizes["width"], policy=policy, layout=layout)
+def _choose_best(sizes: dict[str, int], t: targets.Target, layout: str,
+                 result: dict[str, Any], time_budget_s: float) -> Setup:
+  """``rk.auto``'s plan of least peak within TIME_LIMIT x no remat's step time."""
+  def build(policy: Any, prng: str = "threefry") -> Any:
+    return loss_of(PreActMLP(sizes["width"], policy=policy, layout=layout), prng)
 
-  setups = {label: Setup(model(policy), sizes, t, prng, k)
-            for label, policy, prng, k in candidates}
-  peaks = {"no checkpointing": _peak(base, keep_remat=False)}
-  for label, s in setups.items():
-    print(f"  trying: {label}", flush=True)
-    peaks[label] = _peak(s, keep_remat=True)
+  model = PreActMLP(sizes["width"], policy=False, layout=layout)
+  x, y, key = _batch(sizes["batch"], sizes["din"])
+  params = model.init({"params": jax.random.key(2), "dropout": key}, x[:8])["params"]
   if t.is_local:
-    timed = time_interleaved({"no checkpointing": (peaks["no checkpointing"]["compiled"], base),
-                              **{k: (peaks[k]["compiled"], s) for k, s in setups.items()}})
-    seconds = {k: v.median_s for k, v in timed.items()}
-    spread = max(v.spread_s / v.median_s for v in timed.values())
-    source = (f"measured on {jax.default_backend()}, median of 5 interleaved rounds, "
-              f"largest spread (half the 10-90th percentile range) {spread:.0%}")
-  else:
-    seconds = {k: v["seconds"] for k, v in peaks.items()}
-    source = f"estimated for {t.name} ({peaks['no checkpointing']['seconds_source']})"
-  base_peak, base_s = peaks["no checkpointing"]["peak_bytes"], seconds["no checkpointing"]
-  rows = []
-  for k in setups:
-    rows.append((k, peaks[k]["peak_bytes"] / base_peak, seconds[k] / base_s))
-  print(f"  {'candidate':42s} memory   time")
-  for k, m, s in rows:
-    print(f"  {k:42s} {m:5.2f}x {s:5.2f}x")
-  fits = [r for r in rows if r[2] <= TIME_LIMIT]
-  if not fits:
-    print(f"  no candidate is within {TIME_LIMIT}x step time; taking the fastest")
-    fits = [min(rows, key=lambda r: r[2])]
-  name, mem, sec = min(fits, key=lambda r: r[1])
-  policy, prng, k = next((p, g, k) for label, p, g, k in candidates if label == name)
-  print(f"  chosen: {name}: {STRATEGY_NOTES[policy]}"
-        + (f"; {STRATEGY_NOTES[prng]}" if prng else "")
-        + (f"; {STRATEGY_NOTES['microbatches'].format(k=k)}" if k > 1 else ""))
-  result.update(candidates=[{"label": k, "memory_ratio": m, "time_ratio": s} for k, m, s in rows],
-                chosen=name, time_ratio=sec, time_source=source,
-                baseline_peak_bytes=base_peak)
-  return setups[name]
+    params = _filled(params)
+  else:  # compiled for the target, nothing runs: shapes only
+    params, x, y, key = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                     (params, x, y, key))
+  res: AutoResult = rk.auto(
+      build, params, x, y, key, budget=None, budget_kind="peak", presets=PRESETS,
+      max_names_exact=0, microbatches=MICROBATCHES, options={"prng": PRNGS}, target=t,
+      verbose=True, time_budget_s=time_budget_s if t.is_local else None)
+  ref = res.reference
+  assert ref is not None and ref.cost_s is not None
+  chosen = res.least_memory(TIME_LIMIT)
+
+  def ratios(c: Candidate) -> tuple[float, float]:
+    assert c.cost_s is not None and ref.cost_s is not None
+    return c.peak_bytes / ref.peak_bytes, c.cost_s / ref.cost_s
+
+  print(f"  rk.auto: {len(res.candidates)} plans, the gradient's peak and step time against "
+        f"no remat; its Pareto front:")
+  print(f"  {'plan':56s} memory   time")
+  for c in res.pareto:
+    m, sec = ratios(c)
+    print(f"  {c.label:56s} {m:5.2f}x {sec:5.2f}x" + ("  <- chosen" if c is chosen else ""))
+  prng = dict(chosen.options)["prng"]
+  notes = [f"policy {chosen.policy!r} inside each layer"]
+  if chosen.microbatches > 1:
+    notes.append(NOTES["microbatches"].format(k=chosen.microbatches))
+  if prng in NOTES:
+    notes.append(NOTES[prng])
+  print(f"  chosen: {chosen.label}, the least peak within {TIME_LIMIT}x no remat's step "
+        f"time: " + "; ".join(notes))
+  _, time_ratio = ratios(chosen)
+  result.update(candidates=[{"label": c.label, "memory_ratio": ratios(c)[0],
+                             "time_ratio": ratios(c)[1], "microbatches": c.microbatches,
+                             "prng": dict(c.options)["prng"], "policy": repr(c.policy)}
+                            for c in res.candidates],
+                pareto=[c.label for c in res.pareto], chosen=chosen.label,
+                time_ratio=time_ratio, time_source=f"rk.auto, {chosen.cost_source}")
+  return Setup(PreActMLP(sizes["width"], policy=chosen.policy, layout=layout), sizes, t,
+               prng, chosen.microbatches)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,16 @@ class ScheduleInfo:
 
   def slot(self, t: Any, s: Any) -> tuple[Any, Any, Any]:
     """``(microbatch, round, busy)`` of stage ``s`` in iteration ``t`` (ints or traced
-    arrays alike: the pipeline's program indexes with this very function)."""
+    arrays alike: the pipeline's program indexes with this very function).
+
+    Args:
+      t: the iteration, from 0 to ``iterations - 1``.
+      s: the stage, from 0 to ``stages - 1``.
+
+    Returns:
+      ``(m, r, busy)``: ``busy`` is False in an idle slot, where ``m`` and ``r``
+      are out of range and mean nothing.
+    """
     k = t - s
     r, m = k // self.period, k % self.period
     busy = (k >= 0) & (r < self.rounds) & (m < self.microbatches)
@@ -158,6 +167,11 @@ def stage_key(key: jax.Array, stage: Any, microbatch: Any) -> jax.Array:
   ``fold_in(fold_in(key, stage), microbatch)``, where ``stage`` is the piece
   of the model in sequential order (``r * S + s`` for round ``r`` of stage
   ``s`` in the circular schedule), so the keys do not depend on the schedule.
+
+  Args:
+    key: the PRNG key given to ``run(..., key=key)``.
+    stage: the piece of the model, in sequential order (an int or a traced int).
+    microbatch: the microbatch index (an int or a traced int).
 
   >>> import jax
   >>> k = stage_key(jax.random.key(0), 1, 2)
@@ -289,6 +303,21 @@ class Pipeline:
     """The program ``run`` equals: the stages in order on each microbatch, on one device.
 
     A reference for tests; slow (a Python loop over stages and microbatches).
+
+    Args:
+      stage_params: as for ``run`` (leading axes ``S``, or ``(S, R)``).
+      x: the batch, ``(B, ...)``, cut into microbatches as ``run`` cuts it.
+      key: a PRNG key; given, ``stage_fn`` gets :func:`stage_key` of it for
+        each (piece, microbatch), the same keys ``run`` gives.
+
+    Returns:
+      ``(B, ...)``, every example through every stage in order.
+
+    Raises:
+      ValueError: for a batch ``microbatches`` does not divide, parameters
+        without the stage axes leading, or a ``stage_fn`` that changes shape.
+      TypeError: for an ``x`` that is not an array, a ``key`` that is not a
+        key array, or a ``stage_fn`` that takes no ``key`` when given one.
     """
     self._check(stage_params, x, key)
     i = self.info

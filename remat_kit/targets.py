@@ -163,7 +163,13 @@ class Target:
     return list(_topology(self).devices)
 
   def mesh(self, shape: tuple[int, ...] | None = None, axes: tuple[str, ...] = ("x",)) -> Any:
-    """A mesh over the target's devices (all of them in one axis by default)."""
+    """A mesh over the target's devices (all of them in one axis by default).
+
+    Args:
+      shape: the mesh shape; None for ``(number of devices,)``. It may use
+        fewer devices than the target has: the first ones.
+      axes: the axis names, one per entry of ``shape`` (``("x",)`` by default).
+    """
     devs = self.devices()
     shape = shape or (len(devs),)
     import numpy as np
@@ -182,6 +188,12 @@ def has_host_memory(target: Any = None) -> bool:
   True for accelerator targets, and locally on a GPU/TPU backend with
   ``pinned_host`` memory. False on XLA:CPU, which has one memory: offloaded
   values are marked for the host but stay in temp.
+
+  Args:
+    target: anything :func:`parse_target` accepts; None for the local backend.
+
+  Raises:
+    ValueError: for a target string :func:`parse_target` refuses.
   """
   t = parse_target(target)
   if not t.is_local:
@@ -198,6 +210,19 @@ def can_offload() -> bool:
 
 def parse_target(value: Any) -> Target:
   """``value`` (a string, a Target or None) as a :class:`Target`.
+
+  Args:
+    value: a :class:`Target` (returned as is); None, ``"cpu"`` or ``"local"``
+      for the local backend; ``"tpu:<generation>:<topology>"`` or
+      ``"gpu:<model>"`` (see the module's description).
+
+  Returns:
+    The :class:`Target`.
+
+  Raises:
+    ValueError: for a value that is not a str, an unknown platform, TPU
+      generation or GPU model, or a malformed TPU topology; the message lists
+      working examples.
 
   >>> parse_target("tpu:v5e:2x2")
   Target(name='tpu:v5e:2x2', platform='tpu', generation='v5e', topology='v5e:2x2')
@@ -277,6 +302,12 @@ def place(args: Any, target: Target) -> Any:
 
   Leaves that already carry a sharding on the target's devices (a mesh's
   ``NamedSharding``, for a sharded step) keep it.
+
+  Args:
+    args: a pytree; its leaves with a ``shape`` and ``dtype`` are placed, the
+      others are returned as they are.
+    target: a :class:`Target` (already parsed); for the local backend ``args``
+      is returned unchanged.
   """
   if target.is_local:
     return args
@@ -316,6 +347,27 @@ def compile_for(fn: Callable[..., Any], target: Any, *args: Any,
   ``compiler_options`` go to ``compile()`` (``{"xla_dump_to": dir}``, say);
   ``keep_unused`` keeps arguments the program does not read as parameters;
   ``donate_argnums`` lets outputs reuse those arguments' buffers.
+
+  Args:
+    fn: the function to compile.
+    target: anything :func:`parse_target` accepts; None for the local backend.
+    *args: its positional arguments: arrays or ``jax.ShapeDtypeStruct``s
+      (placed on the target's first chip unless they carry a sharding there).
+    compiler_options: options for ``compile()``; None for none.
+    keep_unused: keep arguments the program does not read (``jax.jit``'s
+      ``keep_unused``; False by default).
+    donate_argnums: arguments whose buffers the outputs may reuse (none by
+      default).
+    **kwargs: its keyword arguments, placed as ``args`` are.
+
+  Returns:
+    The compiled program (``jax.stages.Compiled``).
+
+  Raises:
+    ValueError: for a target :func:`parse_target` refuses, or a TPU topology
+      libtpu refuses.
+    RuntimeError: for an accelerator target whose compiler (libtpu, the CUDA
+      plugin) is not installed or did not register.
   """
   lowered = trace_for(fn, target, *args, keep_unused=keep_unused,
                       donate_argnums=donate_argnums, **kwargs).lower()

@@ -68,7 +68,14 @@ def implementations() -> list[str]:
 
 @contextlib.contextmanager
 def remat_implementation(name: str) -> Iterator[None]:
-  """Runs the block under JAX's classic remat or jax_remat3."""
+  """Runs the block under JAX's classic remat or jax_remat3.
+
+  Args:
+    name: ``"classic"`` or ``"remat3"`` (one of :func:`implementations`).
+
+  Raises:
+    ValueError: for another name, or ``"remat3"`` on a JAX without it.
+  """
   if name not in ("classic", "remat3"):
     raise ValueError(f"`remat_implementation`: `name` must be 'classic' or 'remat3', "
                      f"got {name!r}.")
@@ -139,6 +146,10 @@ def assert_remat_equivalent(fn_or_module: Any, *args: Any, policies: Sequence[An
   Raises:
     AssertionError: naming the policy, the variant (implementation, jit) and
       the leaf that differed, by how much.
+    TypeError: if ``fn_or_module`` is neither a function nor a Flax module.
+    ValueError: for a policy :func:`remat_kit.from_config` does not know, an
+      unknown implementation in ``impls``, no example inputs, or a function
+      that does not return a scalar.
   """
   for p in policies:
     from_config(p)  # an unknown policy is a clear error before any work
@@ -283,8 +294,20 @@ def assert_saves(fn: Callable[..., Any], *args: Any, names: Sequence[str] = (),
   Un-named residuals are allowed unless ``max_bytes`` caps the total of all
   saved activations.
 
+  Args:
+    fn: a scalar function, with its remat applied.
+    *args: example arguments.
+    names: the `checkpoint_name`s the gradient must save (a list, not a str).
+    exact: True: no other name may be saved; False: other names may be too.
+    max_bytes: the most bytes of saved activations, named or not; None for
+      no limit.
+    argnums: the arguments the gradient is taken with respect to.
+
   Raises:
     AssertionError: listing what was saved instead.
+    TypeError: if ``names`` is a str.
+    ValueError: if ``argnums`` does not index ``args``, or ``fn`` does not
+      return a scalar.
   """
   if isinstance(names, str):
     raise TypeError(f"`assert_saves`: `names` must be a list of names, got the string "
@@ -315,6 +338,21 @@ def fingerprint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int]
   ``residuals`` lists each saved activation (label: its names or producing
   primitive; shape; dtype; bytes; scan trip count; memory), sorted;
   ``temp_bytes`` is the compiled gradient's temp on this backend.
+
+  Args:
+    fn: a scalar function, with its remat applied.
+    *args: example arguments.
+    argnums: the arguments the gradient is taken with respect to.
+    temp: also compile the gradient, adding ``temp_bytes`` and ``backend``
+      (True by default); False reads the jaxpr only.
+
+  Returns:
+    ``{"residuals", "activation_bytes"}``, plus ``"temp_bytes"`` and
+    ``"backend"`` with ``temp``.
+
+  Raises:
+    ValueError: if ``argnums`` does not index ``args``, or ``fn`` does not
+      return a scalar.
   """
   rows = _saved(fn, args, argnums)
   out: dict[str, Any] = {
@@ -350,14 +388,21 @@ def assert_fingerprint(fn: Callable[..., Any], *args: Any, expected: str | Path 
   """The gradient of ``fn`` saves what ``expected`` records.
 
   Args:
+    fn: a scalar function, with its remat applied.
+    *args: example arguments.
     expected: a fingerprint dict, or a JSON file path. A missing file is
       written (and the test passes), as is any file when ``update`` is true
       or the ``REMAT_KIT_UPDATE_FINGERPRINTS`` environment variable is 1
       (pytest: ``--remat-update-fingerprints``).
+    argnums: the arguments the gradient is taken with respect to.
     temp_rtol: how far the compiled temp may move (same backend only).
+    update: rewrite the file instead of comparing; None (the default) reads
+      the environment variable.
 
   Raises:
     AssertionError: with a diff of the saved set (and the temp).
+    TypeError: if ``expected`` is neither a dict nor a path.
+    ValueError: as :func:`fingerprint`.
   """
   got = fingerprint(fn, *args, argnums=argnums)
   if update is None:
@@ -395,8 +440,19 @@ def assert_recompute_deterministic(fn: Callable[..., Any], *args: Any, policy: A
   Recomputation can differ on GPU (non-deterministic reductions, atomics) or
   with top-k ties; name the values you want checked.
 
+  Args:
+    fn: a scalar function (without remat: ``policy`` is applied to it) whose
+      values to check are tagged with `checkpoint_name`.
+    *args: example arguments (real arrays: the gradient is evaluated).
+    policy: the remat policy to apply (anything :func:`remat_kit.from_config`
+      accepts; full remat by default).
+    argnums: the arguments the gradient is taken with respect to.
+    rtol: relative tolerance (0: bit for bit).
+    atol: absolute tolerance (0: bit for bit).
+
   Raises:
-    ValueError: if ``fn`` tags no values, or none is recomputed under ``policy``.
+    ValueError: if ``fn`` tags no values, or none is recomputed under ``policy``
+      (or ``fn`` does not return a scalar).
     AssertionError: naming the value that differed, by how much.
   """
   f = remat(fn, policy=policy)

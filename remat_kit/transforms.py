@@ -249,6 +249,7 @@ def remat_sequential(fns: Sequence[Callable[[Any], Any]], segments: int, *,
 
   Raises:
     ValueError: if ``fns`` is empty or ``segments`` is out of range.
+    TypeError: if an element of ``fns`` is not callable.
   """
   fns = list(fns)
   if not fns:
@@ -301,6 +302,14 @@ def scan_carries(length: int, levels: Sequence[int]) -> int:
   recomputation keeps the carries of the levels inside it. A flat scan
   (``levels == (length,)``) keeps ``length``.
 
+  Args:
+    length: the number of layers scanned.
+    levels: the level lengths, outermost first, as :func:`group_lengths`
+      returns them (or ``(length,)`` for a flat scan).
+
+  Returns:
+    The number of carries kept at the peak.
+
   >>> scan_carries(64, (8, 8)), scan_carries(61, (4, 4, 4)), scan_carries(61, (61,))
   (16, 11, 61)
   """
@@ -327,6 +336,16 @@ def group_lengths(length: int, levels: int) -> tuple[int, ...]:
   one without a short group (the layers reshape without copies), then the
   shortest short group, wins. When nesting would keep no fewer carries than a
   flat scan (very short stacks), the flat ``(length,)`` is returned.
+
+  Args:
+    length: the number of layers, >= 1.
+    levels: the nesting depth, >= 1 (1: a flat scan).
+
+  Returns:
+    ``levels`` group lengths, outermost first, or ``(length,)``.
+
+  Raises:
+    ValueError: if ``length`` or ``levels`` is not an int >= 1.
 
   >>> group_lengths(64, 2)
   (8, 8)
@@ -369,8 +388,9 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
   (d >= 2 levels), the layers are scanned in nested groups of about
   ``L ** (1/d)`` and each group is rematerialized as a whole, so the scan
   keeps about ``d * L ** (1/d)`` carries (``2 * sqrt(L)`` for d=2) at the cost
-  of ``d - 1`` extra forward passes. Lengths that do not factor evenly work:
-  the leftover layers run in a flat tail.
+  of ``d - 1`` extra forward passes. Lengths that do not factor evenly work
+  with an int ``groups``: the last group is the short one (:func:`group_lengths`);
+  a tuple of level lengths must multiply to the number of layers.
 
   Args:
     body: ``(carry, x) -> (carry, y)``, one layer. ``x`` is the layer's slice
@@ -390,6 +410,7 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
 
   Raises:
     ValueError: for an inconsistent ``length``/``xs`` or bad ``groups``.
+    TypeError: for a bool ``groups``, or level lengths that are not ints.
   """
   if isinstance(groups, bool):
     raise TypeError(f"`remat_scan`: `groups` must be None, an int number of levels (>= 2 to "

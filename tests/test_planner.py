@@ -298,3 +298,64 @@ def test_auto_on_a_model_written_without_remat_kit():
   assert all(c.cost_kind == "estimated" for c in res.candidates)
   with pytest.raises(ValueError, match="ShapeDtypeStructs"):
     Search(build, params, tokens, max_names_exact=0)  # measured locally: needs arrays
+
+
+def _dropout_stack(policy, prng="threefry"):
+  """A scanned stack with dropout whose loss averages over the batch: the PRNG impl
+  is a build option."""
+  def loss(ws, x, key):
+    if prng != "threefry":
+      key = jax.random.key(jax.random.bits(key, dtype=jnp.uint32), impl=prng)
+
+    def body(c, w):
+      h = rk.checkpoint_name(jnp.tanh(c @ w["w1"]), "up")
+      keep = jax.random.bernoulli(jax.random.fold_in(key, 0), 0.9, h.shape)
+      return c + jnp.where(keep, h, 0.0) @ w["w2"], None
+    out, _ = rk.remat_scan(body, x, ws, policy=policy)
+    return jnp.mean(out ** 2)
+  return loss
+
+
+def test_microbatches_and_options_are_searched_with_every_plan():
+  """Each plan is compiled at every slice count and build option, slices lower the peak,
+  no budget gives the fastest plan, and `least_memory` answers the other question from
+  the same costs."""
+  x, key = X[:512], jax.random.key(0)
+  search = Search(_dropout_stack, WS, x, key, presets=["full"], max_names_exact=0,
+                  microbatches=(1, 4), options={"prng": ("threefry", "unsafe_rbg")},
+                  repeats=3)
+  res = search.solve(None, budget_kind="peak")
+  labels = {c.label for c in res.candidates}
+  assert {"no_remat", "full", "no_remat x4 microbatches", "full x4 microbatches, prng=unsafe_rbg",
+          "save:up x4 microbatches, prng=unsafe_rbg"} <= {lb.replace(", prng=threefry", "")
+                                                          for lb in labels}
+  assert len(labels) == 3 * 2 * 2  # (no_remat, full, save:up) x slices x prngs
+  sliced = search.candidate(False, None, 4)
+  whole = search.candidate(False, None, 1)
+  assert sliced is not None and whole is not None
+  assert sliced.microbatches == 4 and sliced.activation_bytes is None
+  assert dict(sliced.options) == {"prng": "threefry"}
+  assert search.candidate("full", None, 4, prng="unsafe_rbg").options == (("prng", "unsafe_rbg"),)
+  assert sliced.peak_bytes < whole.peak_bytes
+  assert not any(rk.report.faster(c.timing, res.choice.timing) for c in res.candidates)
+  small = res.least_memory(100.0)
+  assert small.peak_bytes == min(c.peak_bytes for c in res.candidates)
+  assert res.least_memory(1.0).cost_s <= search.none.cost_s
+  with pytest.raises(ValueError, match="max_slowdown"):
+    res.least_memory(0.5)
+
+
+def test_microbatch_and_option_arguments_are_checked():
+  x, key = X[:512], jax.random.key(0)
+  with pytest.raises(ValueError, match="does not divide loss argument 1"):
+    Search(_dropout_stack, WS, x, key, microbatches=(1, 3))
+  with pytest.raises(ValueError, match="`microbatches` must be"):
+    Search(_dropout_stack, WS, x, key, microbatches=0)
+  with pytest.raises(ValueError, match="PRNG keys are split"):
+    Search(_dropout_stack, WS, x, key, microbatches=(2,), batch_argnums=(2,))
+  with pytest.raises(ValueError, match=r"options\['prng'\]"):
+    Search(_dropout_stack, WS, x, key, options={"prng": "unsafe_rbg"})
+  with pytest.raises(ValueError, match="searches itself"):
+    Search(_dropout_stack, WS, x, key, options={"policy": ("full",)})
+  with pytest.raises(ValueError, match="chain of layers"):
+    auto([lambda p, x: x], [{}], x, budget="1GiB", microbatches=(2,))

@@ -51,6 +51,11 @@ class Candidate:
   in one interleaved pass over every candidate, at the first ``solve``).
   ``cost_spread_s`` is the timing spread (0 for estimates), ``cost_n`` the number of
   timed steps behind it. ``timing`` is the cost as a :class:`~remat_kit.report.Timing`.
+  ``microbatches`` is how many slices the batch is cut into (1: the step as
+  written; ``auto``'s ``microbatches``), and ``options`` the other build arguments
+  the plan is built with (``auto``'s ``options``), as ``(name, value)`` pairs.
+  ``activation_bytes`` is None for a sliced step: each slice's residuals live
+  inside its scan.
   """
 
   label: str
@@ -59,7 +64,7 @@ class Candidate:
   source: str  # "preset", "names", "knapsack", "nested", "offload" or "chain"
   temp_bytes: int
   peak_bytes: int
-  activation_bytes: int
+  activation_bytes: int | None
   flops: int
   recompute_pct: float
   cost_s: float | None
@@ -67,6 +72,8 @@ class Candidate:
   cost_kind: str  # "estimated", "measured" or "roofline"
   cost_source: str
   cost_n: int = 1  # how many timed steps the cost is the median of (1 for estimates)
+  microbatches: int = 1
+  options: tuple[tuple[str, Any], ...] = ()
 
   @property
   def timing(self) -> Timing:
@@ -80,6 +87,7 @@ class Candidate:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["policy"] = repr(self.policy)
+    d["options"] = {name: value for name, value in self.options}
     return d
 
 
@@ -114,22 +122,48 @@ class AutoResult:
   """The chosen plan, every candidate, and the Pareto curve.
 
   ``fn`` is set for chains: the chain run as the chosen plan,
-  ``fn(params, x)``; for models, build the plan from ``choice.policy`` and
-  ``choice.groups``.
+  ``fn(params, x)``; for models, build the plan from ``choice.policy``,
+  ``choice.groups`` (and ``choice.microbatches``, ``choice.options`` where
+  ``auto`` searched them). ``budget_bytes`` is None where ``auto`` had no
+  budget (the choice is then the least-cost plan). ``reference`` is the no-remat
+  plan of the step as written, where the search has one.
   """
 
-  budget_bytes: int
+  budget_bytes: int | None
   budget_kind: str
   choice: Candidate
   candidates: list[Candidate]
   fn: Callable[..., Any] | None = None
   plan: ChainSchedule | None = None
+  reference: Candidate | None = None
 
   @property
   def pareto(self) -> list[Candidate]:
     """From the least bytes up, each candidate that costs less than the last beyond noise."""
     costed = [c for c in self.candidates if c.cost_s is not None]
     return pareto_front(costed, lambda c: c.nbytes(self.budget_kind), lambda c: c.timing)
+
+  def least_memory(self, max_slowdown: float) -> Candidate:
+    """The candidate of fewest ``budget_kind`` bytes whose cost is at most
+    ``max_slowdown`` times the no-remat plan's (``reference``: the step as written, no
+    slices, the first ``options`` values). The other question of the same search: not "the
+    fastest within this memory" but "the least memory within this step time".
+
+    Raises:
+      ValueError: for a ``max_slowdown`` that is not a number >= 1, or candidates
+        without a costed no-remat plan (a chain, or uncosted candidates).
+    """
+    if (isinstance(max_slowdown, bool) or not isinstance(max_slowdown, (int, float))
+        or not max_slowdown >= 1):
+      raise ValueError(f"`least_memory`: `max_slowdown` is a step-time ratio to no remat, "
+                       f"a number >= 1 (1.25: at most 25% slower), got {max_slowdown!r}.")
+    base = self.reference
+    if base is None or base.cost_s is None:
+      raise ValueError("`least_memory`: this result has no costed no-remat plan "
+                       "(`reference`) to compare step times with (a chain's result).")
+    limit = max_slowdown * base.cost_s
+    fits = [c for c in self.candidates if c.cost_s is not None and c.cost_s <= limit]
+    return min(fits, key=lambda c: (c.nbytes(self.budget_kind), c.cost_s, c.label))
 
   def to_dict(self) -> dict[str, Any]:
     return {"budget_bytes": self.budget_bytes, "budget_kind": self.budget_kind,

@@ -8,13 +8,14 @@ import inspect
 import itertools
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from remat_kit import _jaxpr, targets
+from remat_kit.microbatch import microbatched_value_and_grad
 from remat_kit.planner.chain import auto_chain
 from remat_kit.planner.result import (
   AutoResult,
@@ -36,7 +37,7 @@ __all__ = ["Search", "auto"]
 
 def _builder(model: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str, Any]
              ) -> tuple[Callable[..., Callable[..., jax.Array]], bool]:
-  """``(build, takes_groups)``: ``build(policy, groups)`` returns a loss of
+  """``(build, takes_groups)``: ``build(policy, groups, **options)`` returns a loss of
   ``(params, *inputs)``."""
   import flax.linen as nn
 
@@ -50,15 +51,15 @@ def _builder(model: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str
                         "functions.")
     head = loss or (lambda out: jnp.mean(jnp.square(out.astype(jnp.float32))))
 
-    def build(policy: Any, groups: Any) -> Callable[..., jax.Array]:
-      module = model.clone(policy=policy, groups=groups)
+    def build(policy: Any, groups: Any, **options: Any) -> Callable[..., jax.Array]:
+      module = model.clone(policy=policy, groups=groups, **options)
       return lambda params, *xs: head(module.apply({"params": params}, *xs, rngs=rngs))
 
     return build, True
   if callable(model):
     if _takes(model, "groups"):
-      return (lambda policy, groups: model(policy=policy, groups=groups)), True
-    return (lambda policy, groups: model(policy=policy)), False
+      return (lambda policy, groups, **o: model(policy=policy, groups=groups, **o)), True
+    return (lambda policy, groups, **o: model(policy=policy, **o)), False
   raise TypeError(f"`auto`: `fn_or_module` must be a Linen module with `policy`/`groups`, a "
                   f"function `build(policy[, groups]) -> loss(params, *inputs)`, or a list "
                   f"of layer functions `f(params, x) -> x`, got {model!r}.")
@@ -76,13 +77,15 @@ def _abstract(tree: Any) -> bool:
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree))
 
 
-def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str,
+def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str | None,
          budget_kind: str = "temp", loss: Callable[[Any], jax.Array] | None = None,
          rngs: dict[str, Any] | None = None, cost: str = "auto",
          roofline: Roofline | None = None, presets: Sequence[Any] | None = None,
          max_names_exact: int = 12, max_subsets: int = 8, groups: Sequence[int] = (2, 3),
          offload: bool | None = None, repeats: int = 5, verbose: bool = False,
-         target: Any = None, time_budget_s: float | None = None) -> AutoResult:
+         target: Any = None, time_budget_s: float | None = None,
+         microbatches: Sequence[int] = (1,), batch_argnums: Sequence[int] | None = None,
+         options: Mapping[str, Sequence[Any]] | None = None) -> AutoResult:
   """The least-cost remat plan whose compiled gradient fits ``budget``.
 
   Args:
@@ -103,7 +106,9 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
     *inputs: the loss's other arguments, passed as given (arrays or
       ``ShapeDtypeStruct``s; nothing is closed over, so nothing becomes a
       constant of the compiled program); the chain's input for a list of layers.
-    budget: bytes, a number or a string like "4GiB".
+    budget: bytes, a number or a string like "4GiB"; None for no limit (the
+      fastest plan; :meth:`AutoResult.least_memory` then answers "the least
+      memory within a slowdown").
     budget_kind: "temp" (the compiled gradient's temp bytes) or "peak" (its
       peak: temp plus arguments and outputs, or the target compiler's peak).
     loss: maps the module's output to a scalar (mean square by default).
@@ -126,6 +131,23 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
       may take together (None: no limit); rounds stop there and each candidate
       keeps the spread it reached (``cost_spread_s``). Near ties are re-timed at
       most once per set of contenders.
+    microbatches: slice counts to try for every plan: 1, the step as written, is
+      always tried;
+      k > 1 computes the gradient over k slices of the batch added up in one
+      buffer (:func:`remat_kit.microbatched_value_and_grad`), which divides
+      what no policy removes (a layer's input, output gradient and input
+      gradient at full batch). The loss must average over the batch.
+    batch_argnums: with ``microbatches``, the loss arguments cut along their
+      leading axis, numbered as the loss sees them (``params`` is 0, then the
+      array inputs in order); by default every array input that is not a PRNG
+      key. PRNG-key inputs are split, one key per slice.
+    options: other build arguments to search over, as ``{name: values}``:
+      every plan is built as ``build(policy, ..., name=value)`` for each
+      combination (module attributes for a Linen module), e.g.
+      ``{"attention": ("dense", "flash")}``. The first value of each is the
+      reference the plain-gradient FLOPs and the names are read from. A plan
+      that refers to a name or primitive one combination's model never uses is
+      not tried with it (``Search.skipped`` says which and why).
 
   Returns:
     An :class:`AutoResult`.
@@ -134,15 +156,23 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
     ValueError: for bad options, or if no candidate fits (the message gives
       the least bytes any candidate reached).
   """
-  budget_bytes = parse_bytes(budget)
+  budget_bytes = None if budget is None else parse_bytes(budget)
   if isinstance(fn_or_module, (list, tuple)):
+    if budget_bytes is None:
+      raise ValueError("`auto`: a chain of layers is planned for a `budget` of bytes; "
+                       "pass one (e.g. budget='4GiB').")
+    if tuple(microbatches) != (1,) or options:
+      raise ValueError("`auto`: `microbatches` and `options` are for models and builds, not "
+                       f"for a chain of layers; got microbatches={microbatches!r}, "
+                       f"options={options!r}.")
     return auto_chain(fn_or_module, params, *inputs, budget=budget_bytes,
                       budget_kind=budget_kind, cost=cost, roofline=roofline, repeats=repeats,
                       verbose=verbose, target=target)
   search = Search(fn_or_module, params, *inputs, loss=loss, rngs=rngs, cost=cost,
                   roofline=roofline, presets=presets, max_names_exact=max_names_exact,
                   max_subsets=max_subsets, groups=groups, offload=offload, repeats=repeats,
-                  verbose=verbose, target=target, time_budget_s=time_budget_s)
+                  verbose=verbose, target=target, time_budget_s=time_budget_s,
+                  microbatches=microbatches, batch_argnums=batch_argnums, options=options)
   return search.solve(budget_bytes, budget_kind=budget_kind)
 
 
@@ -159,7 +189,9 @@ class Search:
                max_names_exact: int = 12, max_subsets: int = 8,
                groups: Sequence[int] = (2, 3), offload: bool | None = None,
                repeats: int = 5, verbose: bool = False, target: Any = None,
-               time_budget_s: float | None = None) -> None:
+               time_budget_s: float | None = None, microbatches: Sequence[int] = (1,),
+               batch_argnums: Sequence[int] | None = None,
+               options: Mapping[str, Sequence[Any]] | None = None) -> None:
     self.target = targets.parse_target(target)
     self.cost = check_options(cost, "temp", self.target)
     for name, v, lo in (("max_names_exact", max_names_exact, 0), ("max_subsets", max_subsets, 0),
@@ -169,6 +201,8 @@ class Search:
     bad = [g for g in groups if not isinstance(g, int) or isinstance(g, bool) or g < 2]
     if bad:
       raise ValueError(f"`auto`: `groups` are nesting levels, ints >= 2; got {list(groups)!r}.")
+    self.slices = _check_microbatches(microbatches)
+    self.variants = _variants(options)
     self.coster = Coster(self.cost, roofline, self.target)
     if time_budget_s is not None and (isinstance(time_budget_s, bool)
                                       or not isinstance(time_budget_s, (int, float))
@@ -191,11 +225,13 @@ class Search:
         full[i] = x
       return tuple(full)
 
-    def build_traced(policy: Any, groups: Any) -> Callable[..., jax.Array]:
-      f = build(policy, groups)
+    def build_traced(policy: Any, groups: Any, variant: Variant = ()
+                     ) -> Callable[..., jax.Array]:
+      f = build(policy, groups, **dict(variant))
       return lambda params, *xs: f(params, *with_statics(*xs))
 
     self.build = build_traced
+    self.batch_argnums = _batch_argnums(batch_argnums, self.inputs, self.slices)
     if self.cost == "measured" and _abstract((params, self.inputs)):
       raise ValueError("`auto`: cost='measured' runs each candidate's step, which needs "
                        "arrays, but `params` or `inputs` hold ShapeDtypeStructs. Pass "
@@ -205,29 +241,54 @@ class Search:
       groups = ()  # a build without `groups`: no nested plans
     self.measured: dict[str, Candidate] = {}
     self._compiled: dict[str, Any] = {}
-    self._keys: dict[tuple[Any, Any], str] = {}
+    self._keys: dict[tuple[Any, Any, int, Variant], str] = {}
     self._knapsacked: set[tuple[int, str]] = set()
     args = (params, *self.inputs)
-    self._plain_flops = count_flops(jax.grad(without_remat(self.build(False, None))), *args)
-    self.names = sorted(_tagged_names(self.build(True, None), args))
+    first = self.variants[0]
+    self._plain_flops = count_flops(jax.grad(without_remat(self.build(False, None, first))),
+                                    *args)
+    uses = {v: _tags_and_primitives(self.build(True, None, v), args) for v in self.variants}
+    self.names = sorted(uses[first][0])
     self.exact = len(self.names) <= max_names_exact
     host = targets.has_host_memory(self.target) if offload is None else offload
-    plans = self._plans(presets, host, tuple(groups), max_names_exact)
-    for i, (label, pol, grp, source) in enumerate(plans):
-      self.measure(label, pol, grp, source, progress=f"{i + 1}/{len(plans)}")
+    # A plan is tried with each variant whose model uses the names and primitives it
+    # refers to (a dropout PRNG changes bernoulli's compare); `skipped` says why not.
+    self.skipped: dict[str, str] = {}
+    plans = []
+    for k in self.slices:
+      for variant in self.variants:
+        names, prims = uses[variant]
+        for label, pol, grp, source in self._plans(presets, host, tuple(groups)):
+          label += _suffix(k, variant)
+          missing = sorted((pol.referenced_names() - names)
+                           | (pol.checked_primitives() - prims))
+          if missing:
+            self.skipped[label] = (f"{pol!r} refers to {missing}, which this build never "
+                                   "uses")
+            if verbose:
+              print(f"auto: not trying {label}: {self.skipped[label]}", file=sys.stderr)
+          else:
+            plans.append((label, pol, grp, source, k, variant))
+    for i, (label, pol, grp, source, k, variant) in enumerate(plans):
+      self.measure(label, pol, grp, source, microbatches=k, variant=variant,
+                   progress=f"{i + 1}/{len(plans)}")
 
   @property
   def none(self) -> Candidate:
-    """The no-remat candidate."""
-    return self.measured["no_remat"]
+    """The no-remat candidate: the step as written (no slices, the first ``options``)."""
+    c = self.candidate("no_remat")
+    assert c is not None  # measured first, always
+    return c
 
   @property
   def full(self) -> Candidate:
-    """The full-remat candidate."""
-    return self.measured["full"]
+    """The full-remat candidate (no slices, the first ``options``)."""
+    c = self.candidate("full")
+    assert c is not None
+    return c
 
-  def _plans(self, presets: Sequence[Any] | None, host: bool, levels: tuple[int, ...],
-             max_names_exact: int) -> list[tuple[str, Policy, Any, str]]:
+  def _plans(self, presets: Sequence[Any] | None, host: bool, levels: tuple[int, ...]
+             ) -> list[tuple[str, Policy, Any, str]]:
     """Every candidate plan as (label, policy, groups, source), no-remat and full first."""
     out: list[tuple[str, Policy, Any, str]] = []
     seen: set[Any] = set()
@@ -264,30 +325,44 @@ class Search:
     return out
 
   def measure(self, label: str, policy: Any, groups: Any = None, source: str = "preset", *,
+              microbatches: int = 1, variant: Variant | None = None,
               progress: str = "") -> Candidate:
-    """Compiles and costs one plan (cached by label, and by policy and groups)."""
+    """Compiles and costs one plan (cached by label, and by policy, groups, microbatches
+    and variant: the ``options`` values it is built with, the first of each by default)."""
     pol = from_config(policy)
-    key = (pol, groups)
+    variant = self.variants[0] if variant is None else variant
+    key = (pol, groups, microbatches, variant)
     if key in self._keys:
       return self.measured[self._keys[key]]
     if label in self.measured:
       raise ValueError(f"`auto`: label {label!r} already names {self.measured[label].policy!r}"
                        f" (groups {self.measured[label].groups!r}); give {pol!r} another label.")
-    fn = self.build(pol, groups)
+    fn = self.build(pol, groups, variant)
     # One trace and one compile per candidate: its memory, FLOPs and the residuals the
     # compiled program carries all come from it, and it is the step that is timed.
     args = (self.params, *self.inputs)
-    c = compilation(fn, args, {}, self.target, api="auto")
+    if microbatches == 1:
+      c = compilation(fn, args, {}, self.target, api="auto")
+      flops = c.flops()["total"]
+      acts: int | None = sum(r.bytes for r in c.residuals() if r.kind == "activation")
+    else:
+      # The sliced gradient is a whole step (a scan of per-slice gradients): compiled as it
+      # is, FLOPs counted from it; each slice's residuals live inside the scan's body,
+      # which has no one forward/backward boundary to read them at.
+      step = microbatched_value_and_grad(fn, microbatches, batch_argnums=self.batch_argnums,
+                                         key_argnums=self._key_argnums())
+      c = compilation(step, args, {}, self.target, grad=False, api="auto",
+                      out_kinds=("output", "gradient"))
+      flops, acts = count_flops(step, *args), None
     mem = memory_fields(c.compiled, self.target, hbm_bytes=self.cost != "measured")
     if self.cost == "measured":  # timed at the first solve
       self._compiled[label] = functools.partial(c.compiled, *jax.tree_util.tree_leaves(args))
-    flops = c.flops()["total"]
-    acts = sum(r.bytes for r in c.residuals() if r.kind == "activation")
     cost_s, cost_source = self.coster(flops, mem)
     plain = self._plain_flops
     cand = Candidate(label, pol, groups, source, mem["temp_size"], mem["peak_bytes"], acts,
                      flops, 100.0 * (flops - plain) / plain if plain else 0.0, cost_s, 0.0,
-                     self.cost, cost_source)
+                     self.cost, cost_source, microbatches=microbatches,
+                     options=variant)
     self.measured[label] = cand
     self._keys[key] = label
     if self.verbose:
@@ -297,10 +372,17 @@ class Search:
             f"{cost} ({self.cost})", file=sys.stderr, flush=True)
     return cand
 
-  def candidate(self, policy: Any, groups: Any = None) -> Candidate | None:
-    """The measured candidate of ``policy`` and ``groups``, or None if it was not tried."""
-    label = self._keys.get((from_config(policy), groups))
+  def candidate(self, policy: Any, groups: Any = None, microbatches: int = 1,
+                **options: Any) -> Candidate | None:
+    """The measured candidate of ``policy``, ``groups``, ``microbatches`` and ``options``
+    (those not given: their first value), or None if it was not tried."""
+    variant = tuple((name, options.get(name, v)) for name, v in self.variants[0])
+    label = self._keys.get((from_config(policy), groups, microbatches, variant))
     return None if label is None else self.measured[label]
+
+  def _key_argnums(self) -> tuple[int, ...]:
+    """The loss arguments (``params`` is 0) that are PRNG keys: split, one per slice."""
+    return tuple(i + 1 for i, x in enumerate(self.inputs) if _is_key(x))
 
   def _time_all(self) -> None:
     """Times every untimed candidate's step in one interleaved pass, then confirms ties."""
@@ -367,7 +449,8 @@ class Search:
     if (budget, budget_kind) in self._knapsacked:
       return
     self._knapsacked.add((budget, budget_kind))
-    singles = {n: self.measured[self._keys[(SaveNames((n,)), None)]] for n in self.names}
+    base = (1, self.variants[0])
+    singles = {n: self.measured[self._keys[(SaveNames((n,)), None, *base)]] for n in self.names}
     full = self.full
     # `solve` has costed every candidate (`_time_all`) before this.
     gain = {n: (s.nbytes(budget_kind) - full.nbytes(budget_kind), _cost(full) - _cost(s))
@@ -384,11 +467,17 @@ class Search:
     for _, combo in sorted(ranked)[:self.max_subsets]:
       self.measure("save:" + ",".join(combo), SaveNames(combo), None, "knapsack")
 
-  def solve(self, budget: int | float | str, *, budget_kind: str = "temp") -> AutoResult:
-    """The least-cost compiled plan within ``budget`` bytes of ``budget_kind``."""
+  def solve(self, budget: int | float | str | None, *, budget_kind: str = "temp"
+            ) -> AutoResult:
+    """The least-cost compiled plan within ``budget`` bytes of ``budget_kind`` (None: the
+    least-cost plan of all)."""
     check_options(self.cost, budget_kind, self.target)
-    budget_bytes = parse_bytes(budget)
     self._time_all()
+    if budget is None:
+      budget_bytes = max(c.nbytes(budget_kind) for c in self.measured.values())
+      return AutoResult(None, budget_kind, _pick(self.measured, budget_bytes, budget_kind),
+                        list(self.measured.values()), reference=self.none)
+    budget_bytes = parse_bytes(budget)
     if not self.exact:
       self._knapsack(budget_bytes, budget_kind)
       self._time_all()
@@ -400,7 +489,7 @@ class Search:
           f"`auto`: no plan fits `budget`={budget_bytes:,} bytes of compiled {budget_kind} "
           f"memory; the least reached is {least.nbytes(budget_kind):,} bytes ({least.label}). "
           "Raise the budget, shrink the batch, or add nesting levels.")
-    return AutoResult(budget_bytes, budget_kind, choice, cands)
+    return AutoResult(budget_bytes, budget_kind, choice, cands, reference=self.none)
 
 
 def _cost(c: Candidate) -> float:
@@ -409,8 +498,81 @@ def _cost(c: Candidate) -> float:
   return c.cost_s
 
 
-def _tagged_names(fn: Callable[..., Any], args: tuple[Any, ...]) -> frozenset[str]:
-  closed = jax.make_jaxpr(fn)(*args)
-  return _jaxpr.tags_and_primitives(closed)[0]
+def _tags_and_primitives(fn: Callable[..., Any], args: tuple[Any, ...]
+                         ) -> tuple[frozenset[str], frozenset[str]]:
+  return _jaxpr.tags_and_primitives(jax.make_jaxpr(fn)(*args))
 
 
+Variant = tuple[tuple[str, Any], ...]
+
+
+def _pick(measured: dict[str, Candidate], budget: int, budget_kind: str) -> Candidate:
+  choice = choose(list(measured.values()), budget, budget_kind)
+  assert choice is not None  # `budget` is the bytes of one of them: it fits
+  return choice
+
+
+def _suffix(microbatches: int, variant: Variant) -> str:
+  """What a candidate's label adds for its slices and build options."""
+  out = f" x{microbatches} microbatches" if microbatches > 1 else ""
+  return out + "".join(f", {name}={value}" for name, value in variant)
+
+
+def _check_microbatches(microbatches: Sequence[int]) -> tuple[int, ...]:
+  ks = tuple(microbatches) if isinstance(microbatches, (list, tuple)) else None
+  if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+    raise ValueError("`auto`: `microbatches` must be a non-empty list of slice counts, "
+                     f"ints >= 1 (1: the step as written), got {microbatches!r}.")
+  return tuple(dict.fromkeys((1, *ks)))
+
+
+def _variants(options: Mapping[str, Sequence[Any]] | None) -> list[Variant]:
+  """Every combination of the ``options`` values, the first values first."""
+  if not options:
+    return [()]
+  if not isinstance(options, Mapping):
+    raise TypeError(f"`auto`: `options` must be a dict of build argument names to the "
+                    f"values to try, e.g. {{'attention': ('dense', 'flash')}}, got {options!r}.")
+  for name, values in options.items():
+    if not isinstance(values, (list, tuple)) or not values:
+      raise ValueError(f"`auto`: `options[{name!r}]` must be a non-empty list of values to "
+                       f"build with, got {values!r}.")
+    if name in ("policy", "groups"):
+      raise ValueError(f"`auto`: `options` names build arguments besides `policy` and "
+                       f"`groups`, which auto searches itself; got {name!r}.")
+  names = list(options)
+  return [tuple(zip(names, combo)) for combo in itertools.product(*options.values())]
+
+
+def _is_key(x: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _batch_argnums(batch_argnums: Sequence[int] | None, inputs: tuple[Any, ...],
+                   slices: tuple[int, ...]) -> tuple[int, ...]:
+  """The loss arguments cut into slices (``params`` is argument 0): checked, or every
+  array input that is not a PRNG key."""
+  if batch_argnums is None:
+    out = tuple(i + 1 for i, x in enumerate(inputs) if not _is_key(x))
+  else:
+    out = tuple(batch_argnums)
+    bad = [i for i in out if not isinstance(i, int) or isinstance(i, bool)
+           or not 1 <= i <= len(inputs) or _is_key(inputs[i - 1])]
+    if bad:
+      raise ValueError(f"`auto`: `batch_argnums` are the loss arguments to cut into slices, "
+                       f"1 to {len(inputs)} (0 is `params`; PRNG keys are split, not cut); "
+                       f"got {list(batch_argnums)!r}.")
+  if max(slices) > 1:
+    if not out:
+      raise ValueError(f"`auto`: `microbatches`={list(slices)!r} cuts the batch, but no "
+                       "input is a batch (`batch_argnums` is empty).")
+    for i in out:
+      for leaf in jax.tree_util.tree_leaves(inputs[i - 1]):
+        n = leaf.shape[0] if getattr(leaf, "shape", ()) else None
+        for k in slices:
+          if n is None or n % k:
+            raise ValueError(
+                f"`auto`: `microbatches` {k} does not divide loss argument {i}'s leading axis "
+                f"(shape {getattr(leaf, 'shape', ())}); pick slice counts that divide the "
+                "batch, or leave that input out of `batch_argnums`.")
+  return out

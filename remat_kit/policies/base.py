@@ -59,6 +59,17 @@ class Policy:
   """
 
   def decide(self, prim: Any, avals: tuple[Any, ...], params: dict[str, Any]) -> Decision:
+    """What to do with the output of one equation of the checkpointed function.
+
+    Args:
+      prim: the equation's primitive (``checkpoint_name``'s for a tag).
+      avals: the abstract values of its inputs.
+      params: its parameters (a tag's name, a matmul's dimension numbers, ...).
+
+    Returns:
+      JAX's ``Saveable``, ``Recompute`` or an ``Offloadable(src, dst)``; calling
+      the policy turns the first two into ``True``/``False``.
+    """
     raise NotImplementedError
 
   def __call__(self, prim: Any, *avals: Any, **params: Any) -> Any:
@@ -125,20 +136,41 @@ class Policy:
     return frozenset().union(*(c.excluded_names() for c in self.children()))
 
   def with_producers(self, producers: frozenset[tuple[Any, ...]]) -> Policy:
-    """This policy with the producers of its excluded names filled in."""
+    """This policy with the producers of its excluded names filled in.
+
+    Args:
+      producers: ``(primitive name, input shapes and dtypes)`` signatures of the ops that
+        produce the tensors its :meth:`excluded_names` tag, as
+        :func:`remat_kit.remat` reads them from the traced function.
+    """
     kids = self.children()
     if not kids:
       return self
     return self.with_children(tuple(c.with_producers(producers) for c in kids))
 
   def with_children(self, children: tuple[Policy, ...]) -> Policy:
-    """This composite with its parts replaced."""
+    """This composite with its parts replaced.
+
+    Args:
+      children: the new parts, in the order of :meth:`children`.
+    """
     raise NotImplementedError  # pragma: no cover - leaves have no children
 
 
 @dataclasses.dataclass(frozen=True)
 class Offload(Policy):
-  """Offloads to host what ``policy`` would save, instead of keeping it."""
+  """Offloads to host what ``policy`` would save, instead of keeping it.
+
+  Saves: nothing on the device of what ``policy`` keeps; it goes to ``dst``
+  memory. Recomputes: what ``policy`` recomputes, no more: the device memory
+  of ``policy``'s saved tensors is traded for host memory and a copy each way
+  over the host link.
+
+  Attributes:
+    policy: the policy whose saved (or offloaded) values are offloaded.
+    src: the memory kind the values live in (``"device"``).
+    dst: the memory kind to offload to (``"pinned_host"``).
+  """
 
   policy: Policy
   src: str = DEFAULT_OFFLOAD_SRC
@@ -179,7 +211,12 @@ class _Combination(Policy):
   def of(cls, *policies: Policy) -> Any:
     """The combination of ``policies``: nested combinations of the same kind flattened,
     duplicates dropped, children in a canonical order (by ``repr``), so that ``a | b``
-    equals ``b | a`` and hashes alike (one jit cache entry)."""
+    equals ``b | a`` and hashes alike (one jit cache entry).
+
+    Args:
+      *policies: the policies to combine (remat_kit policies; ``|`` and ``&``
+        convert other values first).
+    """
     return cls(tuple(sorted(set(_flatten(cls, policies)), key=repr)))
 
   def children(self):
@@ -205,7 +242,16 @@ class _Combination(Policy):
 
 @dataclasses.dataclass(frozen=True)
 class Union(_Combination):
-  """Saves a value if any policy saves it; else offloads if any offloads it."""
+  """Saves a value if any policy saves it; else offloads if any offloads it.
+
+  Saves: everything any part saves: at least the memory of its largest part,
+  at most the parts' sum. Recomputes: only what every part recomputes, so no
+  more than its cheapest part.
+
+  Attributes:
+    policies: the parts, in canonical order (build it with ``|`` or
+      :meth:`of`).
+  """
 
   _decisive = _jax.Saveable
   _otherwise = _jax.Recompute
@@ -217,7 +263,16 @@ class Union(_Combination):
 
 @dataclasses.dataclass(frozen=True)
 class Intersection(_Combination):
-  """Keeps a value only if every policy keeps it (offloads if any offloads)."""
+  """Keeps a value only if every policy keeps it (offloads if any offloads).
+
+  Saves: only what every part keeps: at most the memory of its smallest part.
+  Recomputes: everything any part recomputes, so at least as much as its
+  dearest part.
+
+  Attributes:
+    policies: the parts, in canonical order (build it with ``&`` or
+      :meth:`of`).
+  """
 
   _decisive = _jax.Recompute
   _otherwise = _jax.Saveable

@@ -1,5 +1,7 @@
 """Config in, policy out: the preset registry, the string/dict parser and `from_config`.
 
+What each preset saves and recomputes is listed under :func:`registered`.
+
 >>> from remat_kit.policies import from_config
 >>> from_config("save_dots_no_batch | save:qkv")
 Union(policies=(SaveDots(no_batch_dims=True), SaveNames(names=('qkv',))))
@@ -41,24 +43,74 @@ _ACTIONS = ("save", "offload", "recompute")
 
 def offload(policy: Any, *, src: str = DEFAULT_OFFLOAD_SRC,
             dst: str = DEFAULT_OFFLOAD_DST) -> Offload:
-  """Offload to host what ``policy`` would save."""
+  """Offload to host what ``policy`` would save.
+
+  Args:
+    policy: anything :func:`from_config` accepts.
+    src: the memory kind the values live in (``"device"`` by default).
+    dst: the memory kind to offload to (``"pinned_host"`` by default).
+
+  Returns:
+    An :class:`~remat_kit.policies.Offload` of ``policy``: it recomputes what
+    ``policy`` recomputes and moves what ``policy`` saves to host memory.
+
+  Raises:
+    ValueError: for a config value :func:`from_config` does not know.
+    TypeError: for a value of a type :func:`from_config` does not take.
+  """
   return Offload(from_config(policy), src, dst)
 
 
 def save_from_both_policies(policy_1: Any, policy_2: Any) -> Union:
-  """Logical OR of two policies (JAX's name for it)."""
+  """Logical OR of two policies (JAX's name for it).
+
+  Args:
+    policy_1: anything :func:`from_config` accepts.
+    policy_2: the same.
+
+  Returns:
+    A :class:`~remat_kit.policies.Union` of the two.
+
+  Raises:
+    ValueError: for a config value :func:`from_config` does not know.
+    TypeError: for a value of a type :func:`from_config` does not take.
+  """
   return save_from_all_policies(policy_1, policy_2)
 
 
 def save_from_all_policies(*policies: Any) -> Union:
-  """Save a value if any of the policies saves it."""
+  """Save a value if any of the policies saves it.
+
+  Args:
+    *policies: one or more values :func:`from_config` accepts.
+
+  Returns:
+    A :class:`~remat_kit.policies.Union` of them.
+
+  Raises:
+    ValueError: if no policy is given, or for a config value
+      :func:`from_config` does not know.
+    TypeError: for a value of a type :func:`from_config` does not take.
+  """
   if not policies:
     raise ValueError("`save_from_all_policies` needs at least one policy.")
   return Union.of(*[from_config(p) for p in policies])
 
 
 def save_if_all_policies_save(*policies: Any) -> Intersection:
-  """Save a value only if every policy saves it."""
+  """Save a value only if every policy saves it.
+
+  Args:
+    *policies: one or more values :func:`from_config` accepts.
+
+  Returns:
+    An :class:`~remat_kit.policies.Intersection` of them.
+
+  Raises:
+    ValueError: if no policy is given, or for a config value
+      :func:`from_config` does not know.
+    TypeError: for a value of a type :func:`from_config` does not take.
+  """
   if not policies:
     raise ValueError("`save_if_all_policies_save` needs at least one policy.")
   return Intersection.of(*[from_config(p) for p in policies])
@@ -89,7 +141,33 @@ def register(name: str, factory: Callable[[], Policy], description: str = "") ->
 
 
 def registered() -> dict[str, str]:
-  """The preset names and what each saves."""
+  """The preset names and what each saves.
+
+  What the built-in presets cost (see Choosing a policy for measured figures):
+
+  * ``"full"`` (alias ``"nothing_saveable"``), :class:`SaveNothing`: saves
+    only the inputs; recomputes the whole forward, matmuls included.
+  * ``"no_remat"`` (``"everything_saveable"``), :class:`SaveEverything`: saves
+    every intermediate; recomputes nothing.
+  * ``"save_dots"`` (``"dots_saveable"``), :class:`SaveDots`: saves every
+    matmul and convolution output; recomputes the elementwise ops between
+    them (cheap); memory grows with the number of matmuls.
+  * ``"save_dots_no_batch"`` (``"dots_with_no_batch_dims_saveable"``,
+    ``"minimal"``): saves the matmuls without batch dimensions (projections);
+    also recomputes batched matmuls (attention scores) and convolutions.
+  * ``"save_qkv"``, ``"save_attn_out"``, ``"save_qkv_attn_out"``,
+    ``"save_attn_probs"``, ``"save_mlp_hidden"``, ``"save_block_io"``
+    (``attn_out`` and ``mlp_out``), :class:`SaveNames`: save only the values
+    tagged with those names; recompute every untagged value from them.
+  * ``"save_all_but_attn_probs"``, :class:`SaveAnythingExcept`: saves
+    everything but the attention probabilities; recomputes only the op that
+    makes them.
+  * ``"offload_dots"``: as ``"save_dots_no_batch"``, with the matmul outputs
+    in pinned host memory instead of on the device (a copy each way).
+  * ``"offload_qkv"``, :class:`OffloadNames`: moves the value tagged ``qkv``
+    to pinned host memory and keeps nothing else on the device; recomputes
+    every other value.
+  """
   return dict(_DESCRIPTIONS)
 
 

@@ -43,7 +43,11 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class SaveEverything(Policy):
-  """Saves every intermediate: the same memory and compute as no remat."""
+  """Saves every intermediate: the same memory and compute as no remat.
+
+  Saves: every value the backward pass reads. Recomputes: nothing (see
+  Choosing a policy for how the presets compare).
+  """
 
   def decide(self, prim, avals, params):
     return _jax.Saveable
@@ -54,6 +58,10 @@ class SaveNothing(Policy):
   """Full remat: saves only the inputs; the backward pass reruns the forward.
 
   Memory: the function's inputs only. Compute: one extra forward pass.
+
+  Saves: nothing but the checkpoint's inputs. Recomputes: the whole forward
+  of the checkpointed function, matmuls included: the least memory for the
+  most FLOPs.
   """
 
   def saving_primitives(self):
@@ -79,6 +87,12 @@ class SaveDots(Policy):
 
   Everything elementwise (activations, norms, dropout masks) is recomputed.
   Memory: one tensor per matmul. Compute: the cheap, memory-bound ops again.
+
+  Saves: every ``dot_general`` and convolution output (with ``no_batch_dims``:
+  only unbatched ``dot_general``s). Recomputes: the elementwise ops between
+  them (cheap); with ``no_batch_dims`` also batched matmuls such as
+  attention's ``q @ k`` and convolutions, for less memory. Memory grows with
+  the number and size of the matmuls kept.
 
   Attributes:
     no_batch_dims: if True, save only `dot_general`s without batch dimensions
@@ -127,8 +141,16 @@ class _ByName(Policy):
 class SaveNames(_ByName):
   """Saves the values tagged with these `checkpoint_name`s; recomputes the rest.
 
+  Saves: only the values tagged with ``names`` (plus the checkpoint's inputs).
+  Recomputes: every untagged value the backward pass needs, from the saved
+  ones; memory is the named tensors' bytes, and the more work lies between
+  the tags, the more FLOPs the backward pass repeats.
+
   Attributes:
     names: the `checkpoint_name` tags to save.
+
+  Raises:
+    TypeError: if ``names`` is not a str or a sequence of non-empty strs.
   """
 
   def _keeps(self, name: str) -> bool:
@@ -142,10 +164,18 @@ class OffloadNames(Policy):
   Memory: device memory as full remat for these tensors, host memory for
   them instead. Compute: a device-to-host copy forward and back.
 
+  Saves: nothing on the device; the tagged values go to ``dst`` memory.
+  Recomputes: every untagged value, as :class:`SaveNames` does; the named
+  tensors cost host memory and a copy each way over the host link instead of
+  device memory (where the target has a host memory space).
+
   Attributes:
     names: the `checkpoint_name` tags to offload.
     src: memory kind the values live in (``"device"``).
     dst: memory kind to offload to (``"pinned_host"``).
+
+  Raises:
+    TypeError: if ``names`` is not a str or a sequence of non-empty strs.
   """
 
   names: tuple[str, ...]
@@ -179,11 +209,21 @@ class SaveOrOffloadNames(Policy):
   Built from a dict by :func:`from_config`, e.g.
   ``{"attn_out": "save", "mlp_hidden": "offload", "*": "recompute"}``.
 
+  Saves: the ``save`` names on the device, the ``offload`` names in ``dst``
+  memory. Recomputes: every other value, untagged ones included; device
+  memory is the saved names' bytes, and each offloaded name costs a copy each
+  way over the host link.
+
   Attributes:
     save: names to keep on device.
     offload: names to move to host memory.
     src: memory kind of offloaded values.
     dst: memory kind to offload to.
+
+  Raises:
+    ValueError: if a name is both in ``save`` and in ``offload``.
+    TypeError: if ``save`` or ``offload`` is not a str or a sequence of
+      non-empty strs.
   """
 
   save: tuple[str, ...] = ()
@@ -227,8 +267,15 @@ class SaveOrOffloadNames(Policy):
 class SaveAnyNamesBut(_ByName):
   """Saves every named value except these names; recomputes unnamed values.
 
+  Saves: every tagged value whose name is not in ``names``. Recomputes: the
+  untagged values and the excluded names' values; cost as :class:`SaveNames`
+  with every other tag listed.
+
   Attributes:
     names: the `checkpoint_name` tags not to save.
+
+  Raises:
+    TypeError: if ``names`` is not a str or a sequence of non-empty strs.
   """
 
   def _keeps(self, name: str) -> bool:
@@ -253,6 +300,20 @@ class SaveAnythingExcept(Policy):
 
   Memory: as no remat, less the excluded tensors (plus the producer's inputs
   where nothing else keeps them). Compute: one op per excluded tensor.
+
+  Saves: every value except those tagged with ``names`` and, under
+  :func:`remat_kit.remat`, the outputs of their producers. Recomputes: only
+  those producers (and ops identical to them): a few FLOPs for the memory of
+  the excluded tensors.
+
+  Attributes:
+    names: the `checkpoint_name` tags not to save.
+    producers: ``(primitive name, input shapes and dtypes)`` signatures of the ops that
+      produce the excluded tensors, filled in by :func:`remat_kit.remat` at
+      trace time (empty: only the tags themselves are refused).
+
+  Raises:
+    TypeError: if ``names`` is not a str or a sequence of non-empty strs.
   """
 
   names: tuple[str, ...]
@@ -284,7 +345,18 @@ class SaveAnythingExcept(Policy):
 
 @dataclasses.dataclass(frozen=True)
 class SavePrimitives(Policy):
-  """Saves the outputs of the named primitives, e.g. ``("dot_general", "exp")``."""
+  """Saves the outputs of the named primitives, e.g. ``("dot_general", "exp")``.
+
+  Saves: every output of the listed primitives, whatever its shape.
+  Recomputes: every other op's output; ``("dot_general",)`` saves what
+  :class:`SaveDots` saves but the convolutions.
+
+  Attributes:
+    primitives: the primitive names (``jax.core.Primitive.name``) to save.
+
+  Raises:
+    TypeError: if ``primitives`` is not a str or a sequence of non-empty strs.
+  """
 
   primitives: tuple[str, ...]
 
@@ -326,9 +398,19 @@ class SaveBySize(Policy):
   expensive to recompute through; large ones are where remat pays. Combine
   with ``&``, e.g. ``dots_saveable() & save_by_size(max_bytes=2**20)``.
 
+  Saves: every op output whose size is in the range, whatever the op (a
+  `checkpoint_name` tag itself is never saved; the value it tags is judged).
+  Recomputes: the outputs outside the range (and those it cannot size); with
+  the defaults (``0``, None) it saves every output, as no remat.
+  ``max_bytes`` bounds each tensor, not the total.
+
   Attributes:
     min_bytes: smallest output to save.
     max_bytes: largest output to save; None for no limit.
+
+  Raises:
+    ValueError: if a bound is not an int >= 0, or ``max_bytes`` is below
+      ``min_bytes``.
   """
 
   min_bytes: int = 0
@@ -364,6 +446,12 @@ class CallablePolicy(Policy):
 
   `jax_remat3` ignores plain callables; wrapped, it still applies (through
   JAX's classic remat). The function must be hashable (a module-level def).
+
+  Saves and recomputes whatever ``fn`` decides: its cost is the function's.
+
+  Attributes:
+    fn: the policy function, called as ``jax.checkpoint`` calls a policy; it
+      returns a bool (True: save) or JAX's ``Offloadable``.
   """
 
   fn: Callable[..., Any]
@@ -379,51 +467,134 @@ class CallablePolicy(Policy):
 
 
 def everything_saveable() -> SaveEverything:
-  """Save everything: no remat."""
+  """Save everything: no remat.
+
+  Returns:
+    :class:`SaveEverything`: saves every value, recomputes nothing.
+  """
   return SaveEverything()
 
 
 def nothing_saveable() -> SaveNothing:
-  """Save nothing: full remat."""
+  """Save nothing: full remat.
+
+  Returns:
+    :class:`SaveNothing`: saves only the inputs, recomputes the whole forward.
+  """
   return SaveNothing()
 
 
 def dots_saveable() -> SaveDots:
-  """Save matmul and convolution outputs; recompute the rest."""
+  """Save matmul and convolution outputs; recompute the rest.
+
+  Returns:
+    :class:`SaveDots`: memory grows with the matmuls kept; the backward pass
+    recomputes only the elementwise ops between them.
+  """
   return SaveDots(no_batch_dims=False)
 
 
 def dots_with_no_batch_dims_saveable() -> SaveDots:
-  """Save matmuls without batch dimensions (projections); recompute the rest."""
+  """Save matmuls without batch dimensions (projections); recompute the rest.
+
+  Returns:
+    ``SaveDots(no_batch_dims=True)``: less memory than :func:`dots_saveable`,
+    for recomputing batched matmuls (attention scores) and convolutions too.
+  """
   return SaveDots(no_batch_dims=True)
 
 
 def save_only_these_names(*names: str) -> SaveNames:
-  """Save only the values tagged with these names."""
+  """Save only the values tagged with these names.
+
+  Args:
+    *names: the `checkpoint_name` tags to save (none: save nothing tagged).
+
+  Returns:
+    A :class:`SaveNames`.
+
+  Raises:
+    TypeError: for a name that is not a non-empty str.
+  """
   return SaveNames(names)
 
 
 def offload_these_names(*names: str, src: str = DEFAULT_OFFLOAD_SRC,
                         dst: str = DEFAULT_OFFLOAD_DST) -> OffloadNames:
-  """Offload the values tagged with these names to host memory."""
+  """Offload the values tagged with these names to host memory.
+
+  Args:
+    *names: the `checkpoint_name` tags to offload.
+    src: the memory kind the values live in (``"device"`` by default).
+    dst: the memory kind to offload to (``"pinned_host"`` by default).
+
+  Returns:
+    An :class:`OffloadNames`.
+
+  Raises:
+    TypeError: for a name that is not a non-empty str.
+  """
   return OffloadNames(names, src, dst)
 
 
 def save_any_names_but_these(*names: str) -> SaveAnyNamesBut:
-  """Save every named value except these names; recompute unnamed values."""
+  """Save every named value except these names; recompute unnamed values.
+
+  Args:
+    *names: the `checkpoint_name` tags not to save.
+
+  Returns:
+    A :class:`SaveAnyNamesBut`.
+
+  Raises:
+    TypeError: for a name that is not a non-empty str.
+  """
   return SaveAnyNamesBut(names)
 
 
 def save_anything_except_these_names(*names: str) -> SaveAnythingExcept:
-  """Save everything except the values tagged with these names."""
+  """Save everything except the values tagged with these names.
+
+  Args:
+    *names: the `checkpoint_name` tags not to save.
+
+  Returns:
+    A :class:`SaveAnythingExcept` (apply it with :func:`remat_kit.remat` for
+    the excluded tensors to really be dropped).
+
+  Raises:
+    TypeError: for a name that is not a non-empty str.
+  """
   return SaveAnythingExcept(names)
 
 
 def save_these_primitives(*primitives: str) -> SavePrimitives:
-  """Save the outputs of these primitives (by name, e.g. ``"dot_general"``)."""
+  """Save the outputs of these primitives (by name, e.g. ``"dot_general"``).
+
+  Args:
+    *primitives: the primitive names to save.
+
+  Returns:
+    A :class:`SavePrimitives`.
+
+  Raises:
+    TypeError: for a primitive name that is not a non-empty str.
+  """
   return SavePrimitives(primitives)
 
 
 def save_by_size(*, min_bytes: int = 0, max_bytes: int | None = None) -> SaveBySize:
-  """Save op outputs whose size in bytes lies in ``[min_bytes, max_bytes]``."""
+  """Save op outputs whose size in bytes lies in ``[min_bytes, max_bytes]``.
+
+  Args:
+    min_bytes: the smallest output to save (0: no lower bound).
+    max_bytes: the largest output to save; None (the default) for no limit.
+
+  Returns:
+    A :class:`SaveBySize`.
+
+  Raises:
+    ValueError: if a bound is not an int >= 0, or ``max_bytes`` is below
+      ``min_bytes``.
+  """
   return SaveBySize(min_bytes, max_bytes)

@@ -42,8 +42,14 @@ def estimate_seconds(total_flops: int | float, compiled: dict[str, Any], target:
     target: where it was compiled.
     rates: ``(FLOP/s, bytes/s, where they come from)`` to use instead of the
       target's published peaks; for the local backend, measured rates (see
-      :func:`measure_local_rates`). Without them the local backend gets
-      ``(None, reason)``: it is timed, not estimated.
+      :func:`measure_local_rates`).
+
+  Returns:
+    ``(seconds, source)``: the roofline sum and what went into it, or
+    ``(None, reason)`` where there is no estimate: the local backend without
+    ``rates`` (it is timed), a target without a known chip, a compile that
+    reports no HBM bytes, or given ``rates`` for a program that moves bytes
+    to or from host memory (they have no host bandwidth).
   """
   t = targets.parse_target(target)
   host_rate = None
@@ -75,6 +81,13 @@ def measure_local_rates(repeats: int = 10) -> tuple[float, float, str]:
   """The local device's matmul FLOP/s and copy bandwidth, measured (median of ``repeats``).
 
   A 1024^3 float32 matmul and a 64 MiB ``x + 1``; labelled as measured.
+
+  Args:
+    repeats: timed runs of each kernel after one warm-up run (10 by default).
+
+  Returns:
+    ``(FLOP/s, bytes/s, description)``, the ``rates`` that
+    :func:`estimate_seconds` takes.
   """
   import statistics
   import time

@@ -21,13 +21,24 @@ __all__ = ["RematSite", "jaxpr_remat_sites", "policy_names", "policy_repr", "rem
 
 
 def policy_names(policy: Any) -> frozenset[str]:
-  """The checkpoint names a policy refers to, where they can be read."""
+  """The checkpoint names a policy refers to, where they can be read.
+
+  Args:
+    policy: a remat_kit :class:`~remat_kit.policies.Policy`, or one of JAX's
+      policies (whose names are read where JAX keeps them; none otherwise).
+  """
   if isinstance(policy, Policy):
     return policy.referenced_names()
   return _jax.jax_policy_names(policy)
 
 
 def policy_repr(policy: Any) -> str:
+  """A short readable name of a remat site's policy, for messages.
+
+  Args:
+    policy: a policy as a remat site holds it: None (full remat), a function
+      (its ``__name__``) or a policy object (its ``repr``).
+  """
   if policy is None:
     return "full remat (policy=None)"
   return getattr(policy, "__name__", None) or repr(policy)
@@ -35,6 +46,14 @@ def policy_repr(policy: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RematSite:
+  """One remat boundary of a traced function.
+
+  Attributes:
+    policy: the policy the boundary was traced with (None: full remat).
+    names: the `checkpoint_name` tags made inside it.
+    layers: the product of the trip counts of the scans around it.
+  """
+
   policy: Any
   names: frozenset[str]
   layers: int  # the product of the trip counts of the scans around it
@@ -42,12 +61,22 @@ class RematSite:
 
 def remat_sites(fn: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> list[RematSite]:
-  """Every remat boundary in ``fn``, in the order :class:`Residual.site` indexes."""
+  """Every remat boundary in ``fn``, in the order :class:`Residual.site` indexes.
+
+  Args:
+    fn: the function to trace.
+    args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
+    kwargs: its keyword arguments.
+  """
   return jaxpr_remat_sites(_jaxpr.closed_parts(jax.make_jaxpr(fn)(*args, **kwargs))[0])
 
 
 def jaxpr_remat_sites(jaxpr: Any) -> list[RematSite]:
-  """:func:`remat_sites` of an already traced jaxpr."""
+  """:func:`remat_sites` of an already traced jaxpr.
+
+  Args:
+    jaxpr: the function's ``Jaxpr`` (a closed jaxpr's ``.jaxpr``).
+  """
   return [_site(eqn, layers) for eqn, layers in _jaxpr.remat_equations(jaxpr)]
 
 
@@ -59,7 +88,16 @@ def _site(eqn: Any, layers: int) -> RematSite:
 
 
 def rule_for(r: Residual, sites: list[RematSite]) -> str:
-  """Why ``r`` is kept, from where it was produced (never from its shape)."""
+  """Why ``r`` is kept, from where it was produced (never from its shape).
+
+  Args:
+    r: a residual of the gradient.
+    sites: the function's remat sites (:func:`remat_sites`), which
+      ``r.site`` indexes.
+
+  Returns:
+    One line, e.g. "saved by policy ... (name 'h')".
+  """
   if r.kind == "argument":
     return "an input: no extra memory"
   if r.kind == "argument_cast":

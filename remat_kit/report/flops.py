@@ -131,6 +131,17 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
   conditions; other while loops are refused; ``cond`` counts its dearest
   branch.
 
+  Args:
+    fn: the function to count (a gradient, for the backward pass).
+    *args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
+    **kwargs: its keyword arguments.
+
+  Returns:
+    The FLOP count.
+
+  Raises:
+    ValueError: for a while loop whose trip count is not a constant counter.
+
   Example:
     >>> import jax.numpy as jnp, remat_kit as rk
     >>> rk.report.count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 16)))
@@ -147,6 +158,13 @@ def without_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
   ``jax.checkpoint`` under both remat implementations, inside scans, conds
   and jits.
 
+  Args:
+    fn: the function, with remat anywhere inside it.
+
+  Returns:
+    A function of the same arguments, traced and evaluated with every remat
+    boundary inlined.
+
   >>> import jax, jax.numpy as jnp
   >>> f = jax.checkpoint(jnp.sin)
   >>> g = without_remat(f)
@@ -158,14 +176,22 @@ def without_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def with_full_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """``fn`` with every remat boundary kept but its policy replaced by full remat."""
+  """``fn`` with every remat boundary kept but its policy replaced by full remat.
+
+  Args:
+    fn: the function, with remat anywhere inside it.
+  """
   return _rewrite(fn, full=True)
 
 
 def with_offload_on_device(fn: Callable[..., Any]) -> Callable[..., Any]:
   """``fn`` with every remat policy's offloads kept in device memory instead: the same
   tensors saved, none moved to the host (the reference of lint's
-  ``offload-costs-memory``)."""
+  ``offload-costs-memory``).
+
+  Args:
+    fn: the function, with remat anywhere inside it.
+  """
   return _rewrite(fn, full=_on_device)
 
 
@@ -197,6 +223,19 @@ def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[i
   ``forward`` is ``fn`` alone; ``total`` is the gradient as written; the
   gradient with remat inlined is ``forward + backward``; ``recompute`` is the
   rest, and ``recompute_pct`` is it relative to the gradient without remat.
+
+  Args:
+    fn: a scalar function.
+    *args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
+    argnums: which arguments the gradient is taken with respect to (as in
+      ``jax.grad``).
+    **kwargs: its keyword arguments (not differentiated).
+
+  Returns:
+    ``{"forward", "backward", "recompute", "total", "recompute_pct"}``.
+
+  Raises:
+    ValueError: as :func:`count_flops`.
 
   Example:
     >>> import jax.numpy as jnp, remat_kit as rk

@@ -49,7 +49,12 @@ __all__ = ["LintWarning", "lint"]
 
 @dataclasses.dataclass(frozen=True)
 class LintWarning:
-  """One finding: a short code and a message that says what to do."""
+  """One finding: a short code and a message that says what to do.
+
+  Attributes:
+    code: the rule, e.g. ``"untagged-name"`` (see :mod:`remat_kit.report.linting`).
+    message: what was found and what to do about it.
+  """
 
   code: str
   message: str
@@ -66,10 +71,25 @@ def _kept(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[tuple[Any, ...]
 def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWarning]:
   """Checks the remat in scalar function ``fn`` by what it actually saves.
 
-  Most rules read the jaxpr, the same for every backend; ``no-effect``
-  compiles the gradient for ``target`` (see :mod:`remat_kit.targets`; None:
-  the local backend), since whether remat lowers memory is the compiler's
-  doing (XLA:CPU merges recomputation back in Python loops, for one).
+  Most rules read the jaxpr, the same for every backend; ``no-effect`` and
+  ``offload-costs-memory`` compile the gradient for ``target`` (see
+  :mod:`remat_kit.targets`; None: the local backend), since whether remat lowers
+  memory is the compiler's doing (XLA:CPU merges recomputation back in Python
+  loops, for one); the offload rule also compiles the same tensors kept on the
+  device.
+
+  Args:
+    fn: a scalar function with remat inside it.
+    *args: its arguments (the gradient is taken with respect to the first).
+    target: where ``no-effect`` and ``offload-costs-memory`` compile (see
+      :mod:`remat_kit.targets`); None for the local backend.
+
+  Returns:
+    The warnings found (an empty list when there are none).
+
+  Raises:
+    ValueError: for a target :func:`remat_kit.targets.parse_target` refuses,
+      or a while loop whose FLOPs cannot be counted.
 
   Example:
     >>> import jax, jax.numpy as jnp

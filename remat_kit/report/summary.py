@@ -153,6 +153,11 @@ class MemoryReport:
     }
 
   def to_json(self, **kwargs: Any) -> str:
+    """:meth:`to_dict` as a JSON string.
+
+    Args:
+      **kwargs: options of ``json.dumps`` (``indent=1``, ...).
+    """
     return json.dumps(self.to_dict(), **kwargs)
 
   def table(self) -> str:
@@ -215,6 +220,12 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
     :func:`~remat_kit.report.explain_peak` or :func:`~remat_kit.report.lint` of the same
     function, arguments and target compiles nothing.
 
+  Raises:
+    TypeError: for a non-callable ``fn``, a ``fn_kwargs`` that is not a dict of
+      str keys, or any other keyword argument (the function's go in
+      ``fn_kwargs``).
+    ValueError: for a target :func:`remat_kit.targets.parse_target` refuses.
+
   Example:
     >>> import jax.numpy as jnp, remat_kit as rk
     >>> def loss(w, x):
@@ -272,7 +283,11 @@ def _measure_live_peak(grad: Callable[..., Any], args: tuple[Any, ...],
 
 @dataclasses.dataclass
 class Comparison:
-  """Reports for several functions, side by side."""
+  """Reports for several functions, side by side.
+
+  Attributes:
+    reports: label -> :class:`MemoryReport`, the baseline first.
+  """
 
   reports: dict[str, MemoryReport]
 
@@ -307,6 +322,24 @@ def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Se
 
   The first entry is the baseline of the "x temp" column; ``fn_kwargs`` go to every
   function.
+
+  Args:
+    fns: ``{label: fn}``, each a scalar loss ``fn(*args, **fn_kwargs)``; the
+      first is the baseline.
+    *args: example arguments shared by every function (as :func:`memory_report`'s).
+    argnums: which arguments the gradients are taken with respect to.
+    live: on GPU/TPU, run each compiled gradient once and read the device's
+      peak bytes in use.
+    verbose: print one progress line per function.
+    target: where to compile (as :func:`memory_report`'s); None for the local
+      backend.
+    fn_kwargs: keyword arguments of every function (not differentiated).
+
+  Returns:
+    A :class:`Comparison`: ``.reports[label]`` and, as ``str()``, a table.
+
+  Raises:
+    TypeError: if ``fns`` is not a non-empty dict, or as :func:`memory_report`.
   """
   fn_kwargs = fn_kwargs_of("compare", fn_kwargs, stray)
   if not isinstance(fns, Mapping) or not fns:
@@ -323,7 +356,14 @@ def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Se
 
 @dataclasses.dataclass
 class ResidualDiff:
-  """What one report keeps that the other does not (by label, shape and dtype)."""
+  """What one report keeps that the other does not (by label, shape, dtype and kind).
+
+  Attributes:
+    a: the first report's label.
+    b: the second report's label.
+    only_a: the residuals only the first keeps.
+    only_b: the residuals only the second keeps.
+  """
 
   a: str
   b: str
@@ -370,6 +410,17 @@ def diff(report_a: MemoryReport, report_b: MemoryReport) -> ResidualDiff:
 
   Residuals match by label (name, else primitive), shape and dtype, counted
   with multiplicity.
+
+  Args:
+    report_a: a :class:`MemoryReport`.
+    report_b: another, e.g. of the same function under another policy.
+
+  Returns:
+    A :class:`ResidualDiff`; its ``bytes_delta`` is b's activation bytes
+    minus a's, over the unmatched rows.
+
+  Raises:
+    TypeError: if either report is not a :class:`MemoryReport`.
   """
   for arg, r in (("report_a", report_a), ("report_b", report_b)):
     if not isinstance(r, MemoryReport):

@@ -128,7 +128,12 @@ class Timeline:
     return [t - p for t, p in zip(self.total, pack)]
 
   def live_at(self, point: int, kind: str | None = None) -> list[TimelineBuffer]:
-    """The buffers live at ``point`` (of ``kind`` if given), largest first."""
+    """The buffers live at ``point`` (of ``kind`` if given), largest first.
+
+    Args:
+      point: a program point, from 0 to ``points - 1``.
+      kind: only buffers of this kind (``"saved residual"``, ...); None for all.
+    """
     out = [b for b in self.buffers if b.start <= point <= b.end and kind in (None, b.kind)]
     return sorted(out, key=lambda b: -b.bytes)
 
@@ -142,6 +147,11 @@ class Timeline:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> Timeline:
+    """The timeline that :meth:`to_dict` wrote.
+
+    Args:
+      d: a dict from :meth:`to_dict` (or its JSON, loaded).
+    """
     d = dict(d)
     d["buffers"] = [TimelineBuffer(**dict(b, shape=tuple(b["shape"]))) for b in d["buffers"]]
     d["regions"] = [tuple(r) for r in d["regions"]]
@@ -178,15 +188,33 @@ class MemoryTimeline:
             "timelines": {k: t.to_dict() for k, t in self.timelines.items()}}
 
   def to_json(self, **kwargs: Any) -> str:
+    """:meth:`to_dict` as a JSON string.
+
+    Args:
+      **kwargs: options of ``json.dumps`` (``indent=1``, ...).
+    """
     return json.dumps(self.to_dict(), **kwargs)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> MemoryTimeline:
+    """The timelines that :meth:`to_dict` wrote.
+
+    Args:
+      d: a dict from :meth:`to_dict` (or its JSON, loaded).
+    """
     return cls({k: Timeline.from_dict(t) for k, t in d["timelines"].items()}, d["target"],
                d.get("capacity_bytes"))
 
   def to_html(self, path: str | None = None, title: str | None = None) -> str:
-    """The page (one self-contained HTML file); written to ``path`` if given."""
+    """The page (one self-contained HTML file); written to ``path`` if given.
+
+    Args:
+      path: the file to write (UTF-8); None to only return the page.
+      title: the page's title; None for "memory timeline on <target>".
+
+    Returns:
+      The HTML text.
+    """
     from remat_kit.report.timeline_html import render
 
     html = render(self, title or f"memory timeline on {self.target}")
@@ -196,7 +224,15 @@ class MemoryTimeline:
     return html
 
   def to_png(self, path: str, dpi: int = 120) -> str:
-    """The stacked chart, one panel per policy on one scale, as a PNG at ``path``."""
+    """The stacked chart, one panel per policy on one scale, as a PNG at ``path``.
+
+    Args:
+      path: the PNG file to write.
+      dpi: its resolution in dots per inch (120 by default).
+
+    Returns:
+      ``path``.
+    """
     from remat_kit.report.timeline_plot import plot
 
     plot(self, path, dpi)
@@ -288,7 +324,12 @@ def _functions(fn: Any, policies: Any) -> dict[str, Callable[..., Any]]:
 
 def timeline_of(c: Compilation, label: str = "fn") -> Timeline:
   """The :class:`Timeline` of a compilation (the classification of ``explain_peak``
-  applied at every point: each temp buffer is classified where what it holds changes)."""
+  applied at every point: each temp buffer is classified where what it holds changes).
+
+  Args:
+    c: the compilation (:func:`~remat_kit.report.compilation`).
+    label: the timeline's label ("fn" by default).
+  """
   bufs = device_buffers(c)
   n = max([c.horizon] + [b.end + 1 for b in bufs])
   diff: dict[str, np.ndarray] = {}
