@@ -33,15 +33,15 @@ def _search(model: Any, repeats: int = 5, time_budget_s: float | None = None) ->
   # search is experiments.auto_vs_exhaustive's job), and nesting in 2 levels; costs timed
   # in interleaved rounds on the local backend. Kept small for `make bench`'s time.
   presets = [kw["policy"] for kw in model.strategies.values()
-             if "policy" in kw and "groups" not in kw]
+             if "policy" in kw and "levels" not in kw]
   search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)},
-                  presets=presets, max_names_exact=0, max_subsets=2, groups=(2,),
+                  presets=presets, max_names_exact=0, max_subsets=2, levels=(2,),
                   repeats=repeats, verbose=True, time_budget_s=time_budget_s)
   # Every fixed strategy is a candidate too (nested and offload ones included), so the
   # bench's rows are timed in the same interleaved pass that auto chooses from.
   for name, kw in model.strategies.items():
-    if set(kw) <= {"policy", "groups"}:
-      search.measure(f"bench: {name}", kw.get("policy", True), kw.get("groups"), "bench")
+    if set(kw) <= {"policy", "levels"}:
+      search.measure(f"bench: {name}", kw.get("policy", True), kw.get("levels"), "bench")
   _SEARCHES[model.describe] = search
   return search
 
@@ -52,9 +52,9 @@ def timing_of(model: Any, kw: dict[str, Any]) -> dict[str, Any] | None:
   None where the search has no such plan, or has not timed it (no auto budget ran).
   """
   search = _SEARCHES.get(model.describe)
-  if search is None or not set(kw) <= {"policy", "groups"}:
+  if search is None or not set(kw) <= {"policy", "levels"}:
     return None
-  cand = search.candidate(kw.get("policy", True), kw.get("groups"))
+  cand = search.candidate(kw.get("policy", True), kw.get("levels"))
   if cand is None or cand.cost_s is None:
     return None
   return {"step_ms_median": cand.cost_s * 1e3, "step_ms_spread": cand.cost_spread_s * 1e3,
@@ -65,7 +65,7 @@ def timing_of(model: Any, kw: dict[str, Any]) -> dict[str, Any] | None:
 
 def plan_for(model: Any, fraction: float, repeats: int = 5, fractions: tuple[float, ...] = (),
              time_budget_s: float | None = None) -> dict[str, Any]:
-  """``{"policy": ..., "groups": ...}`` for ``model`` within ``fraction`` of its no-remat temp.
+  """``{"policy": ..., "levels": ...}`` for ``model`` within ``fraction`` of its no-remat temp.
 
   Raises:
     ValueError: if no plan fits (with the least memory reached).
@@ -82,5 +82,5 @@ def plan_for(model: Any, fraction: float, repeats: int = 5, fractions: tuple[flo
         pass
   budget = int(fraction * search.none.temp_bytes)
   result = search.solve(budget)
-  return {"policy": result.choice.policy, "groups": result.choice.groups,
+  return {"policy": result.choice.policy, "levels": result.choice.levels,
           "auto_choice": result.choice.label, "budget_bytes": budget}

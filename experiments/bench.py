@@ -68,7 +68,7 @@ def _mlp(layers: int, batch: int, width: int) -> Model:
       "mlp", build, lambda k: (jax.random.normal(k, (batch, width)), True),
       {"no remat": {"policy": False}, "full": {"policy": True},
        "save_dots": {"policy": "save_dots"}, "save dense": {"policy": "save:dense"},
-       "nested (2 levels)": {"policy": True, "groups": 2}},
+       "nested (2 levels)": {"policy": True, "levels": 2}},
       f"dropout MLP: {layers} scanned HiddenLayers, batch {batch}, width {width}")
 
 
@@ -83,7 +83,7 @@ def _gpt(layers: int, batch: int, seq: int, d: int, heads: int) -> Model:
        "save_dots": {"policy": "save_dots"}, "save_dots_no_batch": {"policy": "minimal"},
        "save qkv, attn_out": {"policy": "save_qkv_attn_out"},
        "save all but attn_probs": {"policy": "save_all_but_attn_probs"},
-       "nested (2 levels)": {"policy": True, "groups": 2},
+       "nested (2 levels)": {"policy": True, "levels": 2},
        "offload dots": {"policy": "offload_dots"}},
       f"GPT: {layers} layers, batch {batch}, seq {seq}, d_model {d}, {heads} heads")
 
@@ -96,7 +96,7 @@ def _cnn(blocks: int, batch: int, size: int, features: int) -> Model:
       "cnn", build, lambda k: (jax.random.normal(k, (batch, size, size, 3)),),
       {"no remat": {"policy": False}, "full": {"policy": True},
        "save convs": {"policy": "save_dots"}, "save norm1": {"policy": "save:norm1"},
-       "nested (2 levels)": {"policy": True, "groups": 2}},
+       "nested (2 levels)": {"policy": True, "levels": 2}},
       f"ResNet: {blocks} blocks, batch {batch}, {size}x{size}x3, {features} channels")
 
 

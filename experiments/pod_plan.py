@@ -47,11 +47,11 @@ POLICIES = {"no remat": False, "full": True, "save_dots_no_batch": "minimal",
 
 
 def _model(policy: Any, a: argparse.Namespace) -> Any:
-  groups = None
+  levels = None
   if isinstance(policy, tuple):
-    policy, groups = policy
+    policy, levels = policy
   return models.GPT(vocab_size=a.vocab, max_len=a.seq, d_model=a.d_model, num_heads=a.heads,
-                    num_layers=a.layers, dtype=jnp.bfloat16, policy=policy, groups=groups)
+                    num_layers=a.layers, dtype=jnp.bfloat16, policy=policy, levels=levels)
 
 
 def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:

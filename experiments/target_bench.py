@@ -54,7 +54,7 @@ def gpt(layers: int = 24, d: int = 2048, seq: int = 2048, batch: int = 4, heads:
       {"no remat": {"policy": False}, "full": {"policy": True},
        "save_dots": {"policy": "save_dots"}, "save_dots_no_batch": {"policy": "minimal"},
        "save qkv, attn_out": {"policy": "save_qkv_attn_out"},
-       "nested (2 levels)": {"policy": True, "groups": 2}},
+       "nested (2 levels)": {"policy": True, "levels": 2}},
       f"GPT bf16: {layers} layers, d_model {d}, seq {seq}, batch {batch}, {heads} heads, "
       f"vocab {vocab}")
 
@@ -66,7 +66,7 @@ def mlp(layers: int = 4, batch: int = 32768, width: int = 4096) -> Case:
   return Case(
       "mlp", build, (jax.ShapeDtypeStruct((batch, width), jnp.float32),), (True,),
       {"no remat": {"policy": False}, "full": {"policy": True},
-       "save_dots": {"policy": "save_dots"}, "nested (2 levels)": {"policy": True, "groups": 2}},
+       "save_dots": {"policy": "save_dots"}, "nested (2 levels)": {"policy": True, "levels": 2}},
       f"the seeds' dropout MLP, fp32: {layers} hidden layers, batch {batch}, width {width}")
 
 

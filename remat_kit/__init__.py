@@ -32,7 +32,7 @@ from remat_kit.report import memory_report as memory_report
 from remat_kit.report import memory_timeline as memory_timeline
 from remat_kit.transforms import checkpoint_name as checkpoint_name
 from remat_kit.transforms import classic_remat as classic_remat
-from remat_kit.transforms import group_lengths as group_lengths
+from remat_kit.transforms import level_lengths as level_lengths
 from remat_kit.transforms import remat as remat
 from remat_kit.transforms import remat_scan as remat_scan
 from remat_kit.transforms import remat_sequential as remat_sequential
@@ -61,7 +61,7 @@ __all__ = [
     "pipelining",
     "pipelining_plan",
     "planner",
-    "group_lengths",
+    "level_lengths",
     "policies",
     "report",
     "remat",

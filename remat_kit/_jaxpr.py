@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -312,12 +312,6 @@ def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: Any = Fa
   With ``marks``, each is kept as it was, and labelled (see :class:`Marks`).
   Remat inside scans, conds and jits is reached by rewriting their bodies.
   """
-  env: dict[Any, Any] = {}
-  read = lambda v: v.val if isinstance(v, Literal) else env[v]
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
   tagged = {}  # the value a name tags (its producer is marked) -> the name
   passed = {}  # a named value passed on unchanged (reduce_precision, a cast, ...) -> the name
   if marks is not None:
@@ -331,14 +325,31 @@ def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: Any = Fa
         # What remat saves may be this op's output, not the named one's: XLA fuses the
         # named op into it.
         passed[eqn.outvars[0]] = tagged[eqn.outvars[0]] = passed[eqn.invars[0]]
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
+
+  def step(eqn: Any, invals: list[Any]) -> list[Any]:
     name = next((tagged[v] for v in eqn.outvars if v in tagged), None)
     # `tagged` is filled only with `marks`.
     scope = marks.name_scope(name, eqn.primitive.name) if name and marks is not None else None
     with _jax.eqn_context(eqn), (
         jax.named_scope(scope) if scope else contextlib.nullcontext()):
-      outs = _eval_eqn(eqn, invals, full, marks)
+      return _eval_eqn(eqn, invals, full, marks)
+
+  return evaluate(jaxpr, consts, args, step)
+
+
+def evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any],
+             step: Callable[[Any, list[Any]], Sequence[Any]]) -> list[Any]:
+  """Runs ``jaxpr`` equation by equation, each as ``step(eqn, input values)`` returns
+  its outputs: the one interpreter loop of :func:`eval_inlined` and the testing kit's
+  recorder, which differ only in what they do at an equation."""
+  env: dict[Any, Any] = {}
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    outs = step(eqn, [read(v) for v in eqn.invars])
     for v, x in zip(eqn.outvars, outs):
       env[v] = x
   return [read(v) for v in jaxpr.outvars]

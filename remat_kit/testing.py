@@ -483,26 +483,18 @@ def _record(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], marks: Any,
             seen: dict[str, list[Any]]) -> list[Any]:
   """Evaluates ``jaxpr`` op by op, recording the values of tagged ops (into jits and
   remats, whose bodies hold the recomputation)."""
-  env: dict[Any, Any] = {}
-  read = lambda v: v.val if isinstance(v, _jaxpr.Literal) else env[v]
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
+  def step(eqn: Any, invals: list[Any]) -> list[Any]:
     if _jaxpr.is_jit(eqn):
       body, body_consts = _jaxpr.closed_parts(eqn.params["jaxpr"])
-      outs = _record(body, body_consts, invals, marks, seen)
-    elif _jaxpr.is_remat(eqn):
+      return _record(body, body_consts, invals, marks, seen)
+    if _jaxpr.is_remat(eqn):
       b, c = _jaxpr.remat_body(eqn)
-      outs = _record(b, c, invals, marks, seen)
-    else:
-      outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-      outs = outs if eqn.primitive.multiple_results else [outs]
-      name = marks.name_of(str(eqn.source_info.name_stack), eqn.primitive.name)
-      if name is not None:
-        seen.setdefault(name, []).append(outs[0])
-    for v, x in zip(eqn.outvars, outs):
-      env[v] = x
-  return [read(v) for v in jaxpr.outvars]
+      return _record(b, c, invals, marks, seen)
+    outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    outs = outs if eqn.primitive.multiple_results else [outs]
+    name = marks.name_of(str(eqn.source_info.name_stack), eqn.primitive.name)
+    if name is not None:
+      seen.setdefault(name, []).append(outs[0])
+    return outs
+
+  return _jaxpr.evaluate(jaxpr, consts, args, step)

@@ -22,7 +22,7 @@ from remat_kit import _args, _dispatch, _jax, _jaxpr
 from remat_kit._dispatch import to_jax_policy
 from remat_kit.policies import Policy, from_config
 
-__all__ = ["checkpoint_name", "classic_remat", "group_lengths", "remat", "remat_scan", "scan_carries",
+__all__ = ["checkpoint_name", "classic_remat", "level_lengths", "remat", "remat_scan", "scan_carries",
            "remat_sequential", "to_jax_policy"]
 
 checkpoint_name = _ad_checkpoint.checkpoint_name
@@ -304,7 +304,7 @@ def scan_carries(length: int, levels: Sequence[int]) -> int:
 
   Args:
     length: the number of layers scanned.
-    levels: the level lengths, outermost first, as :func:`group_lengths`
+    levels: the level lengths, outermost first, as :func:`level_lengths`
       returns them (or ``(length,)`` for a flat scan).
 
   Returns:
@@ -319,13 +319,13 @@ def scan_carries(length: int, levels: Sequence[int]) -> int:
   inner = math.prod(levels[1:])
   full, rem = divmod(length, inner)
   if full == 0:
-    return scan_carries(length, group_lengths(length, len(levels) - 1))
-  tail = 1 + scan_carries(rem, group_lengths(rem, len(levels) - 1)) if rem else 0
+    return scan_carries(length, level_lengths(length, len(levels) - 1))
+  tail = 1 + scan_carries(rem, level_lengths(rem, len(levels) - 1)) if rem else 0
   return full + max(scan_carries(inner, levels[1:]), tail)
 
 
 @functools.lru_cache(maxsize=4096)
-def group_lengths(length: int, levels: int) -> tuple[int, ...]:
+def level_lengths(length: int, levels: int) -> tuple[int, ...]:
   """Group lengths, outermost first, for a ``levels``-deep nested scan.
 
   Chooses the level lengths that keep the fewest carries (see
@@ -347,19 +347,19 @@ def group_lengths(length: int, levels: int) -> tuple[int, ...]:
   Raises:
     ValueError: if ``length`` or ``levels`` is not an int >= 1.
 
-  >>> group_lengths(64, 2)
+  >>> level_lengths(64, 2)
   (8, 8)
-  >>> group_lengths(16, 3)  # a short last group keeps fewer carries than (2, 2, 4)
+  >>> level_lengths(16, 3)  # a short last group keeps fewer carries than (2, 2, 4)
   (3, 2, 3)
-  >>> group_lengths(37, 2)
+  >>> level_lengths(37, 2)
   (7, 6)
-  >>> group_lengths(61, 3), scan_carries(61, group_lengths(61, 3))
+  >>> level_lengths(61, 3), scan_carries(61, level_lengths(61, 3))
   ((4, 4, 4), 11)
   """
   if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
-    raise ValueError(f"`group_lengths`: `levels` must be an int >= 1, got {levels!r}.")
+    raise ValueError(f"`level_lengths`: `levels` must be an int >= 1, got {levels!r}.")
   if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-    raise ValueError(f"`group_lengths`: `length` must be an int >= 1, got {length!r}.")
+    raise ValueError(f"`level_lengths`: `length` must be an int >= 1, got {length!r}.")
   if levels == 1 or length <= 2:
     return (length,)
   # Inner group sizes to try: within 4x of the ideal length ** ((levels - 1) / levels).
@@ -378,18 +378,18 @@ def group_lengths(length: int, levels: int) -> tuple[int, ...]:
 
 
 def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *,
-               policy: Any = None, groups: int | Sequence[int] | None = None,
+               policy: Any = None, levels: int | Sequence[int] | None = None,
                length: int | None = None, prevent_cse: bool = False,
                check_names: bool = True) -> tuple[Any, Any]:
   """``lax.scan`` over layers with the body rematerialized, optionally nested.
 
-  Flat (``groups=None``), the scan keeps one carry per layer and recomputes
-  inside each layer as ``policy`` says: memory grows like L. With ``groups=d``
+  Flat (``levels=None``), the scan keeps one carry per layer and recomputes
+  inside each layer as ``policy`` says: memory grows like L. With ``levels=d``
   (d >= 2 levels), the layers are scanned in nested groups of about
   ``L ** (1/d)`` and each group is rematerialized as a whole, so the scan
   keeps about ``d * L ** (1/d)`` carries (``2 * sqrt(L)`` for d=2) at the cost
   of ``d - 1`` extra forward passes. Lengths that do not factor evenly work
-  with an int ``groups``: the last group is the short one (:func:`group_lengths`);
+  with an int ``levels``: the last group is the short one (:func:`level_lengths`);
   a tuple of level lengths must multiply to the number of layers.
 
   Args:
@@ -398,7 +398,7 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
     carry: the initial carry (the activations entering the first layer).
     xs: a pytree whose leaves have the layer count as leading axis, or None.
     policy: the policy inside each layer (see :func:`remat`).
-    groups: None or 1 for a flat scan; an int d >= 2 for d nested levels of
+    levels: None or 1 for a flat scan; an int d >= 2 for d nested levels of
       automatic size; or a tuple of level lengths, outermost first, whose
       product is the layer count.
     length: the layer count; needed only when ``xs`` is None.
@@ -409,12 +409,12 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
     ``(carry, ys)`` as ``lax.scan`` returns them.
 
   Raises:
-    ValueError: for an inconsistent ``length``/``xs`` or bad ``groups``.
-    TypeError: for a bool ``groups``, or level lengths that are not ints.
+    ValueError: for an inconsistent ``length``/``xs`` or bad ``levels``.
+    TypeError: for a bool ``levels``, or level lengths that are not ints.
   """
-  if isinstance(groups, bool):
-    raise TypeError(f"`remat_scan`: `groups` must be None, an int number of levels (>= 2 to "
-                    f"nest) or a tuple of level lengths, got {groups!r}.")
+  if isinstance(levels, bool):
+    raise TypeError(f"`remat_scan`: `levels` must be None, an int number of levels (>= 2 to "
+                    f"nest) or a tuple of level lengths, got {levels!r}.")
   paths = jax.tree_util.tree_flatten_with_path(xs)[0]
   leaves = [leaf for _, leaf in paths]
   for path, leaf in paths:
@@ -439,21 +439,21 @@ def remat_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
     raise ValueError("`remat_scan`: `xs` is empty, so pass `length=` (the number of layers).")
   else:
     n = length
-  if groups is None or groups == 1:
-    levels: tuple[int, ...] = (n,)
-  elif isinstance(groups, int) and not isinstance(groups, bool):
-    if groups < 1:
-      raise ValueError(f"`remat_scan`: `groups` must be >= 1, got {groups!r}.")
-    levels = group_lengths(n, groups)
+  if levels is None or levels == 1:
+    nest: tuple[int, ...] = (n,)
+  elif isinstance(levels, int) and not isinstance(levels, bool):
+    if levels < 1:
+      raise ValueError(f"`remat_scan`: `levels` must be >= 1, got {levels!r}.")
+    nest = level_lengths(n, levels)
   else:
-    levels = _args.as_tuple(groups, "remat_scan", "groups", int)
-    if any(g < 1 for g in levels) or math.prod(levels) != n:
+    nest = _args.as_tuple(levels, "remat_scan", "levels", int)
+    if any(g < 1 for g in nest) or math.prod(nest) != n:
       raise ValueError(
-          f"`remat_scan`: level lengths `groups`={levels} multiply to {math.prod(levels)}, "
+          f"`remat_scan`: level lengths `levels`={nest} multiply to {math.prod(nest)}, "
           f"not the {n} layers. Pass an int number of levels to have them chosen, "
           "uneven lengths included.")
   step = remat(body, policy=policy, prevent_cse=prevent_cse, check_names=check_names)
-  return _nested_scan(step, carry, xs, n, levels, prevent_cse)
+  return _nested_scan(step, carry, xs, n, nest, prevent_cse)
 
 
 def _nested_scan(step: Callable[..., Any], carry: Any, xs: Any, n: int,
@@ -478,6 +478,6 @@ def _nested_scan(step: Callable[..., Any], carry: Any, xs: Any, n: int,
     return carry, ys
   # The short last group, planned on its own (slicing the stacked inputs, which XLA copies).
   xs_tail = jax.tree_util.tree_map(lambda a: a[head:], xs)
-  carry, ys_tail = group(group_lengths(rem, len(inner_levels)), rem)(carry, xs_tail)
+  carry, ys_tail = group(level_lengths(rem, len(inner_levels)), rem)(carry, xs_tail)
   ys = jax.tree_util.tree_map(lambda a, b: jax.numpy.concatenate([a, b]), ys, ys_tail)
   return carry, ys

@@ -98,6 +98,6 @@ def test_where_auto_runs_the_rows_show_the_timings_it_chose_from(tmp_path):
   search = next(s for k, s in _SEARCHES.items() if k.startswith("dropout MLP"))
   for r in rows:  # each row's timing is its candidate's in auto's search: one measurement
     cand = search.measured[r["auto_choice"]] if r.get("auto_choice") else \
-        search.candidate(r["config"]["policy"], r["config"].get("groups"))
+        search.candidate(r["config"]["policy"], r["config"].get("levels"))
     assert r["step_ms_median"] == cand.cost_s * 1e3
     assert r["step_ms_spread"] == cand.cost_spread_s * 1e3

@@ -91,13 +91,13 @@ def test_remat_scan_validates_xs_and_groups_in_the_users_terms():
   body = lambda c, w: (c @ w, None)
   c = jnp.ones((2, 3))
   with pytest.raises(ValueError, match=r"different leading lengths .*xs\['a'\]: 4, xs\['b'\]: 5"):
-    rk.remat_scan(body, c, {"a": jnp.ones((4, 3, 3)), "b": jnp.ones((5, 3))}, groups=2)
+    rk.remat_scan(body, c, {"a": jnp.ones((4, 3, 3)), "b": jnp.ones((5, 3))}, levels=2)
   with pytest.raises(ValueError, match=r"leaf `xs\['s'\]` is a scalar"):
     rk.remat_scan(body, c, {"s": jnp.float32(1.0), "w": jnp.ones((4, 3, 3))})
   with pytest.raises(ValueError, match="0 layers"):
     rk.remat_scan(body, c, jnp.ones((0, 3, 3)))
-  with pytest.raises(TypeError, match="`groups` must be None, an int number of levels"):
-    rk.remat_scan(body, c, jnp.ones((4, 3, 3)), groups=True)
+  with pytest.raises(TypeError, match="`levels` must be None, an int number of levels"):
+    rk.remat_scan(body, c, jnp.ones((4, 3, 3)), levels=True)
 
 
 # --------------------------------------------------------------------------
@@ -304,14 +304,14 @@ class NnxStateful(nnx.Module):
     return x + self.drop(self.bn(self.lin(x)))
 
 
-@pytest.mark.parametrize("groups", [None, 2])
-def test_nnx_layer_stack_writes_back_batch_stats_and_custom_variables(groups):
+@pytest.mark.parametrize("levels", [None, 2])
+def test_nnx_layer_stack_writes_back_batch_stats_and_custom_variables(levels):
   x = jnp.linspace(-1, 1, 32).reshape(4, 8)
   eager = nnx.using_eager_sharding()
   nnx.use_eager_sharding(False)  # sharding metadata without a mesh
   try:
     make = lambda: rk_nnx.LayerStack(NnxStateful, 4, rngs=nnx.Rngs(0, dropout=1),
-                                     policy="full", groups=groups)
+                                     policy="full", levels=levels)
     scanned, ref = make(), make()
   finally:
     nnx.use_eager_sharding(eager)

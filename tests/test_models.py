@@ -141,12 +141,12 @@ def _unrolled_reference(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(STACKS))
-@pytest.mark.parametrize(("policy", "groups"), [(True, None), ("save_dots", 2), (True, (3, 2)),
+@pytest.mark.parametrize(("policy", "levels"), [(True, None), ("save_dots", 2), (True, (3, 2)),
                                                  (False, None)])
-def test_linen_scanned_stack_equals_unrolled(name, policy, groups):
+def test_linen_scanned_stack_equals_unrolled(name, policy, levels):
   block, _, args = STACKS[name]
   x, vu, (lu, gu) = _unrolled_reference(name)
-  scanned = LayerStack(block, 6, policy=policy, groups=groups)
+  scanned = LayerStack(block, 6, policy=policy, levels=levels)
   v = jax.jit(lambda k, x: scanned.init(k, x, *args))(KEYS, x)["params"]
   # Same init, converted. Equal to float rounding only: XLA may compile the initializers'
   # arithmetic differently inside the init scan (JAX 0.12: 7e-9 in one of 576 kernel
@@ -178,21 +178,23 @@ def _nnx_unrolled_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("groups", [None, 2, (3, 2)])
-def test_nnx_scanned_stack_equals_unrolled(groups):
-  a = _nnx_gpt(groups=groups)
+@pytest.mark.parametrize("levels", [None, 2, (3, 2)])
+def test_nnx_scanned_stack_equals_unrolled(levels):
+  a = _nnx_gpt(levels=levels)
   step = nnx.jit(nnx.value_and_grad(_nnx_loss))
   for ref in _nnx_unrolled_reference():
     chex.assert_trees_all_close(step(a, TOKENS), ref, **SCAN_TOL)
-  layers = unstack_layers(a.blocks.layers, 6)
+  layers = unstack_layers(a.blocks.layers)  # the layer count read from the arrays
   assert len(layers) == 6 and layers[0].qkv.kernel.shape == (16, 48)
+  with pytest.raises(ValueError, match="leading axis 5"):
+    unstack_layers(a.blocks.layers, 5)
   chex.assert_trees_all_equal(nnx.state(stack_layers(layers)), nnx.state(a.blocks.layers))
 
 
 @pytest.mark.slow
 def test_nnx_resnet_and_gru_scanned_equal_unrolled():
   img = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
-  r = models.nnx.ResNet(3, 8, 4, norm_groups=2, groups=2, rngs=nnx.Rngs(0))
+  r = models.nnx.ResNet(3, 8, 4, norm_groups=2, levels=2, rngs=nnx.Rngs(0))
   ga = nnx.jit(nnx.grad(lambda m: jnp.mean(m(img) ** 2)))(r)
   gb = nnx.jit(nnx.grad(lambda m: jnp.mean(m(img, unrolled=True) ** 2)))(r)
   chex.assert_trees_all_close(ga, gb, **SCAN_TOL)
@@ -236,7 +238,7 @@ def test_remat_stack_uses_less_compiled_memory(name):
   t_plain = _temp(plain, v, *args)
   ratios = {}
   for label, kw in {"full": {"policy": True}, "save_dots": {"policy": "save_dots"},
-                    "nested": {"policy": True, "groups": 2}}.items():
+                    "nested": {"policy": True, "levels": 2}}.items():
     ratios[label] = _temp(make(**kw), v, *args) / t_plain
   print(f"\n{name}: temp bytes relative to no remat ({t_plain / 2**20:.1f} MiB): "
         + ", ".join(f"{k} {r:.3f}" for k, r in ratios.items()))
@@ -253,8 +255,8 @@ def test_layer_stack_errors():
     LayerStack(models.HiddenLayer, 2).init(KEYS, x, True)
   with pytest.raises(ValueError, match=r"`length` must be an int >= 1, got 0"):
     LayerStack(models.HiddenLayer(4), 0).init(KEYS, x, True)
-  with pytest.raises(ValueError, match=r"`groups`=2 nests a scan, but `scan=False`"):
-    LayerStack(models.HiddenLayer(4), 4, groups=2, scan=False).init(KEYS, x, True)
+  with pytest.raises(ValueError, match=r"`levels`=2 nests a scan, but `scan=False`"):
+    LayerStack(models.HiddenLayer(4), 4, levels=2, scan=False).init(KEYS, x, True)
 
   class BN(nn.Module):
     @nn.compact

@@ -20,14 +20,14 @@ X = jnp.linspace(-1, 1, 1024 * 64).reshape(1024, 64)
 WS = {"w1": jnp.full((6, 64, 256), 0.02), "w2": jnp.full((6, 256, 64), 0.02)}
 
 
-def build(policy, groups):
+def build(policy, levels):
   def loss(ws):
     def body(c, w):
       h = rk.checkpoint_name(c @ w["w1"], "up")
       g = rk.checkpoint_name(jnp.tanh(h), "act")
       y = rk.checkpoint_name(g @ w["w2"], "down")
       return c + jnp.sin(y), None
-    out, _ = rk.remat_scan(body, X, ws, policy=policy, groups=groups)
+    out, _ = rk.remat_scan(body, X, ws, policy=policy, levels=levels)
     return jnp.mean(out ** 2)
   return loss
 
@@ -46,7 +46,7 @@ def test_the_search_is_complete_and_every_candidate_is_costed_honestly():
   subsets = {"save:" + ",".join(c) for r in (1, 2, 3) for c in itertools.combinations(names, r)}
   assert search.names == list(names) and search.exact
   # Every subset of the names, each policy once (an equal preset may carry the label).
-  policies = {c.policy for c in search.measured.values() if c.groups is None}
+  policies = {c.policy for c in search.measured.values() if c.levels is None}
   for s in subsets:
     assert from_config(s) in policies, s
   # Every registered preset that applies (its names are tagged; no offload without host memory).
@@ -67,7 +67,7 @@ def test_the_plan_fits_when_compiled_anew(fraction):
   budget = int(fraction * search.none.temp_bytes)
   result = search.solve(budget)
   assert result.choice.temp_bytes <= budget
-  loss = build(result.choice.policy, result.choice.groups)
+  loss = build(result.choice.policy, result.choice.levels)
   fresh = rk.report.compiled_memory(jax.grad(loss), WS)
   assert fresh["temp_size"] == result.choice.temp_bytes <= budget
   # Nothing that fits is faster beyond the timing noise.
@@ -136,7 +136,7 @@ def test_auto_entry_point_and_bad_inputs():
   x = jax.random.normal(jax.random.key(2), (64, 32))
   params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
   params = params["params"]
-  result = rk.auto(stack, params, x, True, budget="64MiB", presets=("no_remat", "full"), groups=())
+  result = rk.auto(stack, params, x, True, budget="64MiB", presets=("no_remat", "full"), levels=())
   assert result.choice.temp_bytes <= 64 * 2**20
   assert {c.label for c in result.candidates} >= {"no_remat", "full", "save:dense", "save:relu",
                                                   "save:dense,dropout,relu"}
@@ -145,8 +145,8 @@ def test_auto_entry_point_and_bad_inputs():
     parse_bytes("4 lots")
   with pytest.raises(ValueError, match=r"`cost` must be one of"):
     auto(stack, params, x, True, budget=1e9, cost="guess")
-  with pytest.raises(ValueError, match=r"`groups` are nesting levels, ints >= 2"):
-    auto(stack, params, x, True, budget=1e9, groups=(1,))
+  with pytest.raises(ValueError, match=r"`levels` are nesting levels, ints >= 2"):
+    auto(stack, params, x, True, budget=1e9, levels=(1,))
   with pytest.raises(ValueError, match=r"`flops_per_s` must be a positive number"):
     Roofline(0.0, 1e9)
   with pytest.raises(TypeError, match="has no `policy` attribute"):
@@ -157,7 +157,7 @@ def test_a_roofline_is_calibrated_and_labelled():
   r = Roofline.measure(repeats=3)
   assert r.flops_per_s > 0 and r.bytes_per_s > 0 and r.source.startswith("measured on")
   search = Search(build, WS, cost="roofline", roofline=r, presets=("no_remat", "full"),
-                  max_names_exact=0, groups=())
+                  max_names_exact=0, levels=())
   c = search.full
   assert c.cost_kind == "roofline" and "measured on" in c.cost_source and c.cost_s > 0
 
@@ -172,7 +172,7 @@ def test_auto_on_an_accelerator_target_uses_its_estimate_and_offloads():
   x = jax.random.normal(jax.random.key(2), (256, 64))
   params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
   result = rk.auto(stack, params["params"], x, True, budget="1GiB", target="gpu:h100",
-                   presets=("no_remat", "full"), max_names_exact=1, max_subsets=1, groups=())
+                   presets=("no_remat", "full"), max_names_exact=1, max_subsets=1, levels=())
   assert result.choice.temp_bytes <= 2**30
   assert {c.cost_kind for c in result.candidates} == {"estimated"}
   assert all(c.cost_s > 0 and "roofline sum" in c.cost_source for c in result.candidates)
@@ -219,7 +219,7 @@ def test_a_tie_broken_by_memory_is_timed_again_first(monkeypatch):
     return {k: Timing(medians.get(k, 12.0) * 1e-3, spread * 1e-3, repeats) for k in steps}
 
   monkeypatch.setattr(search_mod, "time_interleaved", fake)
-  search = Search(build, WS, presets=[], max_names_exact=0, groups=())
+  search = Search(build, WS, presets=[], max_names_exact=0, levels=())
   # First pass: all tied, so the largest budget would get the least memory (full remat).
   everything = search.none.temp_bytes
   res = search.solve(everything)
@@ -250,19 +250,19 @@ def test_a_timing_budget_bounds_every_pass(monkeypatch):
     return {k: Timing(1e-3, 1e-3, 1) for k in steps}  # all tied, unreliable
 
   monkeypatch.setattr(search_mod, "time_interleaved", fake)
-  search = Search(build, WS, presets=[], max_names_exact=0, groups=(), time_budget_s=0.04)
+  search = Search(build, WS, presets=[], max_names_exact=0, levels=(), time_budget_s=0.04)
   search.solve(search.none.temp_bytes)
   assert budgets[0] == pytest.approx(0.04)
   assert search.time_left_s < 0
   assert all(b == pytest.approx(1e-3) for b in budgets[1:])  # spent: the floor, one round
   assert all(c.cost_s is not None for c in search.measured.values())
   with pytest.raises(ValueError, match=r"`time_budget_s` must be a positive number.*-1"):
-    Search(build, WS, presets=[], max_names_exact=0, groups=(), time_budget_s=-1)
+    Search(build, WS, presets=[], max_names_exact=0, levels=(), time_budget_s=-1)
 
 
 @pytest.mark.slow
 def test_auto_on_a_model_written_without_remat_kit():
-  """A Python-loop Flax model with boxed (nn.Partitioned) params and no policy/groups
+  """A Python-loop Flax model with boxed (nn.Partitioned) params and no policy/levels
   attributes, its inputs as ShapeDtypeStructs, planned for the H100 compiler: the build
   takes only the policy, so no nested plans are tried, and nothing is closed over."""
   pytest.importorskip("jax_plugins.xla_cuda12")

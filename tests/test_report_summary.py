@@ -25,9 +25,9 @@ def layer(c, w):
   return jnp.tanh(checkpoint_name(c @ w, "pre")), None
 
 
-def scanned(policy, groups=None):
+def scanned(policy, levels=None):
   def f(ws, x):
-    return rk.remat_scan(layer, x, ws, policy=policy, groups=groups)[0].sum()
+    return rk.remat_scan(layer, x, ws, policy=policy, levels=levels)[0].sum()
   return f
 
 
@@ -60,11 +60,11 @@ def test_two_layer_mlp_flop_breakdown_by_hand():
   assert only_w1["recompute"] == 2 * B * D * H
 
 
-@pytest.mark.parametrize(("policy", "groups", "factor"), [
+@pytest.mark.parametrize(("policy", "levels", "factor"), [
     ("full", None, 1), ("save:pre", None, 0), ("full", (2, 4), 2)])
-def test_scan_of_8_flop_breakdown_by_hand(policy, groups, factor, remat_impl):
+def test_scan_of_8_flop_breakdown_by_hand(policy, levels, factor, remat_impl):
   per_layer = 2 * B * D * D + B * D  # dot + tanh
-  fb = flop_breakdown(scanned(policy, groups), _ones(L, D, D), _ones(B, D))
+  fb = flop_breakdown(scanned(policy, levels), _ones(L, D, D), _ones(B, D))
   assert fb["forward"] == L * per_layer + B * D
   if policy == "save:pre":
     assert fb["recompute"] == L * B * D  # only tanh

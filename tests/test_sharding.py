@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent('''
 
     assert jax.device_count() == 8, jax.devices()
     model = GPT(vocab_size=64, max_len=16, d_model=32, num_heads=4, num_layers=4,
-                policy="save_dots", groups=2, logical_axes=True)
+                policy="save_dots", levels=2, logical_axes=True)
     tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 64)
     key = jax.random.key(1)
     v = jax.jit(model.init)({"params": key, "dropout": key}, tokens)

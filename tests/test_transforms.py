@@ -279,13 +279,13 @@ def _plain_scan(ws, x):
 
 
 @pytest.mark.parametrize("n", [8, 37])
-@pytest.mark.parametrize("groups", [None, 2, 3])
+@pytest.mark.parametrize("levels", [None, 2, 3])
 @pytest.mark.parametrize("policy", ["full", "save:h"])
-def test_remat_scan_matches_plain_scan(n, groups, policy, remat_impl):
+def test_remat_scan_matches_plain_scan(n, levels, policy, remat_impl):
   ws, x = _scan_case(n)
 
   def f(ws, x):
-    c, ys = rk.remat_scan(_layer, x, ws, policy=policy, groups=groups)
+    c, ys = rk.remat_scan(_layer, x, ws, policy=policy, levels=levels)
     return c.sum() + ys.sum()
 
   chex.assert_trees_all_close(f(ws, x), _plain_scan(ws, x), rtol=1e-6)
@@ -296,11 +296,11 @@ def test_remat_scan_matches_plain_scan(n, groups, policy, remat_impl):
 
 def test_remat_scan_explicit_levels_and_errors():
   ws, x = _scan_case(12)
-  c, _ = rk.remat_scan(_layer, x, ws, groups=(3, 4))
+  c, _ = rk.remat_scan(_layer, x, ws, levels=(3, 4))
   c_ref, _ = lax.scan(_layer, x, ws)
   chex.assert_trees_all_close(c, c_ref, rtol=1e-6)
   with pytest.raises(ValueError, match=r"multiply to 10, not the 12 layers"):
-    rk.remat_scan(_layer, x, ws, groups=(2, 5))
+    rk.remat_scan(_layer, x, ws, levels=(2, 5))
   with pytest.raises(ValueError, match=r"`length`=5 but `xs` has 12"):
     rk.remat_scan(_layer, x, ws, length=5)
   with pytest.raises(ValueError, match="pass `length=`"):
@@ -309,30 +309,30 @@ def test_remat_scan_explicit_levels_and_errors():
 
 def test_remat_scan_without_xs():
   x = jnp.ones((B, D))
-  c, _ = rk.remat_scan(lambda c, _: (jnp.sin(c), None), x, None, length=10, groups=2)
+  c, _ = rk.remat_scan(lambda c, _: (jnp.sin(c), None), x, None, length=10, levels=2)
   chex.assert_trees_all_close(c, lax.scan(lambda c, _: (jnp.sin(c), None), x, None,
                                           length=10)[0])
 
 
 def test_plan_groups():
-  assert rk.group_lengths(64, 2) == (8, 8)
-  assert rk.group_lengths(37, 2) == (7, 6)
-  assert rk.group_lengths(64, 3) == (4, 4, 4)
-  assert rk.group_lengths(16, 3) == (3, 2, 3)  # 7 carries; (2, 2, 4) keeps 8
-  assert np.prod(rk.group_lengths(1000, 3)) == 1000
-  assert np.prod(rk.group_lengths(9973, 2)) >= 9973  # a prime: remainder path
-  assert rk.group_lengths(4, 2) == (4,)  # nesting would keep as many carries: flat
+  assert rk.level_lengths(64, 2) == (8, 8)
+  assert rk.level_lengths(37, 2) == (7, 6)
+  assert rk.level_lengths(64, 3) == (4, 4, 4)
+  assert rk.level_lengths(16, 3) == (3, 2, 3)  # 7 carries; (2, 2, 4) keeps 8
+  assert np.prod(rk.level_lengths(1000, 3)) == 1000
+  assert np.prod(rk.level_lengths(9973, 2)) >= 9973  # a prime: remainder path
+  assert rk.level_lengths(4, 2) == (4,)  # nesting would keep as many carries: flat
   with pytest.raises(ValueError, match="`levels` must be an int >= 1"):
-    rk.group_lengths(8, 0)
+    rk.level_lengths(8, 0)
 
 
 def test_nesting_never_keeps_more_carries_than_a_flat_scan():
   from remat_kit.transforms import scan_carries
   for n in range(1, 160):
     for d in (2, 3, 4):
-      assert scan_carries(n, rk.group_lengths(n, d)) <= n, (n, d)
+      assert scan_carries(n, rk.level_lengths(n, d)) <= n, (n, d)
   # Uneven: 61 layers in 3 levels keep fewer carries than in 2 (the old plan kept 16 vs 12).
-  assert scan_carries(61, rk.group_lengths(61, 3)) < scan_carries(61, rk.group_lengths(61, 2)) < 61
+  assert scan_carries(61, rk.level_lengths(61, 3)) < scan_carries(61, rk.level_lengths(61, 2)) < 61
 
 
 def test_uneven_nesting_saves_compiled_memory_and_keeps_gradients():
@@ -340,9 +340,9 @@ def test_uneven_nesting_saves_compiled_memory_and_keeps_gradients():
   ws = jnp.ones((61, 32, 32)) / 32
   x = jnp.linspace(-1, 1, 8192 * 32).reshape(8192, 32)
 
-  def grad(groups):
+  def grad(levels):
     def f(ws, x):
-      c, _ = rk.remat_scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws, groups=groups)
+      c, _ = rk.remat_scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws, levels=levels)
       return c.sum()
     return jax.jit(jax.grad(f, argnums=(0, 1)))
 
@@ -353,14 +353,14 @@ def test_uneven_nesting_saves_compiled_memory_and_keeps_gradients():
 
 
 def test_nested_scan_uses_less_memory_than_flat_at_64_layers():
-  """(d): at L=64, nested groups beat a flat rematerialized scan (CPU XLA analysis)."""
+  """(d): at L=64, nested levels beat a flat rematerialized scan (CPU XLA analysis)."""
   n, width = 64, 128
   ws = jnp.ones((n, width, width)) / width
   x = jnp.ones((64, width))
 
-  def loss(groups):
+  def loss(levels):
     def f(ws, x):
-      c, _ = rk.remat_scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws, groups=groups)
+      c, _ = rk.remat_scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws, levels=levels)
       return c.sum()
     return jax.grad(f)
 

@@ -73,7 +73,7 @@ class LayerStack(nn.Module):
   """``length`` copies of ``block``, scanned with remat (or unrolled, for reference).
 
   Memory: a flat scan keeps one carry per layer plus what ``policy`` saves
-  inside each layer (grows like L). ``groups=d`` nests the scan d levels deep
+  inside each layer (grows like L). ``levels=d`` nests the scan d levels deep
   and fully rematerializes each group, so about ``d * L ** (1/d)`` carries
   are kept, for ``d - 1`` extra forward passes (see
   :func:`remat_kit.remat_scan`).
@@ -85,11 +85,11 @@ class LayerStack(nn.Module):
     length: the number of layers.
     policy: the remat policy inside each layer (anything
       :func:`remat_kit.from_config` accepts); ``False`` for no remat.
-    groups: None for a flat scan; an int d >= 2 for d nested levels; or a
+    levels: None for a flat scan; an int d >= 2 for d nested levels; or a
       tuple of level lengths whose product is ``length``.
     scan: False runs the layers in a Python loop with parameters
       ``layers_0 ...``, each layer rematerialized under ``policy``; with
-      ``policy=False`` this is the unrolled reference. ``groups`` needs a scan.
+      ``policy=False`` this is the unrolled reference. ``levels`` needs a scan.
       (XLA:CPU undoes remat in Python loops; XLA:GPU keeps it.)
     rng_streams: RNG streams split per layer when present (``"dropout"``).
     layer_axis: the logical name of the stacked parameters' leading axis in
@@ -102,7 +102,7 @@ class LayerStack(nn.Module):
   block: nn.Module
   length: int
   policy: Any = True
-  groups: int | tuple[int, ...] | None = None
+  levels: int | tuple[int, ...] | None = None
   scan: bool = True
   rng_streams: tuple[str, ...] = ("dropout",)
   layer_axis: str | None = "layers"
@@ -114,10 +114,10 @@ class LayerStack(nn.Module):
           f"{self.block!r}. Pass `Block(...)`, not the class.")
     if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
       raise ValueError(f"`LayerStack`: `length` must be an int >= 1, got {self.length!r}.")
-    if not self.scan and self.groups is not None:
+    if not self.scan and self.levels is not None:
       raise ValueError(
-          f"`LayerStack`: `groups`={self.groups!r} nests a scan, but `scan=False`. Use "
-          "`scan=True`, or leave `groups` unset.")
+          f"`LayerStack`: `levels`={self.levels!r} nests a scan, but `scan=False`. Use "
+          "`scan=True`, or leave `levels` unset.")
     if self.layer_axis is not None and not isinstance(self.layer_axis, str):
       raise TypeError(
           f"`LayerStack`: `layer_axis` must be a str (the logical name of the layer axis) "
@@ -152,7 +152,7 @@ class LayerStack(nn.Module):
       p, r = xs
       return apply(h, p, r), None
 
-    x, _ = remat_scan(body, x, (params, keys), policy=self.policy, groups=self.groups)
+    x, _ = remat_scan(body, x, (params, keys), policy=self.policy, levels=self.levels)
     return x
 
   def _init_stacked(self, block: nn.Module, x: Any, args: tuple[Any, ...],

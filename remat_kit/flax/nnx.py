@@ -66,7 +66,7 @@ class LayerStack(nnx.Module):
     length: the number of layers.
     rngs: the RNGs; every stream is split per layer.
     policy: the remat policy inside each layer; ``False`` for no remat.
-    groups: None (flat), an int number of nested levels, or level lengths.
+    levels: None (flat), an int number of nested levels, or level lengths.
     layer_axis: the logical name of the layers' leading axis in sharding
       metadata (``nnx.with_partitioning``), as ``nnx.vmap``'s
       ``transform_metadata`` adds it: ``"layers"`` by default, ``None`` for an
@@ -78,7 +78,7 @@ class LayerStack(nnx.Module):
   """
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], length: int, *,
-               rngs: nnx.Rngs, policy: Any = True, groups: Any = None,
+               rngs: nnx.Rngs, policy: Any = True, levels: Any = None,
                layer_axis: str | None = "layers") -> None:
     if not callable(make_block) or isinstance(make_block, nnx.Module):
       raise TypeError(
@@ -100,7 +100,7 @@ class LayerStack(nnx.Module):
     self.layers = create(rngs)
     self.length = length
     self.policy = policy
-    self.groups = groups
+    self.levels = levels
     self.layer_axis = layer_axis
 
   def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -113,7 +113,7 @@ class LayerStack(nnx.Module):
       h = layer(h, *args, **kwargs)
       return h, nnx.state(layer, nnx.Not(nnx.Param))
 
-    x, updated = remat_scan(body, x, state, policy=self.policy, groups=self.groups)
+    x, updated = remat_scan(body, x, state, policy=self.policy, levels=self.levels)
     # Batch statistics, dropout counters, custom variables: as the unrolled layers leave them.
     nnx.update(self.layers, nnx.spmd.add_axis(updated, 0, meta))
     return x
@@ -127,18 +127,32 @@ class LayerStack(nnx.Module):
     return x
 
 
-def unstack_layers(stacked: nnx.Module, length: int, *, layer_axis: str | None = "layers"
-                   ) -> list[nnx.Module]:
-  """A stacked module (leading layer axis) as a list of ``length`` per-layer modules.
+def unstack_layers(stacked: nnx.Module, length: int | None = None, *,
+                   layer_axis: str | None = "layers") -> list[nnx.Module]:
+  """A stacked module (leading layer axis) as a list of per-layer modules.
 
-  Sharding metadata loses the leading ``layer_axis`` name with the axis.
+  Sharding metadata loses the leading ``layer_axis`` name with the axis. The same
+  operation as the Linen :func:`remat_kit.flax.unstack_layers` on this API's form of
+  a stack (a module, not a parameter dict).
+
+  Args:
+    stacked: a module whose every array has the layer count as leading axis.
+    length: the layer count, checked against the arrays; None reads it from them.
+    layer_axis: the leading axis's name in sharding metadata.
+
+  Raises:
+    ValueError: if the module has no arrays or their leading axes differ (or are
+      not ``length``).
   """
   graphdef, state = nnx.split(stacked)
   leaves = jax.tree_util.tree_leaves(state)
+  if length is None and leaves and leaves[0].shape:
+    length = leaves[0].shape[0]
   if not leaves or any(a.shape[:1] != (length,) for a in leaves):
     raise ValueError(
         f"`unstack_layers`: every array of the stacked module must have leading axis "
         f"{length}; got shapes {sorted({a.shape for a in leaves})}.")
+  assert length is not None
   meta = {nnx.PARTITION_NAME: layer_axis}
   return [nnx.merge(graphdef, nnx.spmd.remove_axis(
       jax.tree_util.tree_map(lambda a, i=i: a[i], state), 0, meta)) for i in range(length)]

@@ -43,7 +43,7 @@ class ResNet(nn.Module):
 
   Attributes:
     features, num_blocks, num_classes, norm_groups: the architecture.
-    policy, groups, scan: as in :class:`remat_kit.flax.LayerStack`.
+    policy, levels, scan: as in :class:`remat_kit.flax.LayerStack`.
   """
 
   features: int = 32
@@ -51,12 +51,12 @@ class ResNet(nn.Module):
   num_classes: int = 10
   norm_groups: int = 8
   policy: Any = True
-  groups: int | tuple[int, ...] | None = None
+  levels: int | tuple[int, ...] | None = None
   scan: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     x = nn.relu(nn.Conv(self.features, (3, 3), name="stem")(images))
     x = LayerStack(ResBlock(self.features, self.norm_groups), self.num_blocks,
-                   policy=self.policy, groups=self.groups, scan=self.scan, name="blocks")(x)
+                   policy=self.policy, levels=self.levels, scan=self.scan, name="blocks")(x)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))

@@ -120,7 +120,7 @@ class GPT(nn.Module):
     dropout_rate: dropout on the embeddings and in every block (see `GPTBlock`).
     dtype: the activations' dtype (parameters stay float32).
     policy: remat policy inside each block (``False``: no remat).
-    groups: nesting of the layer scan (see :class:`remat_kit.flax.LayerStack`).
+    levels: nesting of the layer scan (see :class:`remat_kit.flax.LayerStack`).
     scan: scan over the blocks (True) or unroll them (False).
     logical_axes: logical axis names on every parameter (see `GPTBlock`);
       the stacked blocks' leading axis is ``"layers"``.
@@ -135,7 +135,7 @@ class GPT(nn.Module):
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
   policy: Any = True
-  groups: int | tuple[int, ...] | None = None
+  levels: int | tuple[int, ...] | None = None
   scan: bool = True
   logical_axes: bool = False
 
@@ -153,7 +153,7 @@ class GPT(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x).astype(self.dtype)
     block = GPTBlock(self.d_model, self.num_heads, self.mlp_ratio, self.dropout_rate,
                      self.dtype, logical_axes=on)
-    x = LayerStack(block, self.num_layers, policy=self.policy, groups=self.groups,
+    x = LayerStack(block, self.num_layers, policy=self.policy, levels=self.levels,
                    scan=self.scan, name="blocks")(x, train)
     x = _layer_norm(self.dtype, on)(x)
     return _dense(self.vocab_size, ("embed", "vocab"), jnp.float32, on)(x)

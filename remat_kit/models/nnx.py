@@ -91,7 +91,7 @@ class GPT(nnx.Module):
 
   def __init__(self, vocab_size: int = 256, max_len: int = 128, d_model: int = 128,
                num_heads: int = 4, num_layers: int = 4, mlp_ratio: int = 4,
-               dropout_rate: float = 0.1, *, policy: Any = True, groups: Any = None,
+               dropout_rate: float = 0.1, *, policy: Any = True, levels: Any = None,
                rngs: nnx.Rngs) -> None:
     self.max_len = max_len
     self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
@@ -99,7 +99,7 @@ class GPT(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
     self.blocks = LayerStack(
         lambda r: GPTBlock(d_model, num_heads, mlp_ratio, dropout_rate, rngs=r), num_layers,
-        rngs=rngs, policy=policy, groups=groups)
+        rngs=rngs, policy=policy, levels=levels)
     self.ln_f = nnx.LayerNorm(d_model, rngs=rngs)
     self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
 
@@ -134,10 +134,10 @@ class ResNet(nnx.Module):
 
   def __init__(self, in_channels: int = 3, features: int = 32, num_blocks: int = 8,
                num_classes: int = 10, norm_groups: int = 8, *, policy: Any = True,
-               groups: Any = None, rngs: nnx.Rngs) -> None:
+               levels: Any = None, rngs: nnx.Rngs) -> None:
     self.stem = nnx.Conv(in_channels, features, (3, 3), rngs=rngs)
     self.blocks = LayerStack(lambda r: ResBlock(features, norm_groups, rngs=r), num_blocks,
-                             rngs=rngs, policy=policy, groups=groups)
+                             rngs=rngs, policy=policy, levels=levels)
     self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
   def __call__(self, images: jax.Array, unrolled: bool = False) -> jax.Array:

@@ -36,7 +36,7 @@ def chunked_time_scan(step: Any, carry: Any, xs: jax.Array, chunk: int | None,
     raise ValueError(
         f"`chunk` must be a positive int dividing the sequence length {t}, got {chunk!r}. "
         f"Divisors of {t}: {[c for c in range(1, t + 1) if t % c == 0]}.")
-  return remat_scan(step, carry, xs, policy=policy, groups=(t // chunk, chunk))[0]
+  return remat_scan(step, carry, xs, policy=policy, levels=(t // chunk, chunk))[0]
 
 
 class ChunkedGRU(nn.Module):

@@ -14,9 +14,9 @@ Cost is step time, obtained honestly, never from invented constants:
   local device first (:meth:`Roofline.measure`), or at rates the caller gives,
   labelled with where they come from.
 
-The search, for a model with ``policy`` and ``groups`` attributes (the
+The search, for a model with ``policy`` and ``levels`` attributes (the
 reference models, :class:`remat_kit.flax.LayerStack`) or a function
-``build(policy=..., groups=...) -> loss``, compiles every candidate:
+``build(policy=..., levels=...) -> loss``, compiles every candidate:
 
 1. every preset in the registry (:func:`remat_kit.policies.registered`) that
    applies to the model (its names are tagged; offload where the target has
@@ -25,7 +25,7 @@ reference models, :class:`remat_kit.flax.LayerStack`) or a function
    ``max_names_exact`` (12) of them: the search is exact; above that, each
    name alone and, per budget, the ``max_subsets`` subsets a knapsack over
    the single-name measurements ranks best, each compiled and costed;
-3. nested scans (``groups`` levels 2 and 3) under full remat and the
+3. nested scans (``levels`` 2 and 3) under full remat and the
    name-free presets;
 4. offloading each name, and all of them, where the target has host memory.
 

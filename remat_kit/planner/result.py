@@ -60,7 +60,7 @@ class Candidate:
 
   label: str
   policy: Any
-  groups: Any
+  levels: Any
   source: str  # "preset", "names", "knapsack", "nested", "offload" or "chain"
   temp_bytes: int
   peak_bytes: int
@@ -123,7 +123,7 @@ class AutoResult:
 
   ``fn`` is set for chains: the chain run as the chosen plan,
   ``fn(params, x)``; for models, build the plan from ``choice.policy``,
-  ``choice.groups`` (and ``choice.microbatches``, ``choice.options`` where
+  ``choice.levels`` (and ``choice.microbatches``, ``choice.options`` where
   ``auto`` searched them). ``budget_bytes`` is None where ``auto`` had no
   budget (the choice is then the least-cost plan). ``reference`` is the no-remat
   plan of the step as written, where the search has one.

@@ -37,12 +37,12 @@ __all__ = ["Search", "auto"]
 
 def _builder(model: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str, Any]
              ) -> tuple[Callable[..., Callable[..., jax.Array]], bool]:
-  """``(build, takes_groups)``: ``build(policy, groups, **options)`` returns a loss of
+  """``(build, takes_levels)``: ``build(policy, levels, **options)`` returns a loss of
   ``(params, *inputs)``."""
   import flax.linen as nn
 
   if isinstance(model, nn.Module):
-    for attr in ("policy", "groups"):
+    for attr in ("policy", "levels"):
       if not hasattr(model, attr):
         raise TypeError(f"`auto`: module {type(model).__name__} has no `{attr}` attribute; "
                         "pass a module built on LayerStack, a function "
@@ -51,17 +51,17 @@ def _builder(model: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str
                         "functions.")
     head = loss or (lambda out: jnp.mean(jnp.square(out.astype(jnp.float32))))
 
-    def build(policy: Any, groups: Any, **options: Any) -> Callable[..., jax.Array]:
-      module = model.clone(policy=policy, groups=groups, **options)
+    def build(policy: Any, levels: Any, **options: Any) -> Callable[..., jax.Array]:
+      module = model.clone(policy=policy, levels=levels, **options)
       return lambda params, *xs: head(module.apply({"params": params}, *xs, rngs=rngs))
 
     return build, True
   if callable(model):
-    if _takes(model, "groups"):
-      return (lambda policy, groups, **o: model(policy=policy, groups=groups, **o)), True
-    return (lambda policy, groups, **o: model(policy=policy, **o)), False
-  raise TypeError(f"`auto`: `fn_or_module` must be a Linen module with `policy`/`groups`, a "
-                  f"function `build(policy[, groups]) -> loss(params, *inputs)`, or a list "
+    if _takes(model, "levels"):
+      return (lambda policy, levels, **o: model(policy=policy, levels=levels, **o)), True
+    return (lambda policy, levels, **o: model(policy=policy, **o)), False
+  raise TypeError(f"`auto`: `fn_or_module` must be a Linen module with `policy`/`levels`, a "
+                  f"function `build(policy[, levels]) -> loss(params, *inputs)`, or a list "
                   f"of layer functions `f(params, x) -> x`, got {model!r}.")
 
 
@@ -81,7 +81,7 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
          budget_kind: str = "temp", loss: Callable[[Any], jax.Array] | None = None,
          rngs: dict[str, Any] | None = None, cost: str = "auto",
          roofline: Roofline | None = None, presets: Sequence[Any] | None = None,
-         max_names_exact: int = 12, max_subsets: int = 8, groups: Sequence[int] = (2, 3),
+         max_names_exact: int = 12, max_subsets: int = 8, levels: Sequence[int] = (2, 3),
          offload: bool | None = None, repeats: int = 5, verbose: bool = False,
          target: Any = None, time_budget_s: float | None = None,
          microbatches: Sequence[int] = (1,), batch_argnums: Sequence[int] | None = None,
@@ -90,13 +90,13 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
 
   Args:
     fn_or_module: one of
-      * ``build(policy)`` or ``build(policy, groups)``, returning a loss
+      * ``build(policy)`` or ``build(policy, levels)``, returning a loss
         ``loss(params, *inputs)``: any model, written without remat_kit in mind
         (a Python loop of layers, Flax's boxed ``nn.Partitioned`` params); the
         build applies ``policy`` where the model takes one (``nn.remat(...,
-        policy=policy)``, ``jax.checkpoint``); without a ``groups`` parameter, no
+        policy=policy)``, ``jax.checkpoint``); without a ``levels`` parameter, no
         nested plans are tried;
-      * a Linen module with ``policy`` and ``groups`` attributes (``GPT``,
+      * a Linen module with ``policy`` and ``levels`` attributes (``GPT``,
         ``ResNet``, ``LayerStack``), applied to ``inputs``;
       * a list of layer functions ``f(params_i, x) -> x`` (a chain of uneven
         layers), with ``params`` the list of their parameters and ``inputs`` the
@@ -120,7 +120,7 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
     presets: the fixed policies to try; every registered preset by default.
     max_names_exact: up to this many tagged names, every subset is tried.
     max_subsets: above it, how many knapsack subsets to compile per budget.
-    groups: nesting levels to try for scanned stacks (empty: none).
+    levels: nesting levels to try for scanned stacks (empty: none).
     offload: try offloading names to host memory; by default where the
       target has host memory.
     repeats: timing rounds for measured costs (more while spreads are large).
@@ -170,7 +170,7 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
                       verbose=verbose, target=target)
   search = Search(fn_or_module, params, *inputs, loss=loss, rngs=rngs, cost=cost,
                   roofline=roofline, presets=presets, max_names_exact=max_names_exact,
-                  max_subsets=max_subsets, groups=groups, offload=offload, repeats=repeats,
+                  max_subsets=max_subsets, levels=levels, offload=offload, repeats=repeats,
                   verbose=verbose, target=target, time_budget_s=time_budget_s,
                   microbatches=microbatches, batch_argnums=batch_argnums, options=options)
   return search.solve(budget_bytes, budget_kind=budget_kind)
@@ -187,7 +187,7 @@ class Search:
                rngs: dict[str, Any] | None = None, cost: str = "auto",
                roofline: Roofline | None = None, presets: Sequence[Any] | None = None,
                max_names_exact: int = 12, max_subsets: int = 8,
-               groups: Sequence[int] = (2, 3), offload: bool | None = None,
+               levels: Sequence[int] = (2, 3), offload: bool | None = None,
                repeats: int = 5, verbose: bool = False, target: Any = None,
                time_budget_s: float | None = None, microbatches: Sequence[int] = (1,),
                batch_argnums: Sequence[int] | None = None,
@@ -198,9 +198,9 @@ class Search:
                         ("repeats", repeats, 1)):
       if not isinstance(v, int) or isinstance(v, bool) or v < lo:
         raise ValueError(f"`auto`: `{name}` must be an int >= {lo}, got {v!r}.")
-    bad = [g for g in groups if not isinstance(g, int) or isinstance(g, bool) or g < 2]
+    bad = [g for g in levels if not isinstance(g, int) or isinstance(g, bool) or g < 2]
     if bad:
-      raise ValueError(f"`auto`: `groups` are nesting levels, ints >= 2; got {list(groups)!r}.")
+      raise ValueError(f"`auto`: `levels` are nesting levels, ints >= 2; got {list(levels)!r}.")
     self.slices = _check_microbatches(microbatches)
     self.variants = _variants(options)
     self.coster = Coster(self.cost, roofline, self.target)
@@ -213,7 +213,7 @@ class Search:
     self.time_left_s = None if time_budget_s is None else float(time_budget_s)
     self._confirmed: set[frozenset[str]] = set()
     self.max_subsets = max_subsets
-    build, takes_groups = _builder(fn_or_module, loss, rngs or {"dropout": jax.random.key(0)})
+    build, takes_levels = _builder(fn_or_module, loss, rngs or {"dropout": jax.random.key(0)})
     # Arrays and ShapeDtypeStructs are traced arguments; anything else (a `train` flag)
     # is passed to the loss as it is.
     traced = [i for i, x in enumerate(inputs) if hasattr(x, "shape") and hasattr(x, "dtype")]
@@ -225,9 +225,9 @@ class Search:
         full[i] = x
       return tuple(full)
 
-    def build_traced(policy: Any, groups: Any, variant: Variant = ()
+    def build_traced(policy: Any, levels: Any, variant: Variant = ()
                      ) -> Callable[..., jax.Array]:
-      f = build(policy, groups, **dict(variant))
+      f = build(policy, levels, **dict(variant))
       return lambda params, *xs: f(params, *with_statics(*xs))
 
     self.build = build_traced
@@ -237,8 +237,8 @@ class Search:
                        "arrays, but `params` or `inputs` hold ShapeDtypeStructs. Pass "
                        "arrays, or plan for an accelerator `target` (e.g. 'gpu:h100') "
                        "with cost='estimated'.")
-    if not takes_groups:
-      groups = ()  # a build without `groups`: no nested plans
+    if not takes_levels:
+      levels = ()  # a build without `levels`: no nested plans
     self.measured: dict[str, Candidate] = {}
     self._compiled: dict[str, Any] = {}
     self._keys: dict[tuple[Any, Any, int, Variant], str] = {}
@@ -258,7 +258,7 @@ class Search:
     for k in self.slices:
       for variant in self.variants:
         names, prims = uses[variant]
-        for label, pol, grp, source in self._plans(presets, host, tuple(groups)):
+        for label, pol, grp, source in self._plans(presets, host, tuple(levels)):
           label += _suffix(k, variant)
           missing = sorted((pol.referenced_names() - names)
                            | (pol.checked_primitives() - prims))
@@ -289,7 +289,7 @@ class Search:
 
   def _plans(self, presets: Sequence[Any] | None, host: bool, levels: tuple[int, ...]
              ) -> list[tuple[str, Policy, Any, str]]:
-    """Every candidate plan as (label, policy, groups, source), no-remat and full first."""
+    """Every candidate plan as (label, policy, levels, source), no-remat and full first."""
     out: list[tuple[str, Policy, Any, str]] = []
     seen: set[Any] = set()
 
@@ -324,20 +324,20 @@ class Search:
       add("offload:" + ",".join(self.names), OffloadNames(tuple(self.names)), None, "offload")
     return out
 
-  def measure(self, label: str, policy: Any, groups: Any = None, source: str = "preset", *,
+  def measure(self, label: str, policy: Any, levels: Any = None, source: str = "preset", *,
               microbatches: int = 1, variant: Variant | None = None,
               progress: str = "") -> Candidate:
-    """Compiles and costs one plan (cached by label, and by policy, groups, microbatches
+    """Compiles and costs one plan (cached by label, and by policy, levels, microbatches
     and variant: the ``options`` values it is built with, the first of each by default)."""
     pol = from_config(policy)
     variant = self.variants[0] if variant is None else variant
-    key = (pol, groups, microbatches, variant)
+    key = (pol, levels, microbatches, variant)
     if key in self._keys:
       return self.measured[self._keys[key]]
     if label in self.measured:
       raise ValueError(f"`auto`: label {label!r} already names {self.measured[label].policy!r}"
-                       f" (groups {self.measured[label].groups!r}); give {pol!r} another label.")
-    fn = self.build(pol, groups, variant)
+                       f" (levels {self.measured[label].levels!r}); give {pol!r} another label.")
+    fn = self.build(pol, levels, variant)
     # One trace and one compile per candidate: its memory, FLOPs and the residuals the
     # compiled program carries all come from it, and it is the step that is timed.
     args = (self.params, *self.inputs)
@@ -359,7 +359,7 @@ class Search:
       self._compiled[label] = functools.partial(c.compiled, *jax.tree_util.tree_leaves(args))
     cost_s, cost_source = self.coster(flops, mem)
     plain = self._plain_flops
-    cand = Candidate(label, pol, groups, source, mem["temp_size"], mem["peak_bytes"], acts,
+    cand = Candidate(label, pol, levels, source, mem["temp_size"], mem["peak_bytes"], acts,
                      flops, 100.0 * (flops - plain) / plain if plain else 0.0, cost_s, 0.0,
                      self.cost, cost_source, microbatches=microbatches,
                      options=variant)
@@ -372,12 +372,12 @@ class Search:
             f"{cost} ({self.cost})", file=sys.stderr, flush=True)
     return cand
 
-  def candidate(self, policy: Any, groups: Any = None, microbatches: int = 1,
+  def candidate(self, policy: Any, levels: Any = None, microbatches: int = 1,
                 **options: Any) -> Candidate | None:
-    """The measured candidate of ``policy``, ``groups``, ``microbatches`` and ``options``
+    """The measured candidate of ``policy``, ``levels``, ``microbatches`` and ``options``
     (those not given: their first value), or None if it was not tried."""
     variant = tuple((name, options.get(name, v)) for name, v in self.variants[0])
-    label = self._keys.get((from_config(policy), groups, microbatches, variant))
+    label = self._keys.get((from_config(policy), levels, microbatches, variant))
     return None if label is None else self.measured[label]
 
   def _key_argnums(self) -> tuple[int, ...]:
@@ -537,9 +537,9 @@ def _variants(options: Mapping[str, Sequence[Any]] | None) -> list[Variant]:
     if not isinstance(values, (list, tuple)) or not values:
       raise ValueError(f"`auto`: `options[{name!r}]` must be a non-empty list of values to "
                        f"build with, got {values!r}.")
-    if name in ("policy", "groups"):
+    if name in ("policy", "levels"):
       raise ValueError(f"`auto`: `options` names build arguments besides `policy` and "
-                       f"`groups`, which auto searches itself; got {name!r}.")
+                       f"`levels`, which auto searches itself; got {name!r}.")
   names = list(options)
   return [tuple(zip(names, combo)) for combo in itertools.product(*options.values())]
 
