@@ -92,28 +92,20 @@ def save_from_all_policies(*policies: Any) -> Union:
       :func:`from_config` does not know.
     TypeError: for a value of a type :func:`from_config` does not take.
   """
+  return _combined("save_from_all_policies", Union.of, policies)
+
+
+def _combined(api: str, of: Callable[..., Any], policies: tuple[Any, ...]) -> Any:
   if not policies:
-    raise ValueError("`save_from_all_policies` needs at least one policy.")
-  return Union.of(*[from_config(p) for p in policies])
+    raise ValueError(f"`{api}` needs at least one policy.")
+  return of(*[from_config(p) for p in policies])
 
 
 def save_if_all_policies_save(*policies: Any) -> Intersection:
-  """Save a value only if every policy saves it.
-
-  Args:
-    *policies: one or more values :func:`from_config` accepts.
-
-  Returns:
-    An :class:`~remat_kit.policies.Intersection` of them.
-
-  Raises:
-    ValueError: if no policy is given, or for a config value
-      :func:`from_config` does not know.
-    TypeError: for a value of a type :func:`from_config` does not take.
-  """
-  if not policies:
-    raise ValueError("`save_if_all_policies_save` needs at least one policy.")
-  return Intersection.of(*[from_config(p) for p in policies])
+  """Save a value only if every policy saves it: an
+  :class:`~remat_kit.policies.Intersection` of ``*policies`` (one or more values
+  :func:`from_config` accepts), raising as :func:`save_from_all_policies` does."""
+  return _combined("save_if_all_policies_save", Intersection.of, policies)
 
 
 _REGISTRY: dict[str, Callable[[], Policy]] = {}

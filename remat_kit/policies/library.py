@@ -529,10 +529,7 @@ def offload_these_names(*names: str, src: str = DEFAULT_OFFLOAD_SRC,
     dst: the memory kind to offload to (``"pinned_host"`` by default).
 
   Returns:
-    An :class:`OffloadNames`.
-
-  Raises:
-    TypeError: for a name that is not a non-empty str.
+    An :class:`OffloadNames` (raises as :func:`save_only_these_names` does).
   """
   return OffloadNames(names, src, dst)
 
@@ -540,14 +537,8 @@ def offload_these_names(*names: str, src: str = DEFAULT_OFFLOAD_SRC,
 def save_any_names_but_these(*names: str) -> SaveAnyNamesBut:
   """Save every named value except these names; recompute unnamed values.
 
-  Args:
-    *names: the `checkpoint_name` tags not to save.
-
-  Returns:
-    A :class:`SaveAnyNamesBut`.
-
-  Raises:
-    TypeError: for a name that is not a non-empty str.
+  ``*names`` are the `checkpoint_name` tags not to save; returns a
+  :class:`SaveAnyNamesBut`, and raises as :func:`save_only_these_names` does.
   """
   return SaveAnyNamesBut(names)
 
