@@ -25,12 +25,14 @@ For a third-party wrapper (``nn.remat``, ``eqx.filter_checkpoint``,
 ``hk.remat``), pass :func:`remat_kit.to_jax_policy` of the policy.
 
 The package is split by job: :mod:`~remat_kit.policies.base` (the protocol
-and combinators), :mod:`~remat_kit.policies.library` (leaf policies and
-factories) and :mod:`~remat_kit.policies.config` (registry and parser).
+and combinators), :mod:`~remat_kit.policies.library` (leaf policies),
+:mod:`~remat_kit.policies.factories` (JAX's factory names) and
+:mod:`~remat_kit.policies.config` (registry and parser).
 """
 
 from remat_kit.policies import base as _base
 from remat_kit.policies import config as _config
+from remat_kit.policies import factories as _factories
 from remat_kit.policies import library as _library
 from remat_kit.policies.base import DEFAULT_OFFLOAD_DST as DEFAULT_OFFLOAD_DST
 from remat_kit.policies.base import DEFAULT_OFFLOAD_SRC as DEFAULT_OFFLOAD_SRC
@@ -45,6 +47,20 @@ from remat_kit.policies.config import registered as registered
 from remat_kit.policies.config import save_from_all_policies as save_from_all_policies
 from remat_kit.policies.config import save_from_both_policies as save_from_both_policies
 from remat_kit.policies.config import save_if_all_policies_save as save_if_all_policies_save
+from remat_kit.policies.factories import dots_saveable as dots_saveable
+from remat_kit.policies.factories import (
+    dots_with_no_batch_dims_saveable as dots_with_no_batch_dims_saveable,
+)
+from remat_kit.policies.factories import everything_saveable as everything_saveable
+from remat_kit.policies.factories import nothing_saveable as nothing_saveable
+from remat_kit.policies.factories import offload_these_names as offload_these_names
+from remat_kit.policies.factories import save_any_names_but_these as save_any_names_but_these
+from remat_kit.policies.factories import (
+    save_anything_except_these_names as save_anything_except_these_names,
+)
+from remat_kit.policies.factories import save_by_size as save_by_size
+from remat_kit.policies.factories import save_only_these_names as save_only_these_names
+from remat_kit.policies.factories import save_these_primitives as save_these_primitives
 from remat_kit.policies.library import CallablePolicy as CallablePolicy
 from remat_kit.policies.library import OffloadNames as OffloadNames
 from remat_kit.policies.library import SaveAnyNamesBut as SaveAnyNamesBut
@@ -56,20 +72,6 @@ from remat_kit.policies.library import SaveNames as SaveNames
 from remat_kit.policies.library import SaveNothing as SaveNothing
 from remat_kit.policies.library import SaveOrOffloadNames as SaveOrOffloadNames
 from remat_kit.policies.library import SavePrimitives as SavePrimitives
-from remat_kit.policies.library import dots_saveable as dots_saveable
-from remat_kit.policies.library import (
-    dots_with_no_batch_dims_saveable as dots_with_no_batch_dims_saveable,
-)
-from remat_kit.policies.library import everything_saveable as everything_saveable
-from remat_kit.policies.library import nothing_saveable as nothing_saveable
-from remat_kit.policies.library import offload_these_names as offload_these_names
-from remat_kit.policies.library import save_any_names_but_these as save_any_names_but_these
-from remat_kit.policies.library import (
-    save_anything_except_these_names as save_anything_except_these_names,
-)
-from remat_kit.policies.library import save_by_size as save_by_size
-from remat_kit.policies.library import save_only_these_names as save_only_these_names
-from remat_kit.policies.library import save_these_primitives as save_these_primitives
 
 # What each module exports (the explicit re-exports above name them for type checkers).
-__all__ = _base.__all__ + _config.__all__ + _library.__all__
+__all__ = _base.__all__ + _config.__all__ + _library.__all__ + _factories.__all__
