@@ -98,3 +98,17 @@ def test_live_peak_is_none_on_cpu():
   if jax.default_backend() != "cpu":
     pytest.skip("CPU-only statement")
   assert live_peak_bytes() is None
+
+
+def test_a_compilations_total_flops_are_count_flops_of_what_it_compiled():
+  """From the program already traced: the gradient's, and a whole (sliced) step's."""
+  w, x = jnp.full((16, 32), 0.1), jnp.ones((64, 16))
+
+  def loss(w, x):
+    return jnp.mean(jnp.tanh(rk.remat(lambda x: x @ w, policy="full")(x)) ** 2)
+
+  g = rk.report.compilation(loss, (w, x), {})
+  assert g.total_flops() == g.flops()["total"] == count_flops(jax.grad(loss), w, x) > 0
+  step = rk.microbatched_value_and_grad(loss, 4, batch_argnums=1)
+  s = rk.report.compilation(step, (w, x), {}, grad=False)
+  assert s.total_flops() == count_flops(step, w, x) > 0

@@ -301,17 +301,17 @@ class Search:
     args = (self.params, *self.inputs)
     if microbatches == 1:
       c = compilation(fn, args, {}, self.target, api="auto")
-      flops = c.flops()["total"]
       acts: int | None = sum(r.bytes for r in c.residuals() if r.kind == "activation")
     else:
-      # The sliced gradient is a whole step (a scan of per-slice gradients): compiled as it
-      # is, FLOPs counted from it; each slice's residuals live inside the scan's body,
-      # which has no one forward/backward boundary to read them at.
+      # The sliced gradient is a whole step (a scan of per-slice gradients), compiled as it
+      # is; each slice's residuals live inside the scan's body, which has no one
+      # forward/backward boundary to read them at.
       step = microbatched_value_and_grad(fn, microbatches, batch_argnums=self.batch_argnums,
                                          key_argnums=self._key_argnums())
       c = compilation(step, args, {}, self.target, grad=False, api="auto",
                       out_kinds=("output", "gradient"))
-      flops, acts = count_flops(step, *args), None
+      acts = None
+    flops = c.total_flops()
     mem = memory_fields(c.compiled, self.target, hbm_bytes=self.cost != "measured")
     if self.cost == "measured":  # timed at the first solve
       self._compiled[label] = functools.partial(c.compiled, *jax.tree_util.tree_leaves(args))

@@ -112,6 +112,15 @@ class Compilation:
                        "and has no traced function; build it with `compilation(fn, ...)`.")
     return self._traced
 
+  def total_flops(self) -> int:
+    """FLOPs of the program compiled (the gradient, or with ``grad=False`` the function
+    itself), scan trip counts multiplied in: :func:`~remat_kit.report.count_flops` of
+    it, from the jaxpr already traced."""
+    if self._program_jaxpr is None:
+      raise ValueError("`total_flops`: this compilation was read from dumps (`from_dumps`) "
+                       "and has no traced program; build it with `compilation(fn, ...)`.")
+    return _jaxpr_flops(_jaxpr.closed_parts(self._program_jaxpr)[0])
+
   def flops(self) -> dict[str, Any]:
     """:func:`~remat_kit.report.flop_breakdown`, from the jaxprs already traced (one more
     trace, of the gradient without remat, from the jaxpr rather than the user's code)."""
@@ -120,7 +129,7 @@ class Compilation:
                        "has no forward/backward split to count.")
     if self._flops is None:
       m = self._trace("flops")
-      total = _jaxpr_flops(_jaxpr.closed_parts(self._program_jaxpr)[0])
+      total = self.total_flops()
       forward = _jaxpr_flops(m.jaxpr)
       plain_fn = jax.grad(lambda *xs: _jaxpr.eval_inlined(m.jaxpr, m.consts, *xs)[0],
                           argnums=self._grad_leaves)
