@@ -91,10 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   if args.command == "versions":
-    from remat_kit import _jax
+    from remat_kit import _jax, targets
 
     for key, value in _jax.version_report().items():
       print(f"{key:64s} {value}")
+    for platform in ("tpu", "gpu"):
+      c = targets.compiler(platform)
+      what = f"{c.package} {c.version}" if c.available else f"none ({c.missing})"
+      print(f"{'deviceless ' + platform + ' compiler':64s} {what}")
+      if c.note:
+        print(f"{'  note':64s} {c.note}")
+    lock = Path(sys.prefix, ".lock")
+    if lock.is_file():
+      print(f"{'installed from the lock':64s} {lock.read_text().strip()}")
     return 0
 
   if args.command == "policies":

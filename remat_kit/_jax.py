@@ -105,6 +105,24 @@ dots_with_no_batch_dims_saveable = jax.checkpoint_policies.dots_with_no_batch_di
 nothing_saveable = jax.checkpoint_policies.nothing_saveable
 
 
+def single_device_sharding(device: Any) -> Any:
+  """A sharding that puts a whole array on ``device``.
+
+  ``jax.sharding.make_single_device_sharding`` where this JAX has it (0.12.1
+  deprecates constructing ``SingleDeviceSharding`` directly), else the class.
+  """
+  make = getattr(jax.sharding, "make_single_device_sharding", None)
+  if make is not None:
+    return make(device)
+  return jax.sharding.SingleDeviceSharding(device)
+
+
+def is_symbolic_zero(tangent: Any) -> bool:
+  """Whether a ``custom_jvp`` rule (``symbolic_zeros=True``) got a symbolic zero tangent:
+  the input does not depend on what is differentiated."""
+  return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
+
+
 # --------------------------------------------------------------------------
 # The jax_remat3 flag.
 # --------------------------------------------------------------------------
@@ -300,16 +318,38 @@ def jax_policy_names(policy: Any) -> frozenset[str]:
 def closure_policy_kind(policy: Any) -> str | None:
   """Which of JAX's policy *factories* made ``policy``, where that JAX returns closures.
 
-  JAX 0.10.0 returns plain functions from ``save_only_these_names`` and
-  ``save_any_names_but_these`` (later versions return classes). Returns
-  ``"save_only_these_names"``, ``"save_any_names_but_these"`` or None.
+  JAX 0.10.0 and 0.12.1 return plain functions from ``save_only_these_names``,
+  ``save_any_names_but_these``, ``save_and_offload_only_these_names`` and
+  ``offload_dot_with_no_batch_dims`` (0.10.2 to 0.12.0 return classes). Returns
+  the factory's name, or None.
   """
   module = getattr(policy, "__module__", "") or ""
   qual = getattr(policy, "__qualname__", "") or ""
   if not module.startswith("jax.") or "<locals>" not in qual:
     return None
   factory = qual.split(".<locals>", 1)[0]
-  return factory if factory in ("save_only_these_names", "save_any_names_but_these") else None
+  return factory if factory in _CLOSURE_FACTORIES else None
+
+
+# JAX's policy factories that return closures in some versions (0.10.0 all of them; 0.12.1
+# again, its policy classes gone).
+_CLOSURE_FACTORIES = ("save_only_these_names", "save_any_names_but_these",
+                      "save_and_offload_only_these_names", "offload_dot_with_no_batch_dims")
+
+
+def closure_vars(policy: Any) -> dict[str, Any]:
+  """The variables a closure policy of JAX's closes over, by name (``offload_src``,
+  ``names_which_can_be_saved``, ...): how a factory's arguments are read back where
+  JAX returns a plain function. Empty where there is no closure."""
+  code = getattr(policy, "__code__", None)
+  cells = getattr(policy, "__closure__", None) or ()
+  out: dict[str, Any] = {}
+  for name, cell in zip(getattr(code, "co_freevars", ()), cells):
+    try:
+      out[name] = cell.cell_contents
+    except ValueError:  # pragma: no cover - an empty cell
+      continue
+  return out
 
 
 def name_primitive_name() -> str:

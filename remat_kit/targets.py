@@ -1,8 +1,9 @@
 """Where a compile happens: the local backend, or a TPU or GPU that is not here.
 
 JAX compiles for accelerators it does not have: with ``libtpu`` installed,
-``jax.experimental.topologies`` gives compile-only TPU devices; with the
-``jax-cuda12-plugin`` and a GPU target config, compile-only GPU devices. The
+``jax.experimental.topologies`` gives compile-only TPU devices; with a CUDA
+plugin (``jax-cuda12-plugin`` or ``jax-cuda13-plugin``, whichever is installed)
+and a GPU target config, compile-only GPU devices. The
 real compiler then assigns buffers, so its memory figures are the target's,
 not the local CPU's (XLA:CPU undoes remat in Python loops; TPU and GPU keep
 it). Nothing runs there: arguments may be ``jax.ShapeDtypeStruct``s of any size.
@@ -17,24 +18,32 @@ Target strings:
   facts in :data:`GPU_SPECS`. Deviceless GPU compiles skip GEMM autotuning,
   so temp may differ a little from a real card's.
 
-Install: ``pip install "jax[tpu]==<your jax version>"`` for TPU targets,
-``pip install "jax-cuda12-plugin==<your jax version>"`` for GPU targets
-(``make test`` and ``make bench`` do both).
+Install: :func:`compiler` says what is installed for each platform and, where
+nothing is, the package that exists for the installed JAX (``make test`` and
+``make bench`` install both from the lock). For JAX 0.12.1 that is
+``libtpu==0.0.52`` (``jax[tpu]==0.12.1`` pins ``libtpu==0.0.53.*``, which was
+never published) and ``jax-cuda13-plugin==0.12.1`` (no CUDA 12 plugin was
+published for 0.12.1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
+import importlib.util
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 
-from remat_kit import _xla
+from remat_kit import _jax, _xla
 
-__all__ = ["CHIPS", "GPU_SPECS", "Target", "bytes_moved", "can_offload", "compile_for",
+__all__ = ["CHIPS", "GPU_SPECS", "Compiler", "CompilerMissing", "Target", "bytes_moved", "can_offload", "compile_for",
+           "compiler",
            "has_host_memory",
            "hbm_bytes_moved",
            "parse_target", "place"]
@@ -250,17 +259,147 @@ def parse_target(value: Any) -> Target:
   raise _bad(value, "unknown target")
 
 
+# The CUDA plugins, by the module each registers under `jax_plugins` and its distribution.
+_CUDA_PLUGINS = (("jax_plugins.xla_cuda13", "jax-cuda13-plugin"),
+                 ("jax_plugins.xla_cuda12", "jax-cuda12-plugin"))
+# What `make lock` found on the package index for each JAX it locked: the compiler
+# packages that exist for it, and what it substituted (`.ci/lock.py` writes this file).
+_PUBLISHED = Path(__file__).with_name("_published.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiler:
+  """The deviceless compiler for one accelerator platform, as installed here.
+
+  Attributes:
+    platform: ``"tpu"`` or ``"gpu"``.
+    package: the installed distribution (``"libtpu"``, ``"jax-cuda13-plugin"``),
+      or None where there is none.
+    version: its version, or None.
+    module: the module that registers it with JAX (``"libtpu"``,
+      ``"jax_plugins.xla_cuda13"``), or None.
+    install: the requirement that gets a compiler for the installed JAX, e.g.
+      ``"jax-cuda13-plugin==0.12.1"``.
+    note: where the installed or suggested compiler is not the one JAX's own
+      extra names (a libtpu JAX pins but that was never published), what was
+      used instead and why; else None.
+  """
+
+  platform: str
+  package: str | None
+  version: str | None
+  module: str | None
+  install: str
+  note: str | None = None
+
+  @property
+  def available(self) -> bool:
+    return self.package is not None
+
+  @property
+  def missing(self) -> str | None:
+    """Why ``target="<platform>:..."`` cannot compile here (a skip reason), or None."""
+    if self.available:
+      return None
+    what = "libtpu" if self.platform == "tpu" else "a CUDA plugin"
+    return (f"no {self.platform.upper()} compiler: {what} is not installed for jax "
+            f"{jax.__version__}; install it with: pip install \"{self.install}\"")
+
+
+class CompilerMissing(RuntimeError):
+  """A deviceless target whose compiler (libtpu, a CUDA plugin) is not installed.
+
+  Attributes:
+    platform: ``"tpu"`` or ``"gpu"``.
+  """
+
+  def __init__(self, platform: str, message: str):
+    super().__init__(message)
+    self.platform = platform
+
+
+def _published() -> dict[str, Any]:
+  try:
+    return dict(json.loads(_PUBLISHED.read_text()).get(jax.__version__, {}))
+  except (OSError, ValueError):  # pragma: no cover - a damaged install
+    return {}
+
+
+def _dist_version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _jax_libtpu_pin() -> str | None:
+  """The libtpu requirement of ``jax[tpu]`` for the installed JAX (``"==0.0.53.*"``)."""
+  for req in importlib.metadata.requires("jax") or ():
+    m = re.match(r"libtpu\s*([^;]+);\s*extra\s*==\s*[\"']tpu[\"']", req)
+    if m:
+      return m.group(1).replace(" ", "")
+  return None
+
+
+def compiler(platform: str) -> Compiler:
+  """The deviceless compiler installed for ``platform`` (``"tpu"`` or ``"gpu"``).
+
+  Finds libtpu, and whichever CUDA plugin is installed (CUDA 13, then 12). The
+  install hint names the package that exists for the installed JAX, as
+  ``make lock`` found it on the index; for a JAX it never locked, JAX's own
+  extra (``jax[tpu]``) or both CUDA plugins.
+
+  Args:
+    platform: ``"tpu"`` or ``"gpu"``.
+
+  Raises:
+    ValueError: for another platform.
+
+  >>> compiler("tpu").platform
+  'tpu'
+  """
+  if platform not in ("tpu", "gpu"):
+    raise ValueError(f"`compiler`: platform must be 'tpu' or 'gpu', got {platform!r}.")
+  published = _published()
+  v = jax.__version__
+  if platform == "tpu":
+    pin = _jax_libtpu_pin()
+    install = published.get("tpu") or f"jax[tpu]=={v}"
+    version = _dist_version("libtpu") if importlib.util.find_spec("libtpu") else None
+    note = None
+    if pin and re.fullmatch(r"==[\d.]+(\.\*)?", pin):
+      want = pin[2:].removesuffix(".*")
+      got = version or install.partition("==")[2]
+      if got and not (got == want or got.startswith(want + ".")):
+        why = [n for n in published.get("notes", ()) if n.startswith("libtpu")]
+        note = why[0] if why else f"libtpu {got}, not libtpu{pin}, which jax[tpu]=={v} pins"
+    return Compiler("tpu", "libtpu" if version else None, version,
+                    "libtpu" if version else None, install, note)
+  for module, dist in _CUDA_PLUGINS:
+    if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
+      got = _dist_version(dist)
+      install = published.get("gpu") or f"{dist}=={v}"
+      return Compiler("gpu", dist, got, module, install, None)
+  install = published.get("gpu") or f"jax-cuda12-plugin=={v}"
+  note = None if published.get("gpu") else (
+      f"for jax {v} either jax-cuda12-plugin=={v} or jax-cuda13-plugin=={v}, whichever "
+      "the index has (JAX 0.12.1 has only the CUDA 13 one)")
+  if published.get("gpu") and "cuda12" not in published["gpu"]:
+    note = f"jax-cuda12-plugin=={v} was not published; the CUDA 13 plugin was"
+  return Compiler("gpu", None, None, None, install, note)
+
+
 @functools.cache
 def _topology(target: Target) -> Any:
   from jax.experimental import topologies
 
   if target.platform == "tpu":
-    try:
-      import libtpu  # noqa: F401
-    except ImportError:
-      raise RuntimeError(
-          f"`target`={target.name!r} needs libtpu to compile for a TPU without one. "
-          f'Install it with: pip install "jax[tpu]=={jax.__version__}"') from None
+    tpu = compiler("tpu")
+    if not tpu.available:
+      raise CompilerMissing(
+          "tpu", f"`target`={target.name!r} needs libtpu to compile for a TPU without one. "
+          f'Install it with: pip install "{tpu.install}"'
+          + (f" ({tpu.note})" if tpu.note else "") + ".")
     try:
       return topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
     except Exception as e:  # noqa: BLE001 - libtpu's error, made readable
@@ -270,12 +409,13 @@ def _topology(target: Target) -> Any:
           "(the last with libtpu 0.0.50, JAX 0.12; not v5e:1x1). If another process holds "
           "libtpu's lock (deviceless compiles in parallel processes), set "
           "ALLOW_MULTIPLE_LIBTPU_LOAD=1 in the environment before Python starts.") from e
-  try:
-    import jax_plugins.xla_cuda12  # noqa: F401
-  except ImportError:
-    raise RuntimeError(
-        f"`target`={target.name!r} needs the CUDA plugin to compile for a GPU without one. "
-        f'Install it with: pip install "jax-cuda12-plugin=={jax.__version__}"') from None
+  gpu = compiler("gpu")
+  if gpu.module is None:
+    raise CompilerMissing(
+        "gpu", f"`target`={target.name!r} needs a CUDA plugin to compile for a GPU without one. "
+        f'Install it with: pip install "{gpu.install}"'
+        + (f" ({gpu.note})" if gpu.note else "") + ".")
+  importlib.import_module(gpu.module)
   config = _GPU_TEMPLATE.format(**GPU_SPECS[target.generation])
   try:
     return topologies.get_topology_desc(platform="cuda", target_config=config,
@@ -294,7 +434,7 @@ def _topology(target: Target) -> Any:
 def _sharding(target: Target) -> Any:
   if target.platform == "gpu":
     return jax.sharding.NamedSharding(target.mesh((1,)), jax.sharding.PartitionSpec())
-  return jax.sharding.SingleDeviceSharding(target.devices()[0])
+  return _jax.single_device_sharding(target.devices()[0])
 
 
 def place(args: Any, target: Target) -> Any:

@@ -141,6 +141,56 @@ def test_jax_policies_save_what_jax_checkpoint_saves_classically(policy, remat_i
   assert _acts(rk.remat(_mlp, policy=policy), w, x) == want
 
 
+def _attention_like(w, x):
+  """An unbatched matmul (tagged h), a batched one (tagged g) and one more batched one."""
+  h = rk.checkpoint_name(jnp.sin(x @ w), "h")
+  g = rk.checkpoint_name(jnp.tanh(jnp.einsum("bij,bkj->bik", h, h)), "g")
+  return jnp.sum(jnp.cos(jnp.einsum("bik,bkj->bij", g, h)))
+
+
+def _rows(f, *args):
+  return sorted((r.shape, str(r.dtype), r.memory) for r in saved_residuals(f, *args)
+                if r.kind == "activation")
+
+
+OFFLOAD = dict(offload_src="device", offload_dst="pinned_host")
+JAX_NAMES = {  # JAX's newer names: JAX's own policy, and ours called the same way
+    "checkpoint_dots": (CP.checkpoint_dots, rk.policies.checkpoint_dots),
+    "checkpoint_dots_with_no_batch_dims": (CP.checkpoint_dots_with_no_batch_dims,
+                                           rk.policies.checkpoint_dots_with_no_batch_dims),
+    "offload_dot_with_no_batch_dims": (
+        CP.offload_dot_with_no_batch_dims("device", "pinned_host"),
+        rk.policies.offload_dot_with_no_batch_dims("device", "pinned_host")),
+    "save_and_offload_only_these_names": (
+        CP.save_and_offload_only_these_names(names_which_can_be_saved=["h"],
+                                             names_which_can_be_offloaded=["g"], **OFFLOAD),
+        rk.policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=["h"], names_which_can_be_offloaded=["g"], **OFFLOAD)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JAX_NAMES))
+def test_jax_newer_policy_names_save_what_jax_saves(name, remat_impl):
+  """`remat_kit.policies` has JAX's names with JAX's signatures, and each saves (or
+  offloads) exactly the residuals JAX's own policy does under classic `jax.checkpoint`,
+  under either implementation; JAX's own object handed to rk.remat does the same."""
+  theirs, ours = JAX_NAMES[name]
+  w, x = jnp.ones((8, 8)) / 8, jnp.ones((2, 4, 8))
+  with _jax.remat3(False):
+    want = _rows(jax.checkpoint(_attention_like, policy=theirs), w, x)
+  assert want and _rows(rk.remat(_attention_like, policy=ours), w, x) == want
+  assert _rows(rk.remat(_attention_like, policy=theirs), w, x) == want
+  assert getattr(rk.policies, name) is not None and name in rk.policies.__all__
+
+
+def test_jax_names_keep_jaxs_checks_and_our_factories_may_go_uncalled():
+  with pytest.raises(ValueError, match=r"\['h'\] are both saved and offloaded"):
+    rk.policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=["h"], names_which_can_be_offloaded=["h"], **OFFLOAD)
+  # JAX passes its policies as values: ours may be passed uncalled too.
+  assert rk.policies.from_config(rk.policies.dots_saveable) == rk.policies.checkpoint_dots
+
+
 def test_offload_policies_mark_residuals_for_the_host(remat_impl):
   w, x = jnp.ones((8, 8)) / 8, jnp.ones((4, 8))
   f = rk.remat(_mlp, policy={"h": "offload"})

@@ -6,8 +6,10 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
+from remat_kit import policies as P
 from remat_kit.flax import remat_policy
 
 
@@ -60,10 +62,6 @@ def test_nnx_keyword_only_ints_and_floats():
 # --------------------------------------------------------------------------
 # Policy config strings: the small items of the same issue
 # --------------------------------------------------------------------------
-import pytest  # noqa: E402
-
-from remat_kit import policies as P  # noqa: E402
-
 
 def test_unions_are_canonical():
   assert P.from_config("save:a|save:b") == P.from_config("save:b|save:a")
@@ -107,8 +105,14 @@ RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
 
 
 def _same_everywhere(cls, x, *args, policy="full", methods="__call__", method="__call__",
-                     mutable=False, static=(), **kwargs):
-  """Decorated and plain: same init tree/values, outputs (masks), updates and gradients."""
+                     mutable=False, static=(), jax_remat=None, **kwargs):
+  """Decorated and plain: same init tree/values, outputs (masks), updates and gradients.
+
+  ``jax_remat``: the same module under Flax's own ``nn.remat`` (JAX's checkpoint). Where
+  remat itself moves float rounding (a BatchNorm's batch statistics, reduced in another
+  fusion), the decorated module must equal that exactly, and differ from the plain one by
+  no more than JAX's own remat does: the tolerance is read from JAX, not chosen.
+  """
   plain = cls()
   rem = remat_policy(policy, methods=methods, static_argnames=static)(cls)()
   init = lambda m: m.init(RNGS, x, *args, method=method, **kwargs)
@@ -120,9 +124,19 @@ def _same_everywhere(cls, x, *args, policy="full", methods="__call__", method="_
                   rngs={"dropout": jax.random.key(2)}, **kwargs)
     return out if mutable else (out, {})
 
-  chex.assert_trees_all_equal(run(rem, v["params"]), run(plain, v["params"]))
+  if jax_remat is None:
+    chex.assert_trees_all_equal(run(rem, v["params"]), run(plain, v["params"]))
+  else:
+    ours, theirs, base = (run(m, v["params"]) for m in (rem, jax_remat(), plain))
+    chex.assert_trees_all_equal(ours, theirs)
+    assert _max_diff(ours, base) <= _max_diff(theirs, base)
   grad = lambda m: jax.grad(lambda p: jnp.sum(run(m, p)[0] ** 2))(v["params"])
-  chex.assert_trees_all_close(grad(rem), grad(plain), rtol=1e-6, atol=1e-6)
+  if jax_remat is None:
+    chex.assert_trees_all_close(grad(rem), grad(plain), rtol=1e-6, atol=1e-6)
+  else:
+    ours, theirs, base = (grad(m) for m in (rem, jax_remat(), plain))
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert _max_diff(ours, base) <= _max_diff(theirs, base)
   return v
 
 
@@ -209,9 +223,11 @@ class WithBatchNorm(nn.Module):
 
 def test_linen_batch_stats_updates_under_the_decorator():
   x = jnp.linspace(-1, 1, 24).reshape(6, 4)
-  v = _same_everywhere(WithBatchNorm, x, True, mutable=["batch_stats"], static="train")
+  v = _same_everywhere(WithBatchNorm, x, True, mutable=["batch_stats"], static="train",
+                       jax_remat=nn.remat(WithBatchNorm, static_argnums=(2,)))
   assert "batch_stats" in v
-  _same_everywhere(WithBatchNorm, x, False, static="train")
+  _same_everywhere(WithBatchNorm, x, False, static="train",
+                   jax_remat=nn.remat(WithBatchNorm, static_argnums=(2,)))
 
 
 class NnxBN(nnx.Module):
@@ -227,13 +243,32 @@ class NnxBN(nnx.Module):
                      deterministic=not train)
 
 
+class NnxBNJaxRemat(NnxBN):
+  """The same module under Flax's own `nnx.remat` (JAX's checkpoint), full remat."""
+
+  def __call__(self, x, *extra, train: bool = True, **opts):
+    f = nnx.remat(lambda m, x, *e: NnxBN.__call__(m, x, *e, train=train, **opts))
+    return f(self, x, *extra)
+
+
+def _max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(p - q))) for p, q in
+             zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+
+
 def test_nnx_var_args_and_batch_stats_updates():
+  """The dense bias feeds a BatchNorm, so its gradient is zero up to rounding, and remat
+  moves that rounding (JAX's own remat by 1.8e-5 on JAX 0.12.1): the decorated module
+  equals Flax's `nnx.remat` and is as close to the plain one as that is."""
   x = jnp.linspace(-1, 1, 24).reshape(6, 4)
   plain = NnxBN(nnx.Rngs(0))
   rem = remat_policy("full", static_argnames="train")(NnxBN)(nnx.Rngs(0))
+  theirs = NnxBNJaxRemat(nnx.Rngs(0))
   loss = lambda m: jnp.sum(m(x, x, train=True, unused=None) ** 2)
-  chex.assert_trees_all_close(nnx.grad(loss)(rem), nnx.grad(loss)(plain), rtol=1e-6)
-  chex.assert_trees_all_close(nnx.state(rem, nnx.BatchStat), nnx.state(plain, nnx.BatchStat))
+  ours, jaxs, base = (nnx.grad(loss)(m) for m in (rem, theirs, plain))
+  chex.assert_trees_all_close(ours, jaxs, rtol=1e-6)
+  assert _max_diff(ours, base) <= _max_diff(jaxs, base)
+  chex.assert_trees_all_close(nnx.state(rem, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
   assert not jnp.allclose(rem.bn.mean[...], 0.0)
 
 
@@ -323,3 +358,69 @@ def test_nnx_layer_stack_writes_back_batch_stats_and_custom_variables(levels):
                               rtol=1e-5, atol=1e-6)
   assert scanned.layers.calls[...].tolist() == [1, 1, 1, 1]
   assert not jnp.allclose(scanned.layers.bn.mean[...], 0.0)
+
+
+# --------------------------------------------------------------------------
+# Defaults the caller did not pass stay Python values (the one static rule)
+# --------------------------------------------------------------------------
+class TrainDefault(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True, scale: float = 1.0):
+    x = nn.Dense(4)(x) * scale
+    return nn.Dropout(0.5, deterministic=not train)(x)  # `not train` needs a Python bool
+
+
+class DeterministicDefault(nn.Module):
+  @nn.compact
+  def __call__(self, x, deterministic: bool = False):
+    return nn.Dropout(0.5, deterministic=deterministic)(nn.Dense(4)(x))
+
+
+class KwOnlyDefault(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train=True):
+    return nn.Dropout(0.5, deterministic=not train)(nn.Dense(4)(x))
+
+
+@pytest.mark.parametrize("cls", [TrainDefault, DeterministicDefault, KwOnlyDefault])
+def test_linen_a_default_not_passed_stays_a_python_value(cls):
+  """`nn.remat` leaves an argument the caller did not pass as its Python default; under
+  the decorator, with no static_argnames, that default is not traced either."""
+  x = jnp.linspace(-1, 1, 12).reshape(3, 4)
+  _same_everywhere(cls, x)
+
+
+def test_linen_a_gap_in_the_defaults_passes_later_arguments_by_name():
+  x = jnp.linspace(-1, 1, 12).reshape(3, 4)
+  _same_everywhere(TrainDefault, x, scale=0.5)  # train left to its default, scale traced
+
+
+def test_linen_a_passed_bool_is_traced_unless_named_static():
+  x = jnp.ones((3, 4))
+  rem = remat_policy("full")(TrainDefault)()
+  v = rem.init(RNGS, x)
+  with pytest.raises(TypeError, match=r"`train` \(Python bool True\).*static_argnames=\('train',"):
+    rem.apply(v, x, True, rngs={"dropout": jax.random.key(2)})
+  _same_everywhere(TrainDefault, x, True, static="train")
+  _same_everywhere(TrainDefault, x, train=False, static="train")
+
+
+class NnxDefaults(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(4, 4, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x, train: bool = True, *, deterministic: bool = False):
+    return self.drop(self.dense(x), deterministic=deterministic or not train)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x: m(x),                        # both left to their defaults
+    lambda m, x: m(x, deterministic=False),   # the keyword-only one passed, by keyword
+])
+def test_nnx_a_default_not_passed_stays_a_python_value(call):
+  x = jnp.linspace(-1, 1, 12).reshape(3, 4)
+  plain = NnxDefaults(nnx.Rngs(0))
+  rem = remat_policy("full", static_argnames="deterministic")(NnxDefaults)(nnx.Rngs(0))
+  loss = lambda m: jnp.sum(call(m, x) ** 2)
+  chex.assert_trees_all_close(nnx.grad(loss)(rem), nnx.grad(loss)(plain), rtol=1e-6)

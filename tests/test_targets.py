@@ -1,5 +1,9 @@
 """remat_kit.targets: deviceless TPU and GPU compiles through the readouts."""
 
+import importlib.metadata
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -7,19 +11,6 @@ import pytest
 import remat_kit as rk
 from remat_kit import targets
 from remat_kit.report.estimate import estimate_seconds
-
-try:
-  import libtpu  # noqa: F401
-
-  HAVE_TPU = True
-except ImportError:
-  HAVE_TPU = False
-try:
-  import jax_plugins.xla_cuda12  # noqa: F401
-
-  HAVE_GPU = True
-except ImportError:
-  HAVE_GPU = False
 
 # The size of the targets issue: 8 layers of 1024 x 1024 at batch 4096, never allocated.
 WS = [jax.ShapeDtypeStruct((1024, 1024), jnp.float32)] * 8
@@ -43,10 +34,9 @@ def _loss(policy):
   return loss
 
 
-@pytest.mark.parametrize("target", [
-    pytest.param("tpu:v5e:2x2", marks=pytest.mark.skipif(not HAVE_TPU, reason="no libtpu")),
-    pytest.param("gpu:h100", marks=pytest.mark.skipif(not HAVE_GPU, reason="no CUDA plugin")),
-])
+# A target whose compiler is not installed skips with the reason targets.compiler gives
+# (the root conftest.py), or fails where the lock installs it (REMAT_KIT_REQUIRE_TARGETS).
+@pytest.mark.parametrize("target", ["tpu:v5e:2x2", "gpu:h100"])
 @pytest.mark.slow
 def test_report_matches_a_direct_deviceless_compile(target):
   none = rk.memory_report(_loss(None), WS, X, target=target, label="none")
@@ -169,8 +159,8 @@ def test_estimate_charges_host_bytes_at_the_host_link():
 
 
 def _tpu7x_known() -> bool:
-  if not HAVE_TPU:
-    return False
+  if not targets.compiler("tpu").available:
+    return True  # the test runs into CompilerMissing: skipped with its reason
   try:
     targets.parse_target("tpu:tpu7x:2x2x1").devices()
   except ValueError:  # an older libtpu refuses the topology
@@ -186,3 +176,38 @@ def test_tpu7x_compiles_deviceless_with_per_device_figures():
   rep = rk.memory_report(_loss("full"), WS, X, target=t)
   assert rep.compiled["temp_size"] >= 0 and rep.estimated_seconds > 0
   assert t.chip.hbm_bytes == 96 * 2**30 and "TensorCore" in t.chip.source
+
+
+def test_compiler_finds_whichever_cuda_plugin_is_installed_and_names_the_one_that_exists(
+    monkeypatch):
+  gpu = targets.compiler("gpu")
+  if gpu.available:  # CUDA 12 or 13, whichever this venv has
+    assert (gpu.module, gpu.package) in targets._CUDA_PLUGINS
+    assert importlib.metadata.version(gpu.package) == gpu.version
+  # Without one, the error names the package the index has for this JAX, as `make lock`
+  # found it (jax-cuda13-plugin for JAX 0.12.1, which has no CUDA 12 plugin).
+  published = json.loads(targets._PUBLISHED.read_text()).get(jax.__version__, {})
+  monkeypatch.setattr(targets, "_CUDA_PLUGINS", (("jax_plugins.no_such_plugin", "nope"),))
+  targets._topology.cache_clear()
+  try:
+    missing = targets.compiler("gpu")
+    assert not missing.available and missing.missing
+    if published:
+      assert missing.install == published["gpu"]
+    if jax.__version__ == "0.12.1":
+      assert missing.install == "jax-cuda13-plugin==0.12.1"
+    with pytest.raises(targets.CompilerMissing, match=re.escape(missing.install)) as e:
+      targets.parse_target("gpu:h100").devices()
+    assert e.value.platform == "gpu"
+  finally:
+    targets._topology.cache_clear()
+
+
+def test_a_substituted_libtpu_is_reported_with_the_reason():
+  tpu = targets.compiler("tpu")
+  published = json.loads(targets._PUBLISHED.read_text()).get(jax.__version__, {})
+  if tpu.available and published.get("tpu") == f"libtpu=={tpu.version}" and any(
+      n.startswith("libtpu") for n in published.get("notes", ())):
+    assert tpu.note and tpu.version in tpu.note and "jax[tpu]" in tpu.note
+  with pytest.raises(ValueError, match="platform must be 'tpu' or 'gpu'"):
+    targets.compiler("rocm")

@@ -113,11 +113,12 @@ def _labels(sig: inspect.Signature, n_pos: int, kw_names: tuple[str, ...]) -> li
   """The user's name for each entry of the flattened argument list."""
   out: list[str] = []
   for p in sig.parameters.values():
+    if len(out) >= n_pos:
+      break
     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
       out.append(p.name)
     elif p.kind is p.VAR_POSITIONAL:
-      var = p.name
-      out.extend(f"{var}[{i}]" for i in range(n_pos - len(out)))
+      out.extend(f"{p.name}[{i}]" for i in range(n_pos - len(out)))
   out.extend(kw_names)
   return out
 
@@ -127,40 +128,46 @@ def bind_statics(sig: inspect.Signature, static_argnames: tuple[str, ...], self:
                  ) -> tuple[list[Any], int, tuple[str, ...], tuple[int, ...]]:
   """The call bound by the method's signature and flattened for the transforms.
 
-  Returns ``(full, n_pos, kw_names, statics)``: every argument, self first,
-  then the positional ones (``*args`` entries expanded), then the keyword
-  ones (keyword-only parameters, then ``**kwargs`` entries) whose names are
-  ``kw_names``; ``n_pos`` counts self and the positional ones, and
+  Returns ``(full, n_pos, kw_names, statics)``: the arguments the caller
+  passed, self first, then the positional ones (``*args`` entries expanded),
+  then the keyword ones (keyword-only parameters, positional parameters given
+  by name after one left to its default, then ``**kwargs`` entries) whose
+  names are ``kw_names``; ``n_pos`` counts self and the positional ones, and
   ``statics`` are the positions in ``full`` that are static.
 
-  Python values (None, bool, int, float, str, enums, and tuples of them) are
-  always static: a method uses them for control flow and shapes, which traced
-  values cannot drive.
+  The one static rule (:mod:`remat_kit._args`): only arguments the caller
+  passes are traced, unless named in ``static_argnames`` or untraceable (a
+  str, an enum member, None, a tuple of these). A parameter the caller leaves
+  out is not passed through the transform at all, so the method sees its
+  default as the Python value it is, as ``nn.remat`` leaves it.
   """
   bound = sig.bind(self, *args, **kwargs)
-  bound.apply_defaults()
   full: list[Any] = []
   kw: list[tuple[str, Any]] = []
   named: set[int] = set()
+  gap = False  # a positional parameter was left to its default: later ones go by name
   for name, p in sig.parameters.items():
-    value = bound.arguments.get(name)
-    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+    if name not in bound.arguments:
+      gap = gap or p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+      continue
+    value = bound.arguments[name]
+    if p.kind is p.POSITIONAL_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and not gap):
       if name in static_argnames:
         named.add(len(full))
       full.append(value)
     elif p.kind is p.VAR_POSITIONAL:
       if name in static_argnames:
-        named.update(range(len(full), len(full) + len(value or ())))
-      full.extend(value or ())
-    elif p.kind is p.KEYWORD_ONLY:
+        named.update(range(len(full), len(full) + len(value)))
+      full.extend(value)
+    elif p.kind is p.VAR_KEYWORD:
+      kw.extend(value.items())
+    else:  # keyword-only, or positional given by name after a gap
       kw.append((name, value))
-    else:
-      kw.extend((value or {}).items())
   n_pos = len(full)
-  for name, value in kw:
+  for name, _ in kw:
     if name in static_argnames:
-      named.add(len(full))
-    full.append(value)
+      named.add(len(full) + [k for k, _ in kw].index(name))
+  full.extend(value for _, value in kw)
   kw_names = tuple(name for name, _ in kw)
   labels = _labels(sig, n_pos, kw_names)
   statics = tuple(sorted(named | {

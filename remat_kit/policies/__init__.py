@@ -47,13 +47,23 @@ from remat_kit.policies.config import registered as registered
 from remat_kit.policies.config import save_from_all_policies as save_from_all_policies
 from remat_kit.policies.config import save_from_both_policies as save_from_both_policies
 from remat_kit.policies.config import save_if_all_policies_save as save_if_all_policies_save
+from remat_kit.policies.factories import checkpoint_dots as checkpoint_dots
+from remat_kit.policies.factories import (
+    checkpoint_dots_with_no_batch_dims as checkpoint_dots_with_no_batch_dims,
+)
 from remat_kit.policies.factories import dots_saveable as dots_saveable
 from remat_kit.policies.factories import (
     dots_with_no_batch_dims_saveable as dots_with_no_batch_dims_saveable,
 )
 from remat_kit.policies.factories import everything_saveable as everything_saveable
 from remat_kit.policies.factories import nothing_saveable as nothing_saveable
+from remat_kit.policies.factories import (
+    offload_dot_with_no_batch_dims as offload_dot_with_no_batch_dims,
+)
 from remat_kit.policies.factories import offload_these_names as offload_these_names
+from remat_kit.policies.factories import (
+    save_and_offload_only_these_names as save_and_offload_only_these_names,
+)
 from remat_kit.policies.factories import save_any_names_but_these as save_any_names_but_these
 from remat_kit.policies.factories import (
     save_anything_except_these_names as save_anything_except_these_names,

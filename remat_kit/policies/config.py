@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from remat_kit import _jax
+from remat_kit.policies import factories
 from remat_kit.policies.base import (
   DEFAULT_OFFLOAD_DST,
   DEFAULT_OFFLOAD_SRC,
@@ -335,6 +336,10 @@ def from_config(value: Any) -> Policy:
   raise TypeError(f"`from_config`: cannot build a policy from {value!r}. Valid: {_choices()}.")
 
 
+_UNCALLED = (factories.everything_saveable, factories.nothing_saveable,
+             factories.dots_saveable, factories.dots_with_no_batch_dims_saveable)
+
+
 def _from_jax_policy(value: Any) -> Policy | None:
   """Translates JAX's own policy objects, so they behave under remat3 too."""
   if value is _jax.everything_saveable:
@@ -350,15 +355,30 @@ def _from_jax_policy(value: Any) -> Policy | None:
     return SaveNames(tuple(_jax.jax_policy_names(value)))
   if kind == "save_any_names_but_these":
     return SaveAnyNamesBut(tuple(_jax.jax_policy_names(value)))
+  if kind == "save_and_offload_only_these_names":
+    v = _jax.closure_vars(value)
+    return factories.save_and_offload_only_these_names(
+        names_which_can_be_saved=v["names_which_can_be_saved"],
+        names_which_can_be_offloaded=v["names_which_can_be_offloaded"],
+        offload_src=v["offload_src"], offload_dst=v["offload_dst"])
+  if kind == "offload_dot_with_no_batch_dims":
+    v = _jax.closure_vars(value)
+    return factories.offload_dot_with_no_batch_dims(v["offload_src"], v["offload_dst"])
+  if any(value is f for f in _UNCALLED):  # our zero-argument factories, passed uncalled
+    return value()
   if _jax.JaxDotsSaveable is not None and isinstance(value, _jax.JaxDotsSaveable):
     return SaveDots(value.only_if_no_batch_dims)
   if _jax.JaxSaveOnlyTheseNames is not None and isinstance(value, _jax.JaxSaveOnlyTheseNames):
     return SaveNames(tuple(value.saveable_names))
   if (_jax.JaxSaveAndOffloadOnlyTheseNames is not None
       and isinstance(value, _jax.JaxSaveAndOffloadOnlyTheseNames)):
-    return SaveOrOffloadNames(tuple(value.names_which_can_be_saved),
-                    tuple(value.names_which_can_be_offloaded),
-                    value.offload_src, value.offload_dst)
+    return factories.save_and_offload_only_these_names(
+        names_which_can_be_saved=value.names_which_can_be_saved,
+        names_which_can_be_offloaded=value.names_which_can_be_offloaded,
+        offload_src=value.offload_src, offload_dst=value.offload_dst)
+  if (_jax.JaxOffloadDotWithNoBatchDims is not None
+      and isinstance(value, _jax.JaxOffloadDotWithNoBatchDims)):
+    return factories.offload_dot_with_no_batch_dims(value.offload_src, value.offload_dst)
   if _jax.JaxSaveAnyNamesButThese is not None and isinstance(value, _jax.JaxSaveAnyNamesButThese):
     return SaveAnyNamesBut(tuple(value.names))
   return None

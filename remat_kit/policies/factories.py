@@ -1,13 +1,24 @@
 """JAX's ``jax.checkpoint_policies`` factories, returning remat_kit policies.
 
 The same names and arguments as JAX's (``save_only_these_names("x")``,
-``dots_saveable()``, ...), so that code written for ``jax.checkpoint`` reads the
-same; each returns a hashable policy of :mod:`~remat_kit.policies.library`.
+``save_and_offload_only_these_names(names_which_can_be_saved=...)``,
+``offload_dot_with_no_batch_dims("device", "pinned_host")``, ...), so that code
+written for ``jax.checkpoint`` reads the same; each returns a hashable policy of
+:mod:`~remat_kit.policies.library`, which saves what JAX's own saves.
+
+JAX's policy *values* (``jax.checkpoint_policies.dots_saveable``,
+``checkpoint_dots``, ``everything_saveable``, ...) are plain policies there;
+here ``checkpoint_dots`` and ``checkpoint_dots_with_no_batch_dims`` are values
+too, and the zero-argument factories (``dots_saveable``, ``nothing_saveable``,
+...) may be passed uncalled, as JAX code passes them: :func:`remat_kit.remat`
+and :func:`~remat_kit.policies.from_config` call them.
 """
 
 from __future__ import annotations
 
-from remat_kit.policies.base import DEFAULT_OFFLOAD_DST, DEFAULT_OFFLOAD_SRC
+from collections.abc import Iterable
+
+from remat_kit.policies.base import DEFAULT_OFFLOAD_DST, DEFAULT_OFFLOAD_SRC, Offload
 from remat_kit.policies.library import (
   OffloadNames,
   SaveAnyNamesBut,
@@ -17,16 +28,21 @@ from remat_kit.policies.library import (
   SaveEverything,
   SaveNames,
   SaveNothing,
+  SaveOrOffloadNames,
   SavePrimitives,
 )
 
 __all__ = [
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
     "dots_saveable",
     "dots_with_no_batch_dims_saveable",
     "everything_saveable",
     "nothing_saveable",
+    "offload_dot_with_no_batch_dims",
     "offload_these_names",
     "save_any_names_but_these",
+    "save_and_offload_only_these_names",
     "save_anything_except_these_names",
     "save_by_size",
     "save_only_these_names",
@@ -70,6 +86,66 @@ def dots_with_no_batch_dims_saveable() -> SaveDots:
     for recomputing batched matmuls (attention scores) and convolutions too.
   """
   return SaveDots(no_batch_dims=True)
+
+
+# JAX's aliases, values as in `jax.checkpoint_policies` (not factories).
+checkpoint_dots: SaveDots = SaveDots(no_batch_dims=False)
+"""JAX's ``checkpoint_dots``: the policy :func:`dots_saveable` returns (a value)."""
+checkpoint_dots_with_no_batch_dims: SaveDots = SaveDots(no_batch_dims=True)
+"""JAX's ``checkpoint_dots_with_no_batch_dims``: the policy
+:func:`dots_with_no_batch_dims_saveable` returns (a value)."""
+
+
+def offload_dot_with_no_batch_dims(offload_src: str, offload_dst: str) -> Offload:
+  """JAX's ``offload_dot_with_no_batch_dims``: offload unbatched matmul outputs.
+
+  What :func:`dots_with_no_batch_dims_saveable` saves goes to ``offload_dst``
+  memory instead; everything else is recomputed.
+
+  Args:
+    offload_src: the memory kind the values live in (``"device"``).
+    offload_dst: the memory kind to offload to (``"pinned_host"``).
+
+  Returns:
+    ``Offload(SaveDots(no_batch_dims=True), offload_src, offload_dst)``:
+    device memory as full remat for those tensors, host memory and a copy
+    each way over the host link instead.
+  """
+  return Offload(SaveDots(no_batch_dims=True), offload_src, offload_dst)
+
+
+def save_and_offload_only_these_names(
+    *, names_which_can_be_saved: Iterable[str], names_which_can_be_offloaded: Iterable[str],
+    offload_src: str, offload_dst: str) -> SaveOrOffloadNames:
+  """JAX's ``save_and_offload_only_these_names``: save some names, offload others.
+
+  Args:
+    names_which_can_be_saved: `checkpoint_name` tags kept on the device.
+    names_which_can_be_offloaded: tags moved to ``offload_dst`` memory.
+    offload_src: the memory kind the values live in (``"device"``).
+    offload_dst: the memory kind to offload to (``"pinned_host"``).
+
+  Returns:
+    A :class:`SaveOrOffloadNames`; every untagged value and every other tag
+    is recomputed.
+
+  Raises:
+    ValueError: if a name is in both sets (as JAX raises).
+    TypeError: for a name that is not a non-empty str.
+  """
+  return SaveOrOffloadNames(_names(names_which_can_be_saved, "names_which_can_be_saved"),
+                            _names(names_which_can_be_offloaded, "names_which_can_be_offloaded"),
+                            offload_src, offload_dst)
+
+
+def _names(value: Iterable[str], arg: str) -> tuple[str, ...]:
+  if isinstance(value, str):
+    return (value,)
+  try:
+    return tuple(sorted(set(value)))
+  except TypeError:
+    raise TypeError(f"`save_and_offload_only_these_names`: `{arg}` must be an iterable of "
+                    f"str names, got {value!r}.") from None
 
 
 def save_only_these_names(*names: str) -> SaveNames:

@@ -61,13 +61,18 @@ class SaveNothing(Policy):
     return _jax.Recompute
 
 
-def _is_dot(prim: Any, params: dict[str, Any], no_batch_dims: bool) -> bool:
+def _is_dot(prim: Any, avals: tuple[Any, ...], params: dict[str, Any],
+            no_batch_dims: bool) -> bool:
+  """Whether JAX's ``dots_saveable`` (``dots_with_no_batch_dims_saveable``) saves this
+  output: the same primitives, cuDNN's ``scaled_matmul_wrapper`` included."""
   name = getattr(prim, "name", "")
   if name == "dot_general":
     if not no_batch_dims:
       return True
     lhs_b, rhs_b = _jaxpr.dot_batch_dims(params)
     return not lhs_b and not rhs_b
+  if name == "scaled_matmul_wrapper":
+    return not no_batch_dims or (bool(avals) and getattr(avals[0], "shape", (0,))[:1] == (1,))
   return name == "conv_general_dilated" and not no_batch_dims
 
 
@@ -96,7 +101,7 @@ class SaveDots(Policy):
                      else {"dot_general", "conv_general_dilated"})
 
   def decide(self, prim, avals, params):
-    return _jax.Saveable if _is_dot(prim, params, self.no_batch_dims) else _jax.Recompute
+    return _jax.Saveable if _is_dot(prim, avals, params, self.no_batch_dims) else _jax.Recompute
 
   def referenced_primitives(self):
     return frozenset({"dot_general"})
