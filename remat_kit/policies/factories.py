@@ -133,9 +133,15 @@ def save_and_offload_only_these_names(
     ValueError: if a name is in both sets (as JAX raises).
     TypeError: for a name that is not a non-empty str.
   """
-  return SaveOrOffloadNames(_names(names_which_can_be_saved, "names_which_can_be_saved"),
-                            _names(names_which_can_be_offloaded, "names_which_can_be_offloaded"),
-                            offload_src, offload_dst)
+  save = _names(names_which_can_be_saved, "names_which_can_be_saved")
+  off = _names(names_which_can_be_offloaded, "names_which_can_be_offloaded")
+  both = sorted(set(save) & set(off))
+  if both:  # JAX's words first, so code that matches JAX's message keeps working
+    raise ValueError(
+        "`save_and_offload_only_these_names`: The names should be exclusive and should not "
+        "intersect in `names_which_can_be_saved` and `names_which_can_be_offloaded`. Got "
+        f"{both} in both: give each name one action, saved or offloaded.")
+  return SaveOrOffloadNames(save, off, offload_src, offload_dst)
 
 
 def _names(value: Iterable[str], arg: str) -> tuple[str, ...]:
