@@ -22,6 +22,7 @@ from remat_kit import testing as testing
 from remat_kit.microbatch import microbatched_value_and_grad as microbatched_value_and_grad
 from remat_kit.pipelining import pipeline as pipeline
 from remat_kit.planner import auto as auto
+from remat_kit.planner import auto_remat as auto_remat
 from remat_kit.policies import Policy as Policy
 from remat_kit.policies import from_config as from_config
 from remat_kit.report import compare as compare
@@ -45,6 +46,7 @@ __version__ = "0.3.0"
 __all__ = [
     "Policy",
     "auto",
+    "auto_remat",
     "checkpoint_name",
     "classic_remat",
     "compare",

@@ -1,4 +1,8 @@
-"""Give a byte budget, get the cheapest remat plan that fits: `auto` and its `Search`.
+"""Give a byte budget, get the cheapest remat plan that fits: `auto`, `auto_remat`.
+
+:func:`auto_remat` plans any loss per tensor (what to save, offload or recompute,
+layer by layer) with an exact solver; :func:`auto` chooses among policies for a
+model that takes one (presets, the model's tags, nesting, offload).
 
 Cost is step time, obtained honestly, never from invented constants:
 
@@ -40,6 +44,13 @@ each layer, solves the chain exactly (:func:`remat_kit.solver.solve_chain`)
 and builds the plan with :func:`remat_kit.solver.apply_chain_plan`.
 """
 
+from remat_kit.planner.auto_remat import (
+    PREFIX,
+    Plan,
+    PlanRow,
+    auto_remat,
+    auto_remat_frontier,
+)
 from remat_kit.planner.chain import auto_chain
 from remat_kit.planner.result import (
     AutoResult,
@@ -50,5 +61,5 @@ from remat_kit.planner.result import (
 )
 from remat_kit.planner.search import Search, auto
 
-__all__ = ["AutoResult", "Candidate", "Roofline", "Search", "auto", "auto_chain", "choose",
-           "parse_bytes"]
+__all__ = ["PREFIX", "AutoResult", "Candidate", "Plan", "PlanRow", "Roofline", "Search", "auto",
+           "auto_chain", "auto_remat", "auto_remat_frontier", "choose", "parse_bytes"]

@@ -18,8 +18,8 @@ import jax
 
 from remat_kit import _jax, _jaxpr
 
-__all__ = ["count_flops", "flop_breakdown", "with_full_remat", "with_offload_on_device",
-           "without_remat"]
+__all__ = ["count_flops", "eqn_flops", "flop_breakdown", "with_full_remat",
+           "with_offload_on_device", "without_remat"]
 
 
 # One FLOP per output element.
@@ -57,33 +57,48 @@ def _eqn_flops(eqn: Any) -> int:
   return 0
 
 
-def _jaxpr_flops(jaxpr: Any) -> int:
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "scan":
-      scan = _jaxpr.scan_layout(eqn)
-      total += scan.length * _jaxpr_flops(scan.body)
-    elif name == "cond":
-      total += max(_jaxpr_flops(b) for b in _jaxpr.cond_branches(eqn))
-    elif name == "while":
-      trips = _while_trips(eqn)
-      if trips is None:
-        raise ValueError(
-            "`count_flops`: the function has a while loop whose trip count is not a "
-            "constant counter (`i < n` with literal start, bound and step); it is unknown "
-            "before it runs. Use `lax.scan` (fixed length) or `lax.fori_loop` with static "
-            "bounds, which lowers to a scan.")
-      loop = _jaxpr.while_layout(eqn)
-      body, cond = loop.body, loop.cond
-      total += trips * _jaxpr_flops(body) + (trips + 1) * _jaxpr_flops(cond)
-    else:
-      total += _eqn_flops(eqn)
-      for sub in _jaxpr.sub_jaxprs(eqn.params):
-        total += _jaxpr_flops(sub)
-      hi = _jaxpr.inner_jaxpr_of_hi(eqn.params)
-      if hi is not None:
-        total += _jaxpr_flops(hi)
+def _jaxpr_flops(jaxpr: Any, matmul_only: bool = False) -> int:
+  return sum(eqn_flops(eqn, deep=True, matmul_only=matmul_only) for eqn in jaxpr.eqns)
+
+
+def eqn_flops(eqn: Any, deep: bool = False, matmul_only: bool = False) -> int:
+  """FLOPs of one equation by :func:`count_flops`' rule.
+
+  Args:
+    eqn: a jaxpr equation.
+    deep: count the jaxprs inside it too (a scan's body times its length, a
+      cond's dearest branch, a constant-counter while loop's trips); else its
+      own op alone.
+    matmul_only: count ``dot_general`` and convolutions alone (as PyTorch's
+      ``FlopCounterMode`` does).
+  """
+  name = eqn.primitive.name
+  if not deep:
+    if matmul_only and name not in ("dot_general", "conv_general_dilated"):
+      return 0
+    return _eqn_flops(eqn)
+  if name == "scan":
+    scan = _jaxpr.scan_layout(eqn)
+    return scan.length * _jaxpr_flops(scan.body, matmul_only)
+  if name == "cond":
+    return max(_jaxpr_flops(b, matmul_only) for b in _jaxpr.cond_branches(eqn))
+  if name == "while":
+    trips = _while_trips(eqn)
+    if trips is None:
+      raise ValueError(
+          "`count_flops`: the function has a while loop whose trip count is not a "
+          "constant counter (`i < n` with literal start, bound and step); it is unknown "
+          "before it runs. Use `lax.scan` (fixed length) or `lax.fori_loop` with static "
+          "bounds, which lowers to a scan.")
+    loop = _jaxpr.while_layout(eqn)
+    return (trips * _jaxpr_flops(loop.body, matmul_only)
+            + (trips + 1) * _jaxpr_flops(loop.cond, matmul_only))
+  total = eqn_flops(eqn, matmul_only=matmul_only)
+  for sub in _jaxpr.sub_jaxprs(eqn.params):
+    total += _jaxpr_flops(sub, matmul_only)
+  hi = _jaxpr.inner_jaxpr_of_hi(eqn.params)
+  if hi is not None:
+    total += _jaxpr_flops(hi, matmul_only)
   return total
 
 
@@ -232,7 +247,9 @@ def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[i
     **kwargs: its keyword arguments (not differentiated).
 
   Returns:
-    ``{"forward", "backward", "recompute", "total", "recompute_pct"}``.
+    ``{"forward", "backward", "recompute", "total", "recompute_pct",
+    "recompute_matmul"}``; the last counts matmuls and convolutions alone (as
+    PyTorch's ``FlopCounterMode``).
 
   Raises:
     ValueError: as :func:`count_flops`.
@@ -244,10 +261,11 @@ def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[i
     >>> fb["forward"], fb["recompute"]
     (144, 72)
   """
-  grad = jax.grad(fn, argnums=argnums)
-  total = count_flops(grad, *args, **kwargs)
-  plain = count_flops(jax.grad(without_remat(fn), argnums=argnums), *args, **kwargs)
+  grad = jax.make_jaxpr(jax.grad(fn, argnums=argnums))(*args, **kwargs).jaxpr
+  plain = jax.make_jaxpr(jax.grad(without_remat(fn), argnums=argnums))(*args, **kwargs).jaxpr
+  total, plain_total = _jaxpr_flops(grad), _jaxpr_flops(plain)
   forward = count_flops(fn, *args, **kwargs)
-  recompute = total - plain
-  return {"forward": forward, "backward": plain - forward, "recompute": recompute,
-          "total": total, "recompute_pct": 100.0 * recompute / plain if plain else 0.0}
+  recompute = total - plain_total
+  return {"forward": forward, "backward": plain_total - forward, "recompute": recompute,
+          "total": total, "recompute_pct": 100.0 * recompute / plain_total if plain_total else 0.0,
+          "recompute_matmul": _jaxpr_flops(grad, True) - _jaxpr_flops(plain, True)}
