@@ -47,6 +47,7 @@ and builds the plan with :func:`remat_kit.solver.apply_chain_plan`.
 from remat_kit.planner.auto_remat import (
     PREFIX,
     Plan,
+    Planner,
     PlanRow,
     auto_remat,
     auto_remat_frontier,
@@ -61,5 +62,6 @@ from remat_kit.planner.result import (
 )
 from remat_kit.planner.search import Search, auto
 
-__all__ = ["PREFIX", "AutoResult", "Candidate", "Plan", "PlanRow", "Roofline", "Search", "auto",
+__all__ = ["PREFIX", "AutoResult", "Candidate", "Plan", "PlanRow", "Planner", "Roofline", "Search",
+           "auto",
            "auto_chain", "auto_remat", "auto_remat_frontier", "choose", "parse_bytes"]

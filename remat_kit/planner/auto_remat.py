@@ -35,7 +35,7 @@ from remat_kit.policies import SaveNothing, SaveOrOffloadNames
 from remat_kit.report.tensor import Tensor
 from remat_kit.transforms import remat
 
-__all__ = ["Plan", "PlanRow", "auto_remat", "auto_remat_frontier", "PREFIX"]
+__all__ = ["PREFIX", "Plan", "PlanRow", "Planner", "auto_remat", "auto_remat_frontier"]
 
 BUDGET_KINDS = ("saved", "temp", "peak")
 
@@ -359,7 +359,13 @@ class _Solved:
 
 
 class Planner:
-  """One traced loss and its program, solved for as many budgets as asked."""
+  """One traced loss and its program, solved for as many budgets as asked.
+
+  :func:`auto_remat` and :func:`auto_remat_frontier` each make one; keep one to
+  plan the same loss at several budgets without tracing it again
+  (``planner.plan(budget, "saved", compile=False)``). The arguments are those of
+  :func:`auto_remat`.
+  """
 
   def __init__(self, fn: Callable[..., Any], args: Sequence[Any], *, argnums: Any = 0,
                target: Any = None, offload: bool | None = None, cost: str = "flops",

@@ -297,6 +297,17 @@ def _segment(graph: TensorGraph, segments: int | str, api: str) -> list[Segment]
   bounds = sorted({0, n, *cuts, *scans, *(i + 1 for i in scans)})
   ranges = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
   labels = _labels(eqns, ranges, scans, run)
+  # The code before the first layer of a Python loop (embeddings) and after its last (the
+  # head, the loss) joins that layer: a boundary there would keep the value crossing it
+  # for the backward, where recomputing it from the arguments is free of matmuls.
+  if len(ranges) > 1 and labels[0] == "prefix" and labels[1] == "layer 0":
+    ranges[:2] = [(ranges[0][0], ranges[1][1])]
+    labels[:2] = ["layer 0 (with the prefix)"]
+  if len(ranges) > 1 and labels[-1] == "suffix" and labels[-2].startswith("layer "):
+    ranges[-2:] = [(ranges[-2][0], ranges[-1][1])]
+    labels[-2:] = [labels[-2].split(" (")[0] + (" (with the prefix and suffix)"
+                                                if "prefix" in labels[-2] else
+                                                " (with the suffix)")]
   out: list[Segment] = []
   for (a, b), label in zip(ranges, labels):
     body = eqns[a:b]
