@@ -578,8 +578,11 @@ def _knee(points: list[dict[str, Any]]) -> int:
   y = np.array([p["cost"] for p in points], float)
   x = (x - x.min()) / max(np.ptp(x), 1e-30)
   y = (y - y.min()) / max(np.ptp(y), 1e-30)
-  # The line from (0, 1) to (1, 0): distance below it.
+  # The line from (0, 1) to (1, 0): distance below it. A straight frontier has no knee:
+  # its middle point then.
   d = 1.0 - x - y
+  if d.max() <= 1e-9:
+    return len(points) // 2
   return int(np.argmax(d))
 
 
