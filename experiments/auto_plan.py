@@ -34,9 +34,13 @@ def _search(model: Any, repeats: int = 5, time_budget_s: float | None = None) ->
   # in interleaved rounds on the local backend. Kept small for `make bench`'s time.
   presets = [kw["policy"] for kw in model.strategies.values()
              if "policy" in kw and "levels" not in kw]
+  # search="exhaustive": the bench compiles and times its fixed strategies anyway, so the
+  # policy search costs them the same way; the per-tensor plan has a section of its own
+  # (experiments.auto_remat_frontier).
   search = Search(module, params, *inputs, rngs={"dropout": jax.random.key(2)},
                   presets=presets, max_names_exact=0, max_subsets=2, levels=(2,),
-                  repeats=repeats, verbose=True, time_budget_s=time_budget_s)
+                  repeats=repeats, verbose=True, time_budget_s=time_budget_s,
+                  search="exhaustive", per_tensor=False)
   # Every fixed strategy is a candidate too (nested and offload ones included), so the
   # bench's rows are timed in the same interleaved pass that auto chooses from.
   for name, kw in model.strategies.items():

@@ -570,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--also-target", default=_default_also_target(),
                   help="after the local run, also compile the GPT for this target "
                        "(default tpu:v5e:2x2 on a CPU-only machine with libtpu; 'none' to skip)")
+  ap.add_argument("--no-frontier", action="store_true",
+                  help="skip auto_remat's frontier against the presets on the reference GPT "
+                       "(about a minute and a half on 2 cores)")
   args, rest = ap.parse_known_args(argv)
   if args.target:
     from experiments import target_bench
@@ -625,6 +628,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
       print(f"\ninterrupted during the {args.also_target} compiles; the local results are in "
             f"{out}", file=sys.stderr)
+      return 130
+  if not args.no_frontier:
+    from experiments import auto_remat_frontier
+
+    frontier = out.with_name("auto_remat_frontier-quick.json")
+    print("\n== auto_remat per tensor on the reference GPT, against every preset (measured "
+          "with saved_residuals and flop_breakdown; the tag subsets and PyTorch: "
+          "python -m experiments.auto_remat_frontier --torch) ==")
+    try:
+      auto_remat_frontier.main(["--quick", "--out", str(frontier)])
+    except KeyboardInterrupt:
+      print(f"\ninterrupted during the frontier; the local results are in {out}",
+            file=sys.stderr)
       return 130
   bad = [f"{r['model']}/{r['strategy']}" for r in result["rows"]
          if not r.get("error") and not r["grads_match"]]

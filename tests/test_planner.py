@@ -34,7 +34,7 @@ def build(policy, levels):
 
 @functools.cache
 def _search():
-  return Search(build, WS)
+  return Search(build, WS, search="exhaustive")
 
 
 @pytest.mark.slow
@@ -136,7 +136,8 @@ def test_auto_entry_point_and_bad_inputs():
   x = jax.random.normal(jax.random.key(2), (64, 32))
   params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
   params = params["params"]
-  result = rk.auto(stack, params, x, True, budget="64MiB", presets=("no_remat", "full"), levels=())
+  result = rk.auto(stack, params, x, True, budget="64MiB", presets=("no_remat", "full"), levels=(),
+                   search="exhaustive")
   assert result.choice.temp_bytes <= 64 * 2**20
   assert {c.label for c in result.candidates} >= {"no_remat", "full", "save:dense", "save:relu",
                                                   "save:dense,dropout,relu"}
@@ -157,7 +158,7 @@ def test_a_roofline_is_calibrated_and_labelled():
   r = Roofline.measure(repeats=3)
   assert r.flops_per_s > 0 and r.bytes_per_s > 0 and r.source.startswith("measured on")
   search = Search(build, WS, cost="roofline", roofline=r, presets=("no_remat", "full"),
-                  max_names_exact=0, levels=())
+                  max_names_exact=0, levels=(), search="exhaustive")
   c = search.full
   assert c.cost_kind == "roofline" and "measured on" in c.cost_source and c.cost_s > 0
 
@@ -170,7 +171,8 @@ def test_auto_on_an_accelerator_target_uses_its_estimate_and_offloads():
   x = jax.random.normal(jax.random.key(2), (256, 64))
   params = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, True)
   result = rk.auto(stack, params["params"], x, True, budget="1GiB", target="gpu:h100",
-                   presets=("no_remat", "full"), max_names_exact=1, max_subsets=1, levels=())
+                   presets=("no_remat", "full"), max_names_exact=1, max_subsets=1, levels=(),
+                   search="exhaustive")
   assert result.choice.temp_bytes <= 2**30
   assert {c.cost_kind for c in result.candidates} == {"estimated"}
   assert all(c.cost_s > 0 and "roofline sum" in c.cost_source for c in result.candidates)
@@ -217,7 +219,7 @@ def test_a_tie_broken_by_memory_is_timed_again_first(monkeypatch):
     return {k: Timing(medians.get(k, 12.0) * 1e-3, spread * 1e-3, repeats) for k in steps}
 
   monkeypatch.setattr(search_mod, "time_interleaved", fake)
-  search = Search(build, WS, presets=[], max_names_exact=0, levels=())
+  search = Search(build, WS, presets=[], max_names_exact=0, levels=(), search="exhaustive")
   # First pass: all tied, so the largest budget would get the least memory (full remat).
   everything = search.none.temp_bytes
   res = search.solve(everything)
@@ -248,7 +250,8 @@ def test_a_timing_budget_bounds_every_pass(monkeypatch):
     return {k: Timing(1e-3, 1e-3, 1) for k in steps}  # all tied, unreliable
 
   monkeypatch.setattr(search_mod, "time_interleaved", fake)
-  search = Search(build, WS, presets=[], max_names_exact=0, levels=(), time_budget_s=0.04)
+  search = Search(build, WS, presets=[], max_names_exact=0, levels=(), time_budget_s=0.04,
+                  search="exhaustive")
   search.solve(search.none.temp_bytes)
   assert budgets[0] == pytest.approx(0.04)
   assert search.time_left_s < 0
@@ -356,3 +359,39 @@ def test_microbatch_and_option_arguments_are_checked():
     Search(_dropout_stack, WS, x, key, options={"policy": ("full",)})
   with pytest.raises(ValueError, match="chain of layers"):
     auto([lambda p, x: x], [{}], x, budget="1GiB", microbatches=(2,))
+
+
+# --------------------------------------------------------------------------
+# search="model": plans costed from the per-tensor graph, a few compiles to verify
+# --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_model_search_compiles_few_plans_and_is_as_good_as_the_exhaustive_one():
+  kw = dict(target="gpu:h100", presets=("no_remat", "full", "save_dots", "save_dots_no_batch"),
+            levels=())
+  exhaustive = Search(build, WS, search="exhaustive", per_tensor=False, **kw)
+  fast = Search(build, WS, **kw)
+  assert fast.mode == "model" and len(fast.measured) == 2  # no_remat and full: calibration
+  # Every plan is costed from the graph, and a plan's predicted bytes are what JAX saves.
+  assert {"save_dots", "save:act", "save:act,down,up", "offload:up"} <= set(fast.predicted)
+  for label in ("full", "save_dots", "save:up"):
+    p = fast.predicted[label]
+    measured = rk.report.saved_residuals(build(from_config(label), None), WS)
+    assert p.saved_bytes == sum(r.bytes for r in measured if r.kind == "activation"), label
+  budget = (exhaustive.none.temp_bytes + exhaustive.full.temp_bytes) // 2
+  best = exhaustive.solve(budget).choice
+  got = fast.solve(budget)
+  assert got.choice.temp_bytes <= budget
+  assert got.choice.cost_s <= best.cost_s * (1 + 1e-9)
+  assert len(fast.measured) <= 5 < len(exhaustive.measured)
+  if got.choice.source == "per-tensor":  # the loss with the plan applied
+    chex.assert_trees_all_close(jax.grad(got.fn)(WS), jax.grad(build(False, None))(WS),
+                                rtol=1e-5, atol=1e-6)
+
+
+def test_search_options_are_checked():
+  with pytest.raises(ValueError, match="`search` must be 'auto', 'model' or 'exhaustive'"):
+    Search(build, WS, search="fast")
+  with pytest.raises(ValueError, match="search='model' costs plans of the step as written"):
+    Search(_dropout_stack, WS, X[:512], jax.random.key(0), microbatches=(1, 2), search="model")
+  with pytest.raises(TypeError, match="`per_tensor` must be a bool"):
+    Search(build, WS, per_tensor="yes")

@@ -102,6 +102,12 @@ class Plan:
   seconds: float
   frontier: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
+  def __repr__(self) -> str:
+    return (f"Plan(budget={self.budget!r}, budget_kind={self.budget_kind!r}, "
+            f"target={self.target!r}, saved_bytes={self.saved_bytes}, "
+            f"offloaded_bytes={self.offloaded_bytes}, recompute_flops={self.recompute_flops}, "
+            f"temp_bytes={self.temp_bytes}, tensors={len(self.rows)})")
+
   @property
   def saved(self) -> list[str]:
     return [r.key for r in self.rows if r.action == "save"]
@@ -318,7 +324,7 @@ def _check_options(budget_kind: str, time_limit_s: Any, argnums: Any, n_args: in
 
 
 def _plan_graph(fn: Callable[..., Any], args: Sequence[Any], argnums: tuple[int, ...],
-                segments: Any) -> TensorGraph:
+                segments: Any, join_ends: bool = True) -> TensorGraph:
   if not callable(fn):
     raise TypeError(f"`auto_remat`: `fn` must be a function returning a scalar loss, got "
                     f"{type(fn).__name__}.")
@@ -335,7 +341,8 @@ def _plan_graph(fn: Callable[..., Any], args: Sequence[Any], argnums: tuple[int,
                                  and segments >= 1):
     raise ValueError(f"`auto_remat`: `segments` must be 'auto' or an int >= 1, got "
                      f"{segments!r}.")
-  return tensor_graph(fn, args, argnums, segments)
+  with _jax.remat3(False):  # the JVP jaxprs as the classic remat that applies them sees them
+    return tensor_graph(fn, args, argnums, segments, join_ends=join_ends)
 
 
 def _rows(graph: TensorGraph, ev: Evaluation) -> list[PlanRow]:
@@ -370,7 +377,7 @@ class Planner:
   def __init__(self, fn: Callable[..., Any], args: Sequence[Any], *, argnums: Any = 0,
                target: Any = None, offload: bool | None = None, cost: str = "flops",
                segments: int | str = "auto", time_limit_s: float = 30.0,
-               verbose: bool = False):
+               verbose: bool = False, join_ends: bool = True):
     t0 = time.perf_counter()
     self.target = targets.parse_target(target)
     self.argnums = _check_options("saved", time_limit_s, argnums, len(args))
@@ -381,10 +388,11 @@ class Planner:
       offload = targets.has_host_memory(self.target) and self.target.chip is not None
     self.offload = bool(offload)
     self.costs = _costs(cost, self.offload, self.target)
-    self.graph = _plan_graph(fn, self.args, self.argnums, segments)
+    self.graph = _plan_graph(fn, self.args, self.argnums, segments, join_ends)
     self.program = Program(self.graph, self.costs)
     self._solved: dict[int, _Solved | None] = {}
     self._compiled: dict[tuple[frozenset[str], frozenset[str]], dict[str, Any]] = {}
+    self._fns: dict[tuple[frozenset[str], frozenset[str]], Callable[..., Any]] = {}
     self.trace_seconds = time.perf_counter() - t0
     self._say(f"traced: {len(self.graph.segments)} segments "
               f"({', '.join(s.label for s in self.graph.segments)}), "
@@ -429,25 +437,28 @@ class Planner:
     return solved
 
   def fn_of(self, solved: _Solved) -> Callable[..., Any]:
-    return apply(self.graph, solved.saved, solved.offloaded, argnums=self.argnums)
+    """The loss with ``solved`` applied (one function object per saved set, so that the
+    compile cache of :func:`remat_kit.report.compilation` recognises it)."""
+    key = (frozenset(solved.saved), frozenset(solved.offloaded))
+    if key not in self._fns:
+      self._fns[key] = apply(self.graph, solved.saved, solved.offloaded, argnums=self.argnums)
+    return self._fns[key]
 
   def compiled(self, solved: _Solved) -> dict[str, Any]:
     """The compiled gradient's memory fields and estimate on the target, cached."""
     key = (frozenset(solved.saved), frozenset(solved.offloaded))
     if key not in self._compiled:
+      from remat_kit.report.compiled import compilation
       from remat_kit.report.core import memory_fields
       from remat_kit.report.estimate import estimate_seconds
 
       t0 = time.perf_counter()
-      grad = jax.grad(self.fn_of(solved), argnums=self.argnums)
-      compiled = targets.compile_for(grad, self.target, *self.args)
-      mem = memory_fields(compiled, self.target, hbm_bytes=self.target.chip is not None)
+      c = compilation(self.fn_of(solved), self.args, {}, self.target, argnums=self.argnums,
+                      api="auto_remat")
+      mem = memory_fields(c.compiled, self.target, hbm_bytes=self.target.chip is not None)
       est = None
       if self.target.chip is not None:
-        from remat_kit.report.flops import count_flops
-
-        flops = count_flops(grad, *self.args)
-        est, _ = estimate_seconds(flops, mem, self.target)
+        est, _ = estimate_seconds(c.total_flops(), mem, self.target)
       self._compiled[key] = {"temp_bytes": int(mem["temp_size"]),
                              "peak_bytes": int(mem["peak_bytes"]), "estimated_seconds": est,
                              "seconds": time.perf_counter() - t0}
@@ -482,7 +493,14 @@ class Planner:
       p["knee"] = i == knee
     return pts
 
-  def plan(self, budget: int | None, budget_kind: str, compile: bool) -> Plan:
+  def plan(self, budget: int | None, budget_kind: str, compile: bool,
+           compiler_share: int | None = None, max_compiles: int = 6) -> Plan:
+    """The plan for ``budget`` bytes of ``budget_kind`` (None: the frontier's knee).
+
+    ``compiler_share``: for a compiled budget, what the compiler is expected to add to
+    the saved bytes (a caller that has compiled this model before knows it); the first
+    saved budget tried is ``budget`` less it. Learnt from the first compile otherwise.
+    """
     t0 = time.perf_counter()
     frontier: list[dict[str, Any]] = []
     if budget is None:
@@ -498,36 +516,52 @@ class Planner:
             f"the least any plan reaches is {self.least_bytes:,} bytes (each layer's input, "
             "which its recomputation starts from). Raise the budget.")
     else:
-      solved = self._fit_compiled(budget, budget_kind)
+      solved = self._fit_compiled(budget, budget_kind, max_compiles, share=compiler_share)
     comp = self.compiled(solved) if (compile or budget_kind != "saved") else None
-    fn = self.fn_of(solved)
+    return self.plan_of(solved, budget, budget_kind, comp, frontier,
+                        self.trace_seconds + time.perf_counter() - t0)
+
+  def plan_of(self, solved: _Solved, budget: int | None = None, budget_kind: str = "saved",
+              comp: dict[str, Any] | None = None, frontier: list[dict[str, Any]] | None = None,
+              seconds: float = 0.0) -> Plan:
+    """The :class:`Plan` of a solved choice (``comp``: its compiled figures, if any)."""
     solves = [dict(s.info) for s in self._solved.values() if s is not None]
-    return Plan(fn, budget, budget_kind, self.target.name, solved.ev.saved_bytes,
-                solved.ev.offloaded_bytes, solved.ev.recompute_flops,
+    return Plan(self.fn_of(solved), budget, budget_kind, self.target.name,
+                solved.ev.saved_bytes, solved.ev.offloaded_bytes, solved.ev.recompute_flops,
                 solved.ev.recompute_matmul_flops,
                 None if comp is None else comp["temp_bytes"],
                 None if comp is None else comp["peak_bytes"],
                 None if comp is None else comp["estimated_seconds"],
                 _rows(self.graph, solved.ev),
-                [(s.label, s.length) for s in self.graph.segments], solves,
-                self.trace_seconds + time.perf_counter() - t0, frontier)
+                [(s.label, s.length) for s in self.graph.segments], solves, seconds,
+                frontier or [])
 
-  def _fit_compiled(self, budget: int, kind: str, max_compiles: int = 6) -> _Solved:
-    """The plan of least recomputation whose compiled ``kind`` bytes fit ``budget``.
+  def _fit_compiled(self, budget: int, kind: str, max_compiles: int = 6,
+                    share: int | None = None) -> _Solved:
+    """The plan of least recomputation found whose compiled ``kind`` bytes fit ``budget``.
 
-    Solve for a saved-bytes budget, compile, and where the compiled figure is over,
-    tighten the saved budget by the excess and solve again (where it is under by more
-    than 2%, loosen it by the slack once, and keep the cheaper plan that fits). Each
-    saved set is compiled once. The first saved budget is ``budget`` less what the
-    compiler adds beyond the saved bytes, learnt from the first compile.
+    Solve for a saved-bytes budget, compile, and move the saved budget: down by twice
+    the excess (at least 5% of the budget: the compiled figure moves in steps, as XLA
+    reschedules) where the compiled figure is over, up by the slack where it is under
+    by more than 3%, and between the closest fitting and failing saved budgets once both
+    are known, until they are within 3% of the budget or ``max_compiles`` plans have
+    been compiled. Each saved set is compiled once; the cheapest that fits is returned.
+    The first saved budget is ``budget`` less ``share`` (what the compiler adds), else
+    ``budget``.
     """
     field = "temp_bytes" if kind == "temp" else "peak_bytes"
-    target = min(budget, self.most_bytes)
+    least, most = self.least_bytes, self.most_bytes
+    target = min(budget if share is None else budget - share - budget // 200, most)
     best: _Solved | None = None
-    tried: list[tuple[int, int]] = []  # (saved bytes, compiled bytes)
-    loosened = False
+    fit_at: int | None = None  # the largest saved budget whose plan fit
+    over_at: int | None = None  # the smallest whose plan did not
+    tried: list[tuple[int, int]] = []
+    step = max(budget // 20, 1)
     for _ in range(max_compiles):
-      solved = self.solve_saved(max(target, self.least_bytes))
+      target = max(target, least)
+      if (fit_at is not None and target <= fit_at) or (over_at is not None and target >= over_at):
+        break
+      solved = self.solve_saved(target)
       if solved is None:
         break
       got = self.compiled(solved)[field]
@@ -535,29 +569,29 @@ class Planner:
       if got <= budget:
         if best is None or solved.ev.cost < best.ev.cost:
           best = solved
-        slack = budget - got
-        if loosened or slack <= 0.02 * budget or solved.ev.recompute_flops == 0:
+        fit_at = max(fit_at or 0, target)
+        if solved.ev.recompute_flops == 0:
           break
-        loosened = True
-        target = solved.ev.saved_bytes + slack
-        continue
-      if best is not None:
-        break  # the loosened plan went over: keep the one that fit
-      if solved.ev.saved_bytes <= self.least_bytes:
-        break  # nothing left to give up
-      # Tighten by the excess and half a percent of the budget (the compiler's share
-      # grows a little as the saved set shrinks), so one more compile usually fits.
-      target = solved.ev.saved_bytes - (got - budget) - budget // 200
+        target = (target + over_at) // 2 if over_at is not None else target + (budget - got)
+        if budget - got <= 0.03 * budget and over_at is None:
+          break
+      else:
+        over_at = target if over_at is None else min(over_at, target)
+        if target <= least:
+          break
+        target = ((fit_at + target) // 2 if fit_at is not None
+                  else target - max(2 * (got - budget), step))
+      if fit_at is not None and over_at is not None and over_at - fit_at <= 0.03 * budget:
+        break
     if best is None:
       if not tried:
         raise ValueError(f"`auto_remat`: no plan could be solved for `budget`={budget:,}.")
-      least = min(g for _, g in tried)
       raise ValueError(
           f"`auto_remat`: no plan's compiled {kind} fits `budget`={budget:,} bytes on "
-          f"{self.target.name}; the least reached was {least:,} bytes (tried "
-          f"{len(tried)} plans, down to {min(s for s, _ in tried):,} bytes saved; the "
-          f"least any plan saves is {self.least_bytes:,}). Raise the budget, shrink the "
-          "batch, or slice it (rk.microbatched_value_and_grad).")
+          f"{self.target.name}; the least reached was {min(g for _, g in tried):,} bytes "
+          f"(tried {len(tried)} plans, down to {min(s for s, _ in tried):,} bytes saved; the "
+          f"least any plan saves is {least:,}). Raise the budget, shrink the batch, or slice "
+          "it (rk.microbatched_value_and_grad).")
     return best
 
 

@@ -83,9 +83,11 @@ class Evaluation:
 
 
 def evaluate(graph: TensorGraph, saved: Iterable[str], offloaded: Iterable[str] = (),
-             costs: Costs = Costs()) -> Evaluation:
+             costs: Costs = Costs(), any_tensor: bool = False) -> Evaluation:
   """The bytes and recomputation of saving ``saved`` and offloading ``offloaded`` (tensor
-  keys); every other tensor the backward reads is recomputed from them."""
+  keys); every other tensor the backward reads is recomputed from them. A plan keeps
+  candidates only (never a re-view of another tensor); with ``any_tensor``, any tensor
+  is kept as given (what a policy keeps: a `checkpoint_name`'s output, say)."""
   saved, offloaded = set(saved), set(offloaded)
   status: dict[str, str] = {}
   total_saved, total_off, flops, mm, cost = 0, 0, 0, 0, 0.0
@@ -102,11 +104,11 @@ def evaluate(graph: TensorGraph, saved: Iterable[str], offloaded: Iterable[str] 
         continue
       seen.add(v)
       node = by_var[v]
-      if node.key in saved and node.candidate:
+      if node.key in saved and (node.candidate or any_tensor):
         status[node.key] = "saved"
         total_saved += node.bytes
         continue
-      if node.key in offloaded and node.candidate:
+      if node.key in offloaded and (node.candidate or any_tensor):
         status[node.key] = "offloaded"
         total_off += node.bytes
         cost += (costs.offload_per_byte or 0.0) * node.bytes

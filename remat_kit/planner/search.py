@@ -32,7 +32,7 @@ from remat_kit.report.compiled import compilation
 from remat_kit.report.core import memory_fields
 from remat_kit.report.timing import Timing, time_interleaved
 
-__all__ = ["Search", "auto"]
+__all__ = ["Prediction", "Search", "auto"]
 
 
 def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str | None,
@@ -43,7 +43,8 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
          offload: bool | None = None, repeats: int = 5, verbose: bool = False,
          target: Any = None, time_budget_s: float | None = None,
          microbatches: Sequence[int] = (1,), batch_argnums: Sequence[int] | None = None,
-         options: Mapping[str, Sequence[Any]] | None = None) -> AutoResult:
+         options: Mapping[str, Sequence[Any]] | None = None, search: str = "auto",
+         per_tensor: bool = True) -> AutoResult:
   """The least-cost remat plan whose compiled gradient fits ``budget``.
 
   Args:
@@ -106,6 +107,17 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
       reference the plain-gradient FLOPs and the names are read from. A plan
       that refers to a name or primitive one combination's model never uses is
       not tried with it (``Search.skipped`` says which and why).
+    search: how plans are costed. "model": every preset, tag subset and offload
+      plan is costed from the model's per-tensor graph (bytes and recomputation
+      exactly, without compiling); the model as written and full remat are
+      compiled to calibrate, and only the plans that could beat the best compiled
+      one within the budget are compiled to verify. "exhaustive": every plan is
+      compiled (and nested scans are tried). "auto" (the default): "model" for
+      one slice (``microbatches=(1,)``), "exhaustive" otherwise.
+    per_tensor: also plan the model as written per tensor
+      (:func:`remat_kit.auto_remat`) at the budget, as one more candidate costed
+      as the others are; where it wins, ``AutoResult.fn`` is the loss with it
+      applied (``choice.source == "per-tensor"``).
 
   Returns:
     An :class:`AutoResult`.
@@ -126,12 +138,13 @@ def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str
     return auto_chain(fn_or_module, params, *inputs, budget=budget_bytes,
                       budget_kind=budget_kind, cost=cost, roofline=roofline, repeats=repeats,
                       verbose=verbose, target=target)
-  search = Search(fn_or_module, params, *inputs, loss=loss, rngs=rngs, cost=cost,
+  planner = Search(fn_or_module, params, *inputs, loss=loss, rngs=rngs, cost=cost,
                   roofline=roofline, presets=presets, max_names_exact=max_names_exact,
                   max_subsets=max_subsets, levels=levels, offload=offload, repeats=repeats,
                   verbose=verbose, target=target, time_budget_s=time_budget_s,
-                  microbatches=microbatches, batch_argnums=batch_argnums, options=options)
-  return search.solve(budget_bytes, budget_kind=budget_kind)
+                  microbatches=microbatches, batch_argnums=batch_argnums, options=options,
+                  search=search, per_tensor=per_tensor)
+  return planner.solve(budget_bytes, budget_kind=budget_kind)
 
 
 class Search:
@@ -149,7 +162,8 @@ class Search:
                repeats: int = 5, verbose: bool = False, target: Any = None,
                time_budget_s: float | None = None, microbatches: Sequence[int] = (1,),
                batch_argnums: Sequence[int] | None = None,
-               options: Mapping[str, Sequence[Any]] | None = None) -> None:
+               options: Mapping[str, Sequence[Any]] | None = None, search: str = "auto",
+               per_tensor: bool = True) -> None:
     self.target = targets.parse_target(target)
     self.cost = check_options(cost, "temp", self.target)
     for name, v, lo in (("max_names_exact", max_names_exact, 0), ("max_subsets", max_subsets, 0),
@@ -160,6 +174,18 @@ class Search:
     if bad:
       raise ValueError(f"`auto`: `levels` are nesting levels, ints >= 2; got {list(levels)!r}.")
     self.slices = builds.check_microbatches(microbatches)
+    if search not in ("auto", "model", "exhaustive"):
+      raise ValueError(f"`auto`: `search` must be 'auto', 'model' or 'exhaustive', got "
+                       f"{search!r}.")
+    if search == "model" and self.slices != (1,):
+      raise ValueError("`auto`: search='model' costs plans of the step as written; with "
+                       f"`microbatches`={list(microbatches)!r} use search='exhaustive' (or "
+                       "'auto').")
+    self.mode = ("exhaustive" if search == "exhaustive" or (search == "auto" and self.slices
+                                                            != (1,)) else "model")
+    if not isinstance(per_tensor, bool):
+      raise TypeError(f"`auto`: `per_tensor` must be a bool, got {per_tensor!r}.")
+    self.per_tensor = per_tensor
     self.variants = builds.variants(options)
     self.coster = Coster(self.cost, roofline, self.target)
     if time_budget_s is not None and (isinstance(time_budget_s, bool)
@@ -227,15 +253,28 @@ class Search:
               print(f"auto: not trying {label}: {self.skipped[label]}", file=sys.stderr)
           else:
             plans.append((label, pol, grp, source, k, variant))
-    for i, (label, pol, grp, source, k, variant) in enumerate(plans):
-      self.measure(label, pol, grp, source, microbatches=k, variant=variant,
-                   progress=f"{i + 1}/{len(plans)}")
+    self.predicted: dict[str, Prediction] = {}
+    self._planners: dict[tuple[Variant, bool], Any] = {}
+    self._per_tensor_done: set[tuple[int, str]] = set()
+    self.verified = 0
+    if self.mode == "exhaustive":
+      for i, (label, pol, grp, source, k, variant) in enumerate(plans):
+        self.measure(label, pol, grp, source, microbatches=k, variant=variant,
+                     progress=f"{i + 1}/{len(plans)}")
+    else:
+      self._predict(plans)
 
   @property
   def none(self) -> Candidate:
-    """The no-remat candidate: the step as written (no slices, the first ``options``)."""
+    """The no-remat candidate: the step as written (no slices, the first ``options``);
+    compiled here if the search has not compiled it yet (``search="model"`` compiles it
+    only when asked: for ``budget=None``, for ``AutoResult.reference``)."""
     c = self.candidate("no_remat")
-    assert c is not None  # measured first, always
+    if c is None:
+      c = self.measure("no_remat", from_config("no_remat"), None, "preset",
+                       progress="reference")
+      self._time_all()
+      c = self.measured[c.label]
     return c
 
   @property
@@ -284,18 +323,21 @@ class Search:
 
   def measure(self, label: str, policy: Any, levels: Any = None, source: str = "preset", *,
               microbatches: int = 1, variant: Variant | None = None,
-              progress: str = "") -> Candidate:
+              progress: str = "", fn: Callable[..., Any] | None = None) -> Candidate:
     """Compiles and costs one plan (cached by label, and by policy, levels, microbatches
-    and variant: the ``options`` values it is built with, the first of each by default)."""
-    pol = from_config(policy)
+    and variant: the ``options`` values it is built with, the first of each by default).
+    With ``fn``, the loss is ``fn`` itself (a per-tensor plan: ``policy`` is its
+    :class:`~remat_kit.planner.Plan`), not built from the policy."""
+    pol = policy if fn is not None else from_config(policy)
     variant = self.variants[0] if variant is None else variant
-    key = (pol, levels, microbatches, variant)
+    key = (id(fn) if fn is not None else pol, levels, microbatches, variant)
     if key in self._keys:
       return self.measured[self._keys[key]]
     if label in self.measured:
       raise ValueError(f"`auto`: label {label!r} already names {self.measured[label].policy!r}"
                        f" (levels {self.measured[label].levels!r}); give {pol!r} another label.")
-    fn = self.build(pol, levels, variant)
+    if fn is None:
+      fn = self.build(pol, levels, variant)
     # One trace and one compile per candidate: its memory, FLOPs and the residuals the
     # compiled program carries all come from it, and it is the step that is timed.
     args = (self.params, *self.inputs)
@@ -432,11 +474,16 @@ class Search:
     check_options(self.cost, budget_kind, self.target)
     self._time_all()
     if budget is None:
+      if self.mode == "model":  # the fastest of all: the model as written among them
+        self._model_solve(max(self.none.nbytes(budget_kind), self.full.nbytes(budget_kind)),
+                          budget_kind)
       budget_bytes = max(c.nbytes(budget_kind) for c in self.measured.values())
       return AutoResult(None, budget_kind, _pick(self.measured, budget_bytes, budget_kind),
                         list(self.measured.values()), reference=self.none)
     budget_bytes = parse_bytes(budget)
-    if not self.exact:
+    if self.mode == "model":
+      self._model_solve(budget_bytes, budget_kind)
+    elif not self.exact:
       self._knapsack(budget_bytes, budget_kind)
       self._time_all()
     cands = list(self.measured.values())
@@ -447,7 +494,172 @@ class Search:
           f"`auto`: no plan fits `budget`={budget_bytes:,} bytes of compiled {budget_kind} "
           f"memory; the least reached is {least.nbytes(budget_kind):,} bytes ({least.label}). "
           "Raise the budget, shrink the batch, or add nesting levels.")
-    return AutoResult(budget_bytes, budget_kind, choice, cands, reference=self.none)
+    fn = choice.policy.fn if choice.source == "per-tensor" else None
+    ref = self.candidate("no_remat") if self.mode == "model" else self.none
+    return AutoResult(budget_bytes, budget_kind, choice, cands, fn=fn, reference=ref)
+
+  # ------------------------------------------------------------------------
+  # search="model": plans costed from the per-tensor graph, compiled to verify
+  # ------------------------------------------------------------------------
+  def _planner(self, variant: Variant, join_ends: bool) -> Any:
+    from remat_kit.planner.auto_remat import Planner
+
+    key = (variant, join_ends)
+    if key not in self._planners:
+      cost = "time" if self.cost == "estimated" else "flops"
+      self._planners[key] = Planner(self.build(False, None, variant), (self.params, *self.inputs),
+                                    target=self.target, cost=cost, join_ends=join_ends,
+                                    verbose=self.verbose,
+                                    offload=None if targets.has_host_memory(self.target)
+                                    else False)
+    return self._planners[key]
+
+  def _predict(self, plans: list[tuple[str, Policy, Any, str, int, Variant]]) -> None:
+    """Every plan's bytes and recomputation from the model's graph (no compile); the
+    model as written and full remat compiled, to calibrate."""
+    from remat_kit.planner.milp import evaluate
+    from remat_kit.planner.tensors import policy_choice
+
+    for label, pol, grp, source, _k, variant in plans:
+      if grp is not None:
+        self.skipped[label] = ("nested scans change the program the graph describes; they "
+                               "are compiled with search='exhaustive'")
+        continue
+      graph = self._planner(variant, join_ends=False).graph
+      saved, off = policy_choice(graph, pol)
+      ev = evaluate(graph, saved, off, any_tensor=True)
+      self.predicted[label] = Prediction(label, pol, source, variant, ev.saved_bytes,
+                                         ev.offloaded_bytes, ev.recompute_flops)
+    # Full remat, compiled: the first calibration point (the model as written is compiled
+    # only when asked for; its bytes do not fit the graph's: JAX keeps its own residuals).
+    self.measure("full", from_config("full"), None, "preset", progress="calibration")
+
+  def _fit(self, kind: str) -> tuple[Callable[[Prediction], float], Callable[[Prediction], float]]:
+    """Predictors of a plan's compiled ``kind`` bytes and its cost, fitted on the compiled
+    plans that have predictions (least squares): bytes from the predicted saved bytes;
+    cost from the saved bytes and the recomputed FLOPs (with an estimate, the FLOPs' term
+    is known: the chip's peak; what is fitted is the memory traffic's)."""
+    # The model as written is left out: without remat JAX keeps its own residuals, not
+    # the graph's tensors, so its predicted bytes are not comparable.
+    pts = [(self.predicted[c.label], c) for c in self.measured.values()
+           if c.label in self.predicted and c.label != "no_remat" and c.cost_s is not None]
+    import numpy as np
+
+    s = np.array([p.saved_bytes for p, _ in pts], float)
+    r = np.array([p.recompute_flops for p, _ in pts], float)
+    o = np.array([p.offloaded_bytes for p, _ in pts], float)
+    nb = np.array([c.nbytes(kind) for _, c in pts], float)
+    cost = np.array([_cost(c) for _, c in pts], float)
+    ones = np.ones_like(s)
+    if len(pts) >= 2 and np.ptp(s) > 0:
+      (b0, b1), *_ = np.linalg.lstsq(np.stack([ones, s], 1), nb, rcond=None)
+    else:  # one point: the compiler adds what it added there
+      b0, b1 = float(np.mean(nb - s)) if len(pts) else 0.0, 1.0
+    # Never predict below the line by less than a compiled plan was above it.
+    margin = float(np.max(nb - (b0 + b1 * s))) if len(pts) else 0.0
+    nbytes = lambda p: b0 + b1 * p.saved_bytes + max(margin, 0.0)
+    chip = self.target.chip
+    base = _cost(self.full)
+    if self.cost == "estimated" and chip is not None:
+      # Known terms: the FLOPs at the chip's peak, an offloaded byte out and back over the
+      # host link. Fitted: the HBM traffic, against the saved bytes.
+      per_flop, per_host = 1.0 / chip.peak_flops, 2.0 / chip.host_bandwidth
+      known = per_flop * r + per_host * o
+      if len(pts) >= 2 and np.ptp(s) > 0:
+        (c0, c1), *_ = np.linalg.lstsq(np.stack([ones, s], 1), cost - known, rcond=None)
+      else:  # a saved byte is written once and read once
+        c1 = 2.0 / chip.hbm_bandwidth
+        c0 = float(np.mean(cost - known - c1 * s)) if len(pts) else base
+      return nbytes, lambda p: (c0 + c1 * p.saved_bytes + per_flop * p.recompute_flops
+                                + per_host * p.offloaded_bytes)
+    if len(pts) >= 3:
+      coef, *_ = np.linalg.lstsq(np.stack([ones, s, r], 1), cost, rcond=None)
+      return nbytes, lambda p: coef[0] + coef[1] * p.saved_bytes + coef[2] * p.recompute_flops
+    slope = max(((c - base) / x for c, x in zip(cost, r) if x > 0), default=0.0)
+    return nbytes, lambda p: base + slope * p.recompute_flops
+
+  def _per_tensor_points(self) -> None:
+    """The per-tensor plan's frontier, as predictions (solves only, no compile)."""
+    if not self.per_tensor or self._per_tensor_done:
+      return
+    self._per_tensor_done.add((0, ""))
+    planner = self._planner(self.variants[0], join_ends=True)
+    for b in planner.budgets(24):
+      solved = planner.solve_saved(b)
+      if solved is None:
+        continue
+      label = f"per-tensor (auto_remat, saved <= {solved.ev.saved_bytes:,} B)"
+      if any(p.policy is solved for p in self.predicted.values()) or label in self.predicted:
+        continue
+      self.predicted[label] = Prediction(label, solved, "per-tensor", self.variants[0],
+                                         solved.ev.saved_bytes, solved.ev.offloaded_bytes,
+                                         solved.ev.recompute_flops)
+
+  def _verify(self, p: Prediction) -> None:
+    if p.source == "per-tensor":
+      planner = self._planner(p.variant, join_ends=True)
+      plan = planner.plan_of(p.policy)
+      self.measure(p.label, plan, None, "per-tensor", variant=p.variant, progress="verify",
+                   fn=plan.fn)
+    else:
+      self.measure(p.label, p.policy, None, p.source, variant=p.variant, progress="verify")
+    self.verified += 1
+
+  def _model_solve(self, budget: int, kind: str, max_verify: int = 3) -> None:
+    """For ``budget``: compile, in order of predicted cost, the predicted plans (presets,
+    tag subsets, offload, the per-tensor frontier's points) predicted to fit, while one
+    could beat the best compiled plan that fits; the predictors are fitted again after
+    each compile."""
+    self._per_tensor_points()
+    self._time_all()
+    # The per-tensor plan for this budget (the frontier's point that saves the most and is
+    # predicted to fit): one more candidate, compiled as the others are, whatever the
+    # model of costs says (with few compiled points it cannot tell what saving buys).
+    for _ in range(2):
+      nbytes, _ = self._fit(kind)
+      # 1% short of the budget: the compiled figure moves a little from plan to plan.
+      points = [p for p in self.predicted.values()
+                if p.source == "per-tensor" and nbytes(p) <= 0.99 * budget]
+      top = max(points, key=lambda p: p.saved_bytes, default=None)
+      if top is None or top.label in self.measured:
+        break
+      self._verify(top)
+      self._time_all()
+      if self.measured[top.label].nbytes(kind) <= budget:
+        break
+    for _ in range(max_verify):
+      nbytes, cost = self._fit(kind)
+      best = choose(list(self.measured.values()), budget, kind)
+      ranked = sorted((p for p in self.predicted.values()
+                       if p.label not in self.measured and nbytes(p) <= 0.99 * budget),
+                      key=lambda p: (cost(p), p.saved_bytes))
+      if not ranked or (best is not None and cost(ranked[0]) >= _cost(best)):
+        break
+      self._verify(ranked[0])
+      self._time_all()
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """A plan costed from the model's per-tensor graph, not compiled (``search="model"``).
+
+  Attributes:
+    label: the plan's label.
+    policy: its policy (for a point of the per-tensor frontier, the solver's choice).
+    source: "preset", "names", "offload" or "per-tensor".
+    variant: the ``options`` values it is built with.
+    saved_bytes: device bytes its backward reads (as ``saved_residuals`` counts them).
+    offloaded_bytes: bytes it moves to host memory.
+    recompute_flops: FLOPs it runs beyond no remat.
+  """
+
+  label: str
+  policy: Any
+  source: str
+  variant: Variant
+  saved_bytes: int
+  offloaded_bytes: int
+  recompute_flops: int
 
 
 def _cost(c: Candidate) -> float:

@@ -33,7 +33,7 @@ from remat_kit import _jax, _jaxpr
 from remat_kit.report.flops import eqn_flops
 from remat_kit.report.tensor import Tensor, user_source
 
-__all__ = ["Node", "Segment", "TensorGraph", "tensor_graph", "PREFIX"]
+__all__ = ["Node", "Segment", "TensorGraph", "tensor_graph", "policy_choice", "PREFIX"]
 
 # The reserved prefix of the `checkpoint_name`s a plan generates.
 PREFIX = "rk_auto"
@@ -218,7 +218,8 @@ class TensorGraph:
 
 
 def tensor_graph(fn: Callable[..., Any], args: Sequence[Any], argnums: Sequence[int],
-                 segments: int | str = "auto", api: str = "auto_remat") -> TensorGraph:
+                 segments: int | str = "auto", api: str = "auto_remat",
+                 join_ends: bool = True) -> TensorGraph:
   """Traces ``fn(*args)`` and builds its per-tensor model (see the module).
 
   Args:
@@ -228,6 +229,9 @@ def tensor_graph(fn: Callable[..., Any], args: Sequence[Any], argnums: Sequence[
     segments: "auto" (layers found as described in the module), or an int: that
       many segments of about equal FLOPs, cut where the fewest bytes are live.
     api: the public function's name, for errors.
+    join_ends: let a Python loop's prefix and suffix join its first and last layer
+      (False keeps them segments of their own, as a model that remats only its
+      layers has them).
   """
   leaves, in_tree = jax.tree_util.tree_flatten(tuple(args))
   diff_leaves = []
@@ -250,7 +254,7 @@ def tensor_graph(fn: Callable[..., Any], args: Sequence[Any], argnums: Sequence[
   jaxpr, consts = _jaxpr.closed_parts(inlined)
   graph = TensorGraph(jaxpr, consts, leaves, in_tree, jax.tree_util.tree_structure(out_shape),
                       [bool(d) and _inexact(x) for d, x in zip(diff_leaves, leaves)], [])
-  graph.segments = _segment(graph, segments, api)
+  graph.segments = _segment(graph, segments, api, join_ends)
   for seg in graph.segments:
     _build_jvp(graph, seg)
   return graph
@@ -259,7 +263,8 @@ def tensor_graph(fn: Callable[..., Any], args: Sequence[Any], argnums: Sequence[
 # --------------------------------------------------------------------------
 # Segments
 # --------------------------------------------------------------------------
-def _segment(graph: TensorGraph, segments: int | str, api: str) -> list[Segment]:
+def _segment(graph: TensorGraph, segments: int | str, api: str, join_ends: bool = True
+             ) -> list[Segment]:
   jaxpr = graph.jaxpr
   eqns = list(jaxpr.eqns)
   n = len(eqns)
@@ -300,10 +305,11 @@ def _segment(graph: TensorGraph, segments: int | str, api: str) -> list[Segment]
   # The code before the first layer of a Python loop (embeddings) and after its last (the
   # head, the loss) joins that layer: a boundary there would keep the value crossing it
   # for the backward, where recomputing it from the arguments is free of matmuls.
-  if len(ranges) > 1 and labels[0] == "prefix" and labels[1] == "layer 0":
+  if join_ends and len(ranges) > 1 and labels[0] == "prefix" and labels[1] == "layer 0":
     ranges[:2] = [(ranges[0][0], ranges[1][1])]
     labels[:2] = ["layer 0 (with the prefix)"]
-  if len(ranges) > 1 and labels[-1] == "suffix" and labels[-2].startswith("layer "):
+  if join_ends and len(ranges) > 1 and labels[-1] == "suffix" and labels[-2].startswith(
+      "layer "):
     ranges[-2:] = [(ranges[-2][0], ranges[-1][1])]
     labels[-2:] = [labels[-2].split(" (")[0] + (" (with the prefix and suffix)"
                                                 if "prefix" in labels[-2] else
@@ -475,7 +481,7 @@ def segment_body(graph: TensorGraph, seg: Segment) -> tuple[Callable[..., list[A
     avals = [v.aval for v in body.invars]
     return (lambda *xs: inline(body, consts, *xs)), avals
   known = dict(zip(graph.jaxpr.constvars, graph.consts))
-  sub = [v for v in seg.in_vars if v in known]
+  sub = {v for e in seg.eqns for v in e.invars if isinstance(v, _jaxpr.Var) and v in known}
   ins = [v for v in seg.in_vars if v not in known]
 
   def run(*xs: Any) -> list[Any]:
@@ -612,6 +618,34 @@ def _index_tensors(seg: Segment) -> None:
                          and v in in_key and in_key[v] in seg.inputs}, key=repr)
                  for e in primal_eqns]
   seg.primal_eqns = primal_eqns  # type: ignore[attr-defined]
+
+
+def policy_choice(graph: TensorGraph, policy: Any) -> tuple[set[str], set[str]]:
+  """What a remat ``policy`` applied to each layer (and nothing else) keeps, as tensor
+  keys: ``(saved, offloaded)``.
+
+  The policy is asked about every forward equation of a layer's JVP jaxpr, as
+  JAX's remat asks it (``policy(prim, *avals, **params)``); segments that are not
+  layers (a prefix, a suffix) keep everything, as a model that remats only its
+  layers does. :func:`remat_kit.planner.milp.evaluate` (``any_tensor=True``) turns
+  the choice into bytes and recomputation without compiling.
+  """
+  saved: set[str] = set()
+  off: set[str] = set()
+  for seg in graph.segments:
+    layer = seg.scan is not None or seg.label.startswith("layer")
+    for e in getattr(seg, "primal_eqns", ()):
+      keys = [seg.nodes[v].key for v in e.outvars if v in seg.nodes]
+      if not layer:
+        saved.update(keys)
+        continue
+      d = policy(e.primitive, *[getattr(v, "aval", None) for v in e.invars], **e.params)
+      d = _jax.ensure_decision(d)
+      if d is _jax.Saveable:
+        saved.update(keys)
+      elif isinstance(d, _jax.Offloadable):
+        off.update(keys)
+  return saved, off
 
 
 def _ancestors(seg: Segment, roots: list[Any]) -> set[int]:
