@@ -13,10 +13,11 @@ For the newest JAX each Python gets, it picks the deviceless compilers:
 
 What it had to substitute, or could not get, is printed, written into the
 lock's header and into `remat_kit/_published.json` (which `python -m remat_kit
-versions` and the targets' install hints read). Unless `--no-test`, it then runs
-`make test` on the new locks.
+versions` and the targets' install hints read). Unless `--no-record`, it then
+re-records the golden compiler dumps (`tests/fixtures/xla/record.py`, in the newest
+leg's venv), and unless `--no-test` runs `make test` on the new locks.
 
-Usage: python3 .ci/lock.py [--uv PATH] [--no-test] [--jax VERSION]
+Usage: python3 .ci/lock.py [--uv PATH] [--no-test] [--no-record] [--jax VERSION]
 """
 
 from __future__ import annotations
@@ -214,6 +215,8 @@ def main() -> int:
   parser.add_argument("--uv", default=str(ROOT / ".uv" / "bin" / "uv"))
   parser.add_argument("--no-test", action="store_true", help="write the locks; run no tests")
   parser.add_argument("--jax", help="lock this JAX instead of the newest")
+  parser.add_argument("--no-record", action="store_true",
+                      help="keep tests/fixtures/xla as it is (not re-recorded)")
   args = parser.parse_args()
   if not Path(args.uv).exists() and not shutil.which(args.uv):
     raise SystemExit(f"lock: no uv at {args.uv}; run `make lock`, which installs it")
@@ -250,6 +253,13 @@ def main() -> int:
   say("summary:")
   for line in summary:
     print(f"  {line}")
+  if not args.no_record:
+    # The golden dumps tests/test__xla.py reads follow the locked compilers.
+    say("re-recording tests/fixtures/xla with the newest lock's compilers")
+    for cmd in (["make", "install"], [str(ROOT / ".venv" / "bin" / "python"),
+                                      "tests/fixtures/xla/record.py"]):
+      if subprocess.run(cmd, cwd=ROOT).returncode:
+        raise SystemExit(f"lock: `{' '.join(cmd)}` failed: the fixtures were not re-recorded")
   if args.no_test:
     return 0
   say("running `make test` on the new locks")

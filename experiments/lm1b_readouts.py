@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
   rep = rk.memory_report(loss, params, tokens, target=a.target, live=False, before_xla=True)
   seconds = time.perf_counter() - t0
   peak = rep.peak
-  saved_rows = peak.by_kind.get("saved residual", 0)
+  saved_rows = peak.by_kind.get("activation", 0)
   acts = rep.device_activation_bytes
   gap = (acts - saved_rows) / saved_rows if saved_rows else float("nan")
   print(f"{a.size} on {a.target}, no remat (jax {jax.__version__}, memory_report {seconds:.1f}s)")

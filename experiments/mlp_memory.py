@@ -231,7 +231,7 @@ def _mb(b: float) -> str:
 
 def _breakdown(by_kind: dict[str, int]) -> str:
   groups = {"parameters": ("parameter",), "optimizer state": ("optimizer state",),
-            "gradients": ("gradient",), "saved activations": ("saved residual",),
+            "gradients": ("gradient",), "saved activations": ("activation",),
             "inputs": ("input",), "temporaries": ("forward temporary", "backward temporary",
                                                   "temporary", "output"),
             "allocator packing": ("packing",), "other": ("other",)}

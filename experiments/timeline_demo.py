@@ -64,7 +64,7 @@ def main() -> None:
     at = {k: v[t.peak_point] for k, v in t.by_kind.items()}
     print(f"{label:10s} peak {rk.report.format_bytes(t.peak_bytes):>10s} "
           f"({t.peak_bytes:,} B), saved residuals at the peak "
-          f"{rk.report.format_bytes(at.get('saved residual', 0))}")
+          f"{rk.report.format_bytes(at.get('activation', 0))}")
   print(f"wrote {stem}.png and {stem}.html")
 
 

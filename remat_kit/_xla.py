@@ -114,6 +114,16 @@ class Program:
     roots: dict[str, str] = {}  # computation -> its ROOT instruction
     calls: dict[str, str] = {}  # fusion instruction -> the computation it calls
     computation = None
+    self.calls: dict[str, str] = {}  # fusion (or call) instruction -> computation it calls
+    self.bodies: dict[str, str] = {}  # while instruction -> its body computation
+    self.conds: dict[str, str] = {}  # while instruction -> its condition computation
+    self.trip_counts: dict[str, int] = {}  # while instruction -> its known trip count
+    self.roots: dict[str, str] = {}  # computation -> its ROOT instruction
+    self.params: dict[str, dict[int, str]] = {}  # computation -> parameter index -> instr
+    self.comp_of: dict[str, str] = {}  # instruction -> the computation it lies in
+    self.gte_index: dict[str, int] = {}  # get-tuple-element -> the index it takes
+    self._entry: str | None = None
+    self._by_comp: dict[str, list[str]] | None = None
     for line in text.splitlines():
       head = line.strip()
       if head in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -136,6 +146,8 @@ class Program:
       section = None
       if head.startswith("ENTRY"):
         entry = True
+        em = re.match(r"ENTRY\s+%?([\w.\-]+)", head)
+        self._entry = em.group(1) if em else None
       c = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
       if c and line.rstrip().endswith("{"):
         computation = c.group(1)
@@ -149,6 +161,26 @@ class Program:
         calls[m.group(2)] = called.group(1)
       rest = line[m.end():]
       opcode = _opcode(rest)
+      if computation:
+        self.comp_of[m.group(2)] = computation
+      if called:
+        self.calls[m.group(2)] = called.group(1)
+      body = re.search(r"body=%?([\w.\-]+)", line)
+      if body and opcode == "while":
+        self.bodies[m.group(2)] = body.group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", line)
+        if cond:
+          self.conds[m.group(2)] = cond.group(1)
+        trips = re.search(r'known_trip_count\W+n\W+(\d+)', line)
+        if trips:
+          self.trip_counts[m.group(2)] = int(trips.group(1))
+      gte = re.search(r"\bindex=(\d+)", rest) if opcode == "get-tuple-element" else None
+      if gte:
+        self.gte_index[m.group(2)] = int(gte.group(1))
+      if opcode == "parameter" and computation:
+        index = re.search(r"parameter\((\d+)\)", rest)
+        if index:
+          self.params.setdefault(computation, {})[int(index.group(1))] = m.group(2)
       op_name = re.search(r'op_name="([^"]*)"', line)
       frame = re.search(r"stack_frame_id=(\d+)", line)
       src = re.search(r'source_file="([^"]*)" source_line=(\d+)', line)
@@ -165,6 +197,8 @@ class Program:
         self.root = (re.findall(r"%([\w.\-]+)", args.split("),")[0]) if opcode == "tuple"
                      else [m.group(2)])
         entry = False
+    self.roots.update(roots)
+    self._raw = dict(self.info)  # each instruction's own metadata, before fusions are named
     # A fusion is named by what its called computation computes (its ROOT, through
     # bitcasts and copies): "exp" for a fused dot+exp, not the dot.
     for instr, comp in calls.items():
@@ -176,15 +210,158 @@ class Program:
         opcode = self.info[instr][0]
         self.info[instr] = (opcode, self.info[root][1], self.info[root][2] or self.info[instr][2])
 
+  def loop_of(self, instr: str) -> str | None:
+    """The while loop whose body or condition ``instr`` lies in, or None."""
+    comp = self.comp_of.get(instr)
+    return next((w for w in self.bodies
+                 if comp in (self.bodies[w], self.conds.get(w))), None)
+
+  def own(self, instr: str) -> tuple[str, str, str | None]:
+    """An instruction's own ``(opcode, op_name, source)`` (a fusion's is not its root's)."""
+    return self._raw.get(instr, ("?", "", None))
+
+  def producer(self, value: str, nbytes: int | None = None) -> str | None:
+    """The instruction whose computation made the data ``value`` holds.
+
+    Followed into fusions and calls (to their root, or the tuple element), out of a
+    fused computation's parameters (to the fusion's operand), through tuples,
+    get-tuple-element, a while loop's output (to its body's), bitcasts, copies
+    (``copy-start``/``copy-done`` too) and reshapes, and from a
+    ``dynamic-update-slice`` (a scan stacking its iterations' values) to the update it
+    writes. None where the chain leaves what the dump describes.
+    """
+    instr, _, tail = value.partition("{")
+    index = int(tail.rstrip("}").split(",")[0]) if tail.rstrip("}").split(",")[0].isdigit() \
+        else None
+    callers: dict[str, str] = {}
+    for f, comp in self.calls.items():
+      callers.setdefault(comp, f)
+    for _ in range(64):
+      opcode = self.own(instr)[0]
+      ops = self._operands.get(instr, [])
+      if opcode == "async-done" and ops:  # an async fusion: its start calls the fusion
+        instr = ops[0]
+        continue
+      if opcode in ("fusion", "call", "async-start") and instr in self.calls:
+        root = self.roots.get(self.calls[instr])
+        if root is None:
+          return instr
+        instr = root
+        continue
+      if opcode == "tuple" and index is None and nbytes is not None:
+        sized = [o for o in ops if _shape_bytes(self._shapes.get(o, "")) == nbytes]
+        if len(sized) == 1:
+          instr = sized[0]
+          continue
+      if opcode == "tuple" and index is not None and index < len(ops):
+        instr, index = ops[index], None
+        continue
+      if opcode == "get-tuple-element" and ops:
+        instr, index = ops[0], self.gte_index.get(instr)
+        continue
+      if opcode == "while" and instr in self.bodies:
+        root = self.roots.get(self.bodies[instr])
+        if root is None:
+          return instr
+        instr = root
+        continue
+      if opcode == "parameter":
+        home = self.comp_of.get(instr, "")
+        caller = callers.get(home)
+        number = next((i for i, x in self.params.get(home, {}).items() if x == instr), None)
+        if caller is None or number is None:
+          return instr
+        caller_ops = self._operands.get(caller, [])
+        if number >= len(caller_ops):
+          return instr
+        instr = caller_ops[number]
+        continue
+      if opcode in ("bitcast", "copy", "copy-start", "copy-done", "reshape",
+                    "reduce-precision") and ops:  # JAX marks what a remat saves with one
+        instr, index = ops[0], None
+        continue
+      if opcode == "dynamic-update-slice" and len(ops) > 1:
+        instr, index = ops[1], None
+        nbytes = _shape_bytes(self._shapes.get(instr, "")) or nbytes  # the slice's size now
+        continue
+      return instr
+    return instr
+
+  def entry_computations(self) -> set[str]:
+    """The entry computation's name (a set, for membership tests)."""
+    return {self._entry} if self._entry else set()
+
+  def shape_text(self, instr: str) -> str:
+    """An instruction's result shape, as the dump prints it."""
+    return self._shapes.get(instr, "")
+
+  def stacked_update(self, instr: str, nbytes: int) -> str | None:
+    """For a scan body's kernel that writes a layer's slice into a stacked buffer of
+    ``nbytes`` bytes (a fusion whose ``dynamic-update-slice`` makes that buffer): what
+    made the slice it writes, followed by :meth:`producer`. None where there is none."""
+    comp = self.calls.get(instr)
+    if comp is None:
+      return None
+    # An async wrapper computation calls the fusion in turn.
+    inner = [x for x in self.instructions(comp) if x in self.calls and x != instr]
+    comps = [comp] + [self.calls[x] for x in inner]
+    for c in comps:
+      for x in self.instructions(c):
+        if self.own(x)[0] == "dynamic-update-slice" and \
+            _shape_bytes(self._shapes.get(x, "")) == nbytes:
+          ops = self._operands.get(x, [])
+          if len(ops) > 1:  # a kernel of several outputs: the one of the slice's size
+            return self.producer(ops[1], _shape_bytes(self._shapes.get(ops[1], "")))
+    return None
+
+  def instructions(self, comp: str) -> list[str]:
+    """The instructions of one computation, in the dump's order."""
+    if self._by_comp is None:
+      self._by_comp = {}
+      for x, c in self.comp_of.items():
+        self._by_comp.setdefault(c, []).append(x)
+    return self._by_comp.get(comp, [])
+
+  def feeds_dot_reduce(self, value: str) -> bool:
+    """Whether a reader of ``value`` reduces it as a matmul's partial sums (XLA's split-K:
+    the contraction split across a leading dimension, summed by a ``reduce`` whose
+    op_name is the ``dot_general``)."""
+    callers: dict[str, str] = {}
+    for f, comp in self.calls.items():
+      callers.setdefault(comp, f)
+    frontier, seen = [value.split("{")[0]], set()
+    for _ in range(6):
+      nxt = []
+      for instr in frontier:
+        for user in self.users.get(instr, []):
+          opcode, op_name, _ = self.own(user)
+          if opcode == "reduce" and op_name.rsplit("/", 1)[-1] == "dot_general":
+            return True
+          if user in seen:
+            continue
+          seen.add(user)
+          if opcode in ("fusion", "call") and user in self.calls:
+            comp = self.calls[user]
+            for k, operand in enumerate(self._operands.get(user, [])):
+              if operand == instr and k in self.params.get(comp, {}):
+                nxt.append(self.params[comp][k])
+          elif opcode in ("bitcast", "copy", "get-tuple-element", "tuple", "reshape"):
+            nxt.append(user)
+      frontier = nxt
+    return False
+
   def shape_of(self, value: str) -> tuple[str, tuple[int, ...]] | None:
     """``(dtype, dims)`` of a buffer value (``"%fusion.3"`` or a tuple element
     ``"while.2{1}"``), with numpy's dtype name; None where the text does not say."""
     instr, _, index = value.partition("{")
-    arrays = _SHAPE.findall(self._shapes.get(instr, ""))
+    text = self._shapes.get(instr, "")
+    arrays = _SHAPE.findall(text)
     if index:
       path = [int(i) for i in index.rstrip("}").split(",") if i.strip()]
-      # A flat tuple (the common case: while loops and multi-output fusions).
-      if len(path) != 1 or path[0] >= len(arrays) or self._shapes.get(instr, "").count("(") > 1:
+      # A flat tuple (the common case: while loops and multi-output fusions); layouts
+      # such as {1,0:T(8,128)S(1)} hold parentheses of their own.
+      nested = re.sub(r"\{[^}]*\}", "", text).count("(") > 1
+      if len(path) != 1 or path[0] >= len(arrays) or nested:
         return None
       arrays = [arrays[path[0]]]
     if len(arrays) != 1:
@@ -195,6 +372,33 @@ class Program:
   def operands_of(self, instr: str) -> list[str]:
     """The instructions ``instr`` reads (a fusion's: those it is called with)."""
     return list(self._operands.get(instr, []))
+
+  def argument_of(self, instr: str) -> int | None:
+    """The number of the entry parameter ``instr`` is a cast or a view of (through
+    converts, bitcasts, copies, reshapes, transposes and fusions of them), or None."""
+    callers = {comp: f for f, comp in self.calls.items()}
+    for _ in range(16):
+      opcode = self.own(instr)[0]
+      comp = self.comp_of.get(instr, "")
+      if opcode == "parameter":
+        number = next((i for i, x in self.params.get(comp, {}).items() if x == instr), None)
+        if comp == self._entry or number is None:
+          return number
+        operands = self._operands.get(callers.get(comp, ""), [])
+        if number >= len(operands):
+          return None
+        instr = operands[number]
+      elif opcode in ("fusion", "call") and instr in self.calls:
+        root = self.roots.get(self.calls[instr])
+        if root is None:
+          return None
+        instr = root
+      elif opcode in ("convert", "bitcast", "copy", "reshape", "transpose", "copy-start",
+                      "copy-done", "get-tuple-element") and self._operands.get(instr):
+        instr = self._operands[instr][0]
+      else:
+        return None
+    return None
 
   def _first_operand(self, root: str) -> str | None:
     """The first operand of ``root`` (what a bitcast or copy passes on)."""
@@ -212,7 +416,7 @@ class Program:
         path = files.get(f, "?")
         text = f"{os.path.basename(path)}:{line} ({funcs.get(fn, '?')})"
         first = first or text
-        if not any(s in path for s in _LIBRARY):
+        if any(s in path for s in _USER) or not any(s in path for s in _LIBRARY):
           return text
       frame = parent - 1  # printed parents are one more than the frame they name
     return first
@@ -220,6 +424,8 @@ class Program:
 
 _LIBRARY = (os.sep + "remat_kit" + os.sep, os.sep + "flax" + os.sep, os.sep + "jax" + os.sep,
             os.sep + "optax" + os.sep)
+# remat_kit's reference models are user code: a row points at the model's line.
+_USER = (os.sep + "remat_kit" + os.sep + "models" + os.sep,)
 
 
 def _operand_names(args: str) -> list[str]:

@@ -47,7 +47,7 @@ def test_explain_peak_names_the_large_residual_and_adds_up(target):
   rep = explain_peak(_wide, *WIDE_ARGS, target=target, top=5, argnums=(0, 1))
   _check_peak(rep)
   assert rep.peak_bytes >= WIDE_BYTES
-  saved = [r for r in rep.rows if r.kind == "saved residual"]
+  saved = [r for r in rep.rows if r.kind == "activation"]
   assert saved and saved[0].bytes >= WIDE_BYTES
   assert saved[0].source.startswith("test_peak.py:")
   if target is None:
@@ -58,7 +58,7 @@ def test_explain_peak_names_the_large_residual_and_adds_up(target):
     assert (saved[0].name, saved[0].op) in (("wide", "exp"), (None, "dot_general"))
   assert rep.rows[-1].kind == "other"
   table = rep.table()
-  assert table.index("saved residual") < table.index("instruction")  # kinds first
+  assert table.index("activation") < table.index("source")  # kinds first
 
 
 @pytest.mark.parametrize("policy", ["no_remat", "full", "save:pre"])
@@ -110,7 +110,7 @@ def test_explain_peak_rejects_bad_arguments():
 def test_memory_report_reconciles_residuals_with_the_peak():
   rep = rk.memory_report(_wide, jnp.ones((256, 1024)), jnp.ones((512, 256)), live=False)
   line = rep.reconcile()
-  assert line.startswith("peak ") and "saved residual" in line and "% of the peak" in line
+  assert line.startswith("peak ") and "activation" in line and "% of the peak" in line
   assert line in str(rep) and rep.to_dict()["peak"]["peak_bytes"] == rep.peak.peak_bytes
 
 
@@ -126,7 +126,7 @@ def test_command_line_peak(tmp_path, capsys):
   out = tmp_path / "peak.json"
   assert main(["peak", f"{case}:case", "--top", "3", "--json", str(out)]) == 0
   text = capsys.readouterr().out
-  assert "saved residual" in text and "wide" in text
+  assert "activation" in text and "wide" in text
   data = json.loads(out.read_text())
   assert next(iter(data.values()))["rows"][-1]["kind"] == "other"
   with pytest.raises(SystemExit, match="--top"):
@@ -153,8 +153,8 @@ def test_explain_peak_finds_the_residuals_a_scanned_gpt_stacks(target):
   full = explain_peak(loss_for(True), params, target=target)
   for rep in (plain, full):
     _check_peak(rep)
-  assert max(plain.by_kind, key=plain.by_kind.get) == "saved residual"
-  share = lambda r: r.by_kind.get("saved residual", 0) / r.peak_bytes
+  assert max(plain.by_kind, key=plain.by_kind.get) == "activation"
+  share = lambda r: r.by_kind.get("activation", 0) / r.peak_bytes
   assert share(full) < share(plain) / 2
   if target == "gpu:h100":
     assert abs(plain.peak_bytes - _allocated(plain)) <= 0.01 * plain.peak_bytes

@@ -61,7 +61,7 @@ def test_kinds_add_up_at_every_point(timelines, target):
 
 def test_buffers_carry_what_the_page_shows(timelines):
   t = timelines["gpu:h100"]["none"]
-  saved = t.live_at(t.peak_point, "saved residual")
+  saved = t.live_at(t.peak_point, "activation")
   assert saved and all(b.op for b in saved)
   b = max(saved, key=lambda b: b.bytes)
   assert b.shape[0] == 3  # a scan's stacked residual: one slice per layer

@@ -144,7 +144,8 @@ class LayerStack(nn.Module):
       for i in range(n):
         take = lambda a, i=i: a[i]
         p = self.param(f"layers_{i}", lambda _, i=i: jax.tree_util.tree_map(take, stacked))
-        x = layer(x, p, jax.tree_util.tree_map(take, keys))
+        with jax.named_scope(f"layers_{i}"):  # the readouts' layer column: which layer
+          x = layer(x, p, jax.tree_util.tree_map(take, keys))
       return x
     params = self.param("layers", lambda _: add_layer_axis(stacked, self.layer_axis))
 

@@ -31,12 +31,14 @@ __all__ = ["GPT", "GPTBlock", "causal_attention"]
 
 
 def causal_attention(qkv: jax.Array, num_heads: int,
-                     dropout: Callable[[jax.Array], jax.Array]) -> jax.Array:
+                     dropout: Callable[[jax.Array], jax.Array], tags: bool = True
+                     ) -> jax.Array:
   """Causal multi-head attention from a fused ``[b, s, 3d]`` projection.
 
-  Tags ``attn_scores`` and ``attn_probs``; ``dropout`` is applied to the
-  probabilities. Returns ``[b, s, d]`` before the output projection.
+  Tags ``attn_scores`` and ``attn_probs`` (unless ``tags`` is False); ``dropout`` is
+  applied to the probabilities. Returns ``[b, s, d]`` before the output projection.
   """
+  tag = checkpoint_name if tags else _untagged
   b, s, three_d = qkv.shape
   d = three_d // 3
   if d % num_heads:
@@ -44,10 +46,10 @@ def causal_attention(qkv: jax.Array, num_heads: int,
                      f"{num_heads}.")
   q, k, v = (t.reshape(b, s, num_heads, d // num_heads) for t in jnp.split(qkv, 3, axis=-1))
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // num_heads)
-  scores = checkpoint_name(scores, "attn_scores")
+  scores = tag(scores, "attn_scores")
   mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
   scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-  probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs")
+  probs = tag(jax.nn.softmax(scores, axis=-1), "attn_probs")
   out = jnp.einsum("bhqk,bkhd->bqhd", dropout(probs), v)
   return out.reshape(b, s, d)
 
@@ -64,6 +66,9 @@ class GPTBlock(nn.Module):
     logical_axes: give every parameter logical axis names
       (``nn.with_logical_partitioning``): ``embed``, ``heads`` (the attention
       projections), ``mlp``, ``vocab``. The initial values are unchanged.
+    tags: tag the block's tensors with `checkpoint_name` (``qkv``, ``attn_scores``,
+      ``attn_probs``, ``attn_out``, ``mlp_in``, ``mlp_hidden``, ``mlp_out``); False for a
+      model with none, as most users' are.
   """
 
   d_model: int
@@ -72,6 +77,7 @@ class GPTBlock(nn.Module):
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
   logical_axes: bool = False
+  tags: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -79,16 +85,22 @@ class GPTBlock(nn.Module):
     dense = lambda n, axes: _dense(n, axes, dt, self.logical_axes)
     norm = lambda: _layer_norm(dt, self.logical_axes)
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    tag = checkpoint_name if self.tags else _untagged
     h = norm()(x)
-    qkv = checkpoint_name(dense(3 * d, ("embed", "heads"))(h), "qkv")
-    o = causal_attention(qkv, self.num_heads, drop)
-    o = checkpoint_name(dense(d, ("heads", "embed"))(o), "attn_out")
+    qkv = tag(dense(3 * d, ("embed", "heads"))(h), "qkv")
+    o = causal_attention(qkv, self.num_heads, drop, self.tags)
+    o = tag(dense(d, ("heads", "embed"))(o), "attn_out")
     x = x + drop(o)
     h = norm()(x)
-    h = checkpoint_name(dense(self.mlp_ratio * d, ("embed", "mlp"))(h), "mlp_in")
-    h = checkpoint_name(nn.gelu(h), "mlp_hidden")
-    h = checkpoint_name(dense(d, ("mlp", "embed"))(h), "mlp_out")
+    h = tag(dense(self.mlp_ratio * d, ("embed", "mlp"))(h), "mlp_in")
+    h = tag(nn.gelu(h), "mlp_hidden")
+    h = tag(dense(d, ("mlp", "embed"))(h), "mlp_out")
     return x + drop(h)
+
+
+def _untagged(x: jax.Array, name: str) -> jax.Array:
+  del name
+  return x
 
 
 def _logical(init: Any, axes: tuple[str | None, ...], on: bool) -> Any:
@@ -124,6 +136,7 @@ class GPT(nn.Module):
     scan: scan over the blocks (True) or unroll them (False).
     logical_axes: logical axis names on every parameter (see `GPTBlock`);
       the stacked blocks' leading axis is ``"layers"``.
+    tags: the blocks' `checkpoint_name` tags (see `GPTBlock`); False for none.
   """
 
   vocab_size: int = 256
@@ -138,6 +151,7 @@ class GPT(nn.Module):
   levels: int | tuple[int, ...] | None = None
   scan: bool = True
   logical_axes: bool = False
+  tags: bool = True
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = True) -> jax.Array:
@@ -152,7 +166,7 @@ class GPT(nn.Module):
     x = embed(tokens) + pos[None, :s]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x).astype(self.dtype)
     block = GPTBlock(self.d_model, self.num_heads, self.mlp_ratio, self.dropout_rate,
-                     self.dtype, logical_axes=on)
+                     self.dtype, logical_axes=on, tags=self.tags)
     x = LayerStack(block, self.num_layers, policy=self.policy, levels=self.levels,
                    scan=self.scan, name="blocks")(x, train)
     x = _layer_norm(self.dtype, on)(x)

@@ -2,7 +2,7 @@
 
 A :class:`Buffer` is what a temp or host allocation holds at one offset for one
 stretch of the schedule; the helpers read an HLO value's primitive, `checkpoint_name`,
-remat site and role (saved residual, forward or backward temporary) from its op
+remat site and role (activation, forward or backward temporary) from its op
 metadata. :mod:`remat_kit.report.compiled` builds on them.
 """
 
@@ -198,7 +198,7 @@ def backward_start(prog: _dumps.Program, ranges: dict[str, tuple[int, int]],
 
 
 def temp_kind(prog: _dumps.Program, value: str) -> str:
-  """Backward temporary (made by the transpose), saved residual (made in the forward
+  """Backward temporary (made by the transpose), activation (made in the forward
   pass and read by the backward), forward temporary, or temporary (neither)."""
   instr = instr_of(value)
   _, op_name, _ = prog.info.get(instr, ("", "", None))
@@ -206,10 +206,10 @@ def temp_kind(prog: _dumps.Program, value: str) -> str:
     return "backward temporary"
   if "jvp(" in op_name:
     if "while/body" in op_name and primitive(op_name) == "dynamic_update_slice":
-      return "saved residual"  # a forward scan stacking what its backward reads
+      return "activation"  # a forward scan stacking what its backward reads
     readers = prog.users.get(instr, [])
     if any("transpose(" in prog.info.get(u, ("", "", None))[1] for u in readers):
-      return "saved residual"
+      return "activation"
     return "forward temporary"
   return "temporary"
 
@@ -221,3 +221,21 @@ def is_host(a: _dumps.Alloc) -> bool:
 def memory_of(a: _dumps.Alloc) -> str:
   return "device" if a.color == 0 else "host" if a.color == 5 else "on-chip"
 
+
+def buffer_kind(prog: _dumps.Program, value: str, made_by: str, opcode: str, dtype: str
+                ) -> str:
+  """What a buffer holding ``value`` (made by ``made_by``, an ``opcode``) is: "activation",
+  or the kind of a buffer that holds no tensor of the model (``Compilation.residuals``)."""
+  own_op = prog.own(instr_of(value))[0]
+  index = value.partition("{")[2].rstrip("}")
+  own_shape = prog.shape_text(instr_of(value))
+  if not index and (own_op == "tuple" or own_shape.lstrip().startswith("(")):
+    return "tuple table"  # the addresses of a kernel's or a loop's outputs
+  if own_op in ("copy-start", "copy-done") or opcode == "copy-start":
+    if index in ("1", "2") or dtype.startswith(("uint", "int")):
+      return "copy context"
+  if own_op == "custom-call" and index not in ("", "0") and dtype in ("uint8", "int8"):
+    return "workspace"
+  if opcode == "parameter" and prog.comp_of.get(made_by) in prog.entry_computations():
+    return "prefetch" if own_op in ("copy-start", "copy-done") else "argument"
+  return "activation"

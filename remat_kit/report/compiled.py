@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import re
 import tempfile
 import weakref
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from remat_kit import _xla as _dumps
 from remat_kit.report.buffers import (
     Buffer,
     backward_start,
+    buffer_kind,
     buffers_of,
     instr_of,
     name_of,
@@ -95,6 +97,7 @@ class Compilation:
   _program_jaxpr: Any
   _flops: dict[str, Any] | None = None
   _residuals: list[Residual] | None = None
+  _sources: dict[tuple[str, str], str] | None = None
 
   @property
   def sites(self) -> list[RematSite]:
@@ -144,16 +147,48 @@ class Compilation:
     """What the compiled program carries from the forward to the backward pass.
 
     One row per buffer made before the backward pass starts and live when it does,
-    largest first: ``kind="activation"``, the `checkpoint_name` (``name``; every name its
-    values carry in ``names``) and the remat site (``site``, ``site_role``) read from the
-    HLO's op metadata, the HLO shape and dtype, the source line, and ``memory`` "host"
-    for a buffer offloaded to pinned host memory. The device rows add up to at most the
-    compiled peak (they are all live at one point of it).
+    largest first, each naming its tensor: the op that made it (followed through a
+    scan's stacking, fusions, copies and bitcasts: :meth:`remat_kit._xla.Program.producer`),
+    the user's source line, its `checkpoint_name` (``name``; every name its values carry
+    in ``names``), the layer (the module path, or a scan's body), the remat site
+    (``site``, ``site_role``), the HLO shape and dtype, and ``memory`` "host" for a buffer
+    offloaded to pinned host memory.
+
+    A buffer that holds no tensor of the model gets a kind that says so, never
+    "activation" (see :data:`remat_kit.report.tensor.KINDS`): a matmul's
+    ``"split-K partials"`` (the partial sums XLA keeps of a split contraction, beside the
+    tensor's own bytes), a library call's ``"workspace"``, an async copy's
+    ``"copy context"``, an argument copied on chip (``"prefetch"``), a tuple's pointer
+    table (``"tuple table"``). The rows add up to the bytes of the carried buffers; the
+    device activation rows to at most the compiled peak.
     """
     if self._residuals is None:
-      self._residuals = [self._residual(b) for b in self.buffers if self.carried(b)]
+      self._residuals = [r for b in self.buffers + self._in_outputs() if self.carried(b)
+                         for r in self.residual_rows(b)]
       self._residuals.sort(key=lambda r: -r.bytes)
     return list(self._residuals)
+
+  def _in_outputs(self) -> list[Buffer]:
+    """Values the compiler placed in an output's allocation before the output is written
+    (XLA:CPU puts a forward value the backward reads there): buffers of their own to the
+    residual rows, though the peak counts the allocation once, whole."""
+    roots = {r.split("{")[0] for r in self.hlo.root}
+    out = []
+    for a in self.allocs:
+      if not a.resident or a.parameter is not None or a.constant or a.color < 0:
+        continue
+      for value, offset, size in a.values:
+        if instr_of(value) in roots or value not in self.ranges:
+          continue
+        # Only what the forward made: an output's buffer also holds the backward's own
+        # values (a gradient accumulated in a loop) before the output is final.
+        made = self.hlo.producer(value, size)
+        op_name = self.hlo.own(made)[1] if made else ""
+        if "transpose(" in op_name or not op_name:
+          continue
+        s, e = self.ranges[value]
+        out.append(Buffer(a, offset, size, s, e, (value,)))
+    return out
 
   def carried(self, b: Buffer) -> bool:
     """Whether ``b`` is made in the forward pass and still live when the backward starts."""
@@ -161,38 +196,154 @@ class Compilation:
       return False
     # A backward op XLA scheduled early (a broadcast of the cotangent) is not carried.
     opcode, op_name, _ = self.hlo.info.get(instr_of(b.values[0]), ("", "", None))
-    # Tuples are pointer tables (a loop's state), not values; an integer scalar is a
-    # loop's counter.
-    if "transpose(" in op_name or opcode == "tuple":
+    if "transpose(" in op_name:
       return False
+    # An integer scalar is a loop's counter.
     shape = self.hlo.shape_of(b.values[0])
-    return not (shape and shape[1] == () and shape[0].startswith(("int", "uint")))
+    if shape and shape[1] == () and shape[0].startswith(("int", "uint")):
+      return False
+    # A buffer that holds, where the backward starts, only a backward loop's own values
+    # (its carried cotangents, set up early): not carried.
+    across = [v for v in b.values if v in self.ranges
+              and self.ranges[v][0] < self.backward <= self.ranges[v][1]]
+    loops = [self.hlo.loop_of(instr_of(v)) for v in across]
+    return not (across and all(w and "transpose(" in self.hlo.own(w)[1] for w in loops))
 
-  def _residual(self, b: Buffer) -> Residual:
+  def residual_rows(self, b: Buffer) -> list[Residual]:
+    """The residual rows of one carried buffer (two for a split matmul: the tensor and
+    its partial sums); their bytes add up to the buffer's."""
     prog, marks = self.hlo, self.marks
+    # The value the buffer carries across: the one live where the backward starts (a
+    # buffer reused later holds other values too), else a scan's stacked value (the loop
+    # body writes each layer's slice into it), else any with an op_name.
     named = [v for v in b.values if prog.info.get(instr_of(v), ("", ""))[1]]
-    # A scan's stacked residual: the buffer starts as a broadcast and the loop body
-    # writes each layer's slice into it; the slices are what it holds.
     stacked = [v for v in named if stacks(prog.info[instr_of(v)][1])]
-    v = (stacked or named or list(b.values))[0]
-    opcode, op_name, source = prog.info.get(instr_of(v), ("?", "", None))
+    across = [v for v in b.values if v in self.ranges
+              and self.ranges[v][0] < self.backward <= self.ranges[v][1]]
+    v = (across or stacked or named or list(b.values))[0]
+    made_by = None
+    # A loop body's parameter is the scan carry: each layer's input, stacked.
+    known = lambda p: p is not None and (prog.own(p)[1] or (
+        prog.own(p)[0] == "parameter" and prog.loop_of(p) is not None))
+    per_slice = False
+    for cand in stacked + [x for x in b.values if x not in stacked]:
+      # The slice a scan body writes into the stacked buffer: what made it.
+      p = prog.stacked_update(instr_of(cand), b.size)
+      if known(p):
+        v, made_by, per_slice = cand, p, True
+        break
+    for cand in ([] if made_by else across + stacked + list(reversed(b.values))):
+      p = prog.producer(cand, b.size)
+      if known(p):
+        v, made_by = cand, p
+        break
+    if made_by is None:
+      made_by = prog.producer(v, b.size) or instr_of(v)
+    opcode, op_name, source = prog.own(made_by)
+    made_op = opcode
+    if not op_name:
+      opcode, op_name, source = prog.info.get(instr_of(v), ("?", "", None))
     prim = primitive(op_name) or opcode
-    names = tuple(dict.fromkeys(n for x in b.values if (n := name_of(prog, marks, x))))
+    if made_op == "parameter" and any(prog.bodies.get(w) == prog.comp_of.get(made_by)
+                                      for w in prog.bodies):
+      prim = "scan carry"  # a loop's carried value, stacked for the backward
+    own_name = marks.name_of(op_name, prim) if op_name else None
+    names = tuple(dict.fromkeys(
+        n for n in [own_name, *(name_of(prog, marks, x) for x in b.values)] if n))
     shape = prog.shape_of(v)
     dtype, dims = shape if shape else ("?", ())
-    if shape and math.prod(dims) * _itemsize(dtype) not in (b.size, 0):
-      dims = ()  # a buffer XLA packs differently from the value's own shape
+    if shape and math.prod(dims) * _itemsize(dtype) > b.size:
+      dims = ()  # a buffer XLA packs differently from the value's own shape (a larger
+      # buffer is the value padded to the compiler's tiles: its shape holds)
     _, where_made = origin(prog, marks, v)
-    site = marks.site_of(where_made) if where_made else None
+    site = marks.site_of(op_name) if op_name else None
+    if site is None and where_made:
+      site = marks.site_of(where_made)
     role = "inside" if site is not None else ""
     if site is None:
       site = reader_site(prog, marks, b.values)
       role = "input" if site is not None else ""
-    layers = dims[0] if stacks(op_name) and dims else 1
+    layers = dims[0] if (per_slice or stacks(prog.info.get(instr_of(v), ("", ""))[1])) \
+        and dims else 1
+    made_shape = prog.shape_of(made_by)
+    if layers == 1 and "while/body" in op_name and dims and made_shape and \
+        len(made_shape[1]) == len(dims) - 1:
+      layers = dims[0]  # one slice per iteration, stacked (read through a loop's output)
     where = {"host": " (offloaded to host)", "on-chip": " (on-chip)"}.get(b.memory, "")
-    return Residual(names[0] if names else None, dims, dtype, b.size, "activation", prim,
-                    (source or f"output of {prim}") + where, _residual_memory(b.memory),
-                    layers, names=names, site=site, site_role=role)
+    kind = buffer_kind(prog, v, made_by, made_op, dtype)
+    src = source or self._user_source(op_name) or f"output of {prim}"
+    cast = prog.argument_of(made_by) if made_op == "convert" else None
+    if kind == "activation" and cast is not None:
+      kind = "argument cast"
+      arg = self.leaf_name[cast] if cast < len(self.leaf_name) else f"argument {cast}"
+      prim, src = "convert", f"argument {arg}, cast to {dtype}"
+    if prim == "scan carry":
+      loop = prog.loop_of(made_by) or ""
+      if not layer_of(op_name):
+        op_name = prog.own(loop)[1] + "/body/carry"
+      if len(dims) >= 2 and prog.trip_counts.get(loop, dims[0]) == dims[0]:
+        layers = dims[0]  # each iteration's input, stacked (the TPU dump gives no count)
+    if kind in ("prefetch", "argument"):
+      number = next((i for i, x in prog.params.get(prog.comp_of.get(made_by, ""), {}).items()
+                     if x == made_by), None)
+      arg = (self.leaf_name[number] if number is not None and number < len(self.leaf_name)
+             else prim)
+      prim, src = arg, (f"a copy of argument {arg} in on-chip memory" if kind == "prefetch"
+                        else f"argument {arg}")
+    if kind == "prefetch":
+      where = ""  # its source says so
+    row = Residual(names[0] if names else None, dims, dtype, b.size, kind, prim, src + where,
+                   b.memory, layers, names=names, site=site, site_role=role,
+                   layer=layer_of(op_name))
+    if kind == "activation" and prim == "dot_general" and len(dims) >= 2 and dims[0] > 1 \
+        and layers == 1 and prog.feeds_dot_reduce(v):
+      # Split-K: the tensor is one of the partial sums' size; the rest is the split's.
+      one = b.size // dims[0]
+      return [dataclasses.replace(row, shape=dims[1:], bytes=one),
+              dataclasses.replace(row, bytes=b.size - one, kind="split-K partials",
+                                  source=f"{src}{where}: {dims[0]} partial sums of the "
+                                         "matmul, reduced in the backward")]
+    return [row]
+
+  def _user_source(self, op_name: str) -> str | None:
+    """Where the dump keeps no source line: the traced program's, by name stack and
+    primitive (the first equation of the forward jaxpr that matches)."""
+    if self._traced is None or not op_name:
+      return None
+    if self._sources is None:
+      from remat_kit.report.tensor import user_source
+
+      found: dict[tuple[str, str], str] = {}
+      for eqn in _jaxpr.walk(self._traced.jaxpr):
+        src = user_source(eqn)
+        if src:
+          key = (_plain_path(str(eqn.source_info.name_stack)), eqn.primitive.name)
+          found.setdefault(key, src)
+      self._sources = found
+    prim = primitive(op_name) or ""
+    return self._sources.get((_plain_path(op_name.rsplit("/", 1)[0]), prim))
+
+
+def _plain_path(stack: str) -> str:
+  """A name stack or op_name without jit calls, transformations and remat_kit's marks."""
+  parts = []
+  for p in stack.split("/"):
+    m = re.fullmatch(r"(?:jvp|transpose|vmap|remat2?|checkpoint)\((.*)\)", p)
+    while m:
+      p = m.group(1)
+      m = re.fullmatch(r"(?:jvp|transpose|vmap|remat2?|checkpoint)\((.*)\)", p)
+    if not p or p.startswith("jit(") or re.fullmatch(r"rk[sn]\d+", p):
+      continue
+    parts.append(p)
+  return "/".join(parts)
+
+
+def layer_of(op_name: str) -> str:
+  """Where in the model an op lies, from its op_name: the module path (``"GPT/Dropout_0"``),
+  a scan's body written ``"<scan>/scan body"``; "" where the op_name says nothing."""
+  path = _plain_path(op_name).split("/")[:-1]  # the primitive last
+  text = "/".join(path).replace("while/body", "scan body").replace("/while", "")
+  return text
 
 
 # --------------------------------------------------------------------------
@@ -346,10 +497,6 @@ def from_dumps(hlo: str, assignment: str, live: str, marks: _jaxpr.Marks,
                      marks, list(leaf_kind), list(leaf_name), list(out_kind), dict(compiler),
                      buffers_of(prog, allocs, ranges), backward_start(prog, ranges, horizon),
                      grad, None, (), None)
-
-
-def _residual_memory(memory: str) -> str:
-  return "host" if memory == "host" else "device"
 
 
 def _itemsize(dtype: str) -> int:

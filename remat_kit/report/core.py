@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from remat_kit import _jax, _jaxpr, targets
+from remat_kit.report.tensor import Tensor
 
 __all__ = [
     "Residual",
@@ -41,12 +42,13 @@ class Residual:
     dtype: its dtype name.
     bytes: its size in bytes.
     kind: "argument" (an input or a view of one: parameters, data, no extra
-      memory), "argument_cast" (an input cast to another dtype, such as bf16
+      memory), "argument cast" (an input cast to another dtype, such as bf16
       weights: extra memory, but not an activation), "activation" (computed
       in the forward pass) or "constant".
     primitive: the primitive that produced it.
     source: where it comes from, in words.
-    memory: "device", or "host" for a tensor offloaded to host memory.
+    memory: "device", "host" for a tensor offloaded to host memory, or "on-chip" for
+      one a TPU keeps in its on-chip memory (VMEM).
     layers: the scan trip counts it is stacked over (1 outside scans), so
       ``bytes / layers`` is its size per layer.
     rule: why it is kept (filled in by :func:`remat_kit.report.memory_report`).
@@ -58,6 +60,8 @@ class Residual:
       None when neither.
     site_role: "inside" (produced inside remat site ``site``, so kept by its
       policy), "input" (an input of that site, kept to recompute it) or "".
+    layer: where in the model it was made: the module path (``"GPT/Dropout_0"``), a
+      scan's body (``"GPT/blocks/scan body/GPTBlock"``); "" where unknown.
   """
 
   name: str | None
@@ -73,11 +77,18 @@ class Residual:
   names: tuple[str, ...] = ()
   site: int | None = None
   site_role: str = ""
+  layer: str = ""
 
   @property
   def label(self) -> str:
     """The name if tagged, else the producing primitive, else the kind."""
     return self.name or self.primitive or self.kind
+
+  @property
+  def tensor(self) -> Tensor:
+    """The row as the shared tensor record (the per-tensor planner's rows use it too)."""
+    return Tensor(self.primitive or "", self.source, self.layer, tuple(self.shape),
+                  self.dtype, self.bytes, self.kind, self.name)
 
 
 # Ops that only re-view their input: a residual reached from an argument
@@ -217,7 +228,7 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
         continue
       buffers[key] = len(rows)
       what = "cast of argument" if cast else "argument" if base is v else "view of argument"
-      rows.append(_row(v.aval, None, "argument_cast" if cast else "argument", None,
+      rows.append(_row(v.aval, None, "argument cast" if cast else "argument", None,
                        f"{what} {names[invar_index[base]]}", memory))
       continue
     src, frames, layers, name, _ = _follow(v, [top], _PASS)

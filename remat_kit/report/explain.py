@@ -15,6 +15,7 @@ import jax
 from remat_kit import _jax, _jaxpr
 from remat_kit.policies import Policy
 from remat_kit.report.core import Residual
+from remat_kit.report.tensor import KINDS
 
 __all__ = ["RematSite", "jaxpr_remat_sites", "policy_names", "policy_repr", "remat_sites",
            "rule_for"]
@@ -100,17 +101,20 @@ def rule_for(r: Residual, sites: list[RematSite]) -> str:
   """
   if r.kind == "argument":
     return "an input: no extra memory"
-  if r.kind == "argument_cast":
+  if r.kind == "argument cast":
     return "an input cast to another dtype (a copy, not an activation)"
   if r.kind == "constant":
     return "a constant"
-  if r.primitive == "scan carry":
-    return "the scan carry: each layer's input, kept by the scan"
+  if r.kind != "activation":
+    return KINDS.get(r.kind, r.kind)  # not a tensor of the model: say what it is
+  carry = r.primitive == "scan carry"
   site = sites[r.site] if r.site is not None and r.site < len(sites) else None
-  if site is None:
-    return "kept by autodiff outside remat"
+  if site is None or (carry and r.site_role != "input"):
+    return ("the scan carry: each layer's input, kept by the scan" if carry
+            else "kept by autodiff outside remat")
   if r.site_role == "input":
-    return f"the input of a remat (policy {policy_repr(site.policy)}), kept to recompute it"
+    return (f"the input of a remat (policy {policy_repr(site.policy)}), kept to recompute "
+            "it" + (" (the scan carry, one per layer)" if carry else ""))
   verb = "offloaded" if r.memory == "host" else "saved"
   named = [n for n in r.names if n in policy_names(site.policy)]
   if named:

@@ -48,7 +48,9 @@ from remat_kit import _xla as _dumps
 from remat_kit import targets
 from remat_kit.report.buffers import (
     backward_start,
+    buffer_kind,
     feeds_loop,
+    instr_of,
     is_host,
     memory_of,
     name_of,
@@ -58,15 +60,20 @@ from remat_kit.report.buffers import (
 from remat_kit.report.compiled import (
     Compilation,
     compilation,
+    layer_of,
 )
 from remat_kit.report.core import fn_kwargs_of
-from remat_kit.report.table import format_bytes, format_table
+from remat_kit.report.table import format_bytes, format_table, short_layer
+from remat_kit.report.tensor import Tensor
 
 __all__ = ["PeakReport", "PeakRow", "compile_explained", "explain_peak"]
 
+# The kinds a peak row can have, in the order tables list them (the whole vocabulary,
+# with the residual rows' kinds: remat_kit.report.tensor.KINDS).
 KINDS = ("parameter", "input", "optimizer state", "gradient", "output", "constant",
-         "saved residual",
-         "backward temporary", "forward temporary", "temporary", "packing", "other")
+         "activation", "backward temporary", "forward temporary", "temporary",
+         "split-K partials", "workspace", "copy context", "prefetch", "tuple table",
+         "packing", "other")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +84,18 @@ class PeakRow:
     bytes: its size (counted once however many values share it).
     name: the `checkpoint_name` of the op that made it, or None.
     op: the jaxpr primitive (from the HLO ``op_name``) or the argument name.
-    kind: one of parameter, input, optimizer state, gradient, output, saved
-      residual (made in the forward pass, read by the backward), backward
-      temporary, forward temporary, temporary (neither), packing (temp memory the
-      compiler reserved but could not fill at this point), other.
+    kind: one of :data:`remat_kit.report.tensor.KINDS`: parameter, input,
+      optimizer state, gradient, output, constant, activation (made in the forward
+      pass, read by the backward), backward temporary, forward temporary,
+      temporary (neither), a buffer that is no tensor of the model (split-K
+      partials, workspace, copy context, prefetch, tuple table), packing (temp
+      memory the compiler reserved but could not fill at this point), other.
     source: the user's source line that made it, where the compiler kept it.
     instruction: the HLO instruction(s) whose value it holds.
     memory: "device", or "on-chip" for a TPU VMEM buffer.
+    shape: its shape (``()`` where the dump does not say).
+    dtype: its dtype name, or "".
+    layer: the module path or scan body that made it, or "".
   """
 
   bytes: int
@@ -93,6 +105,15 @@ class PeakRow:
   source: str | None
   instruction: str
   memory: str = "device"
+  shape: tuple[int, ...] = ()
+  dtype: str = ""
+  layer: str = ""
+
+  @property
+  def tensor(self) -> Tensor:
+    """The row as the shared tensor record."""
+    return Tensor(self.op or "", self.source or "", self.layer, tuple(self.shape), self.dtype,
+                  self.bytes, self.kind, self.name)
 
 
 @dataclasses.dataclass
@@ -118,7 +139,8 @@ class PeakReport:
             "target": self.target, "at": self.at,
             "compiler": dict(self.compiler), "by_kind": dict(self.by_kind),
             "rows": [{"bytes": r.bytes, "name": r.name, "op": r.op, "kind": r.kind,
-                      "source": r.source, "instruction": r.instruction, "memory": r.memory}
+                      "source": r.source, "instruction": r.instruction, "memory": r.memory,
+                      "shape": list(r.shape), "dtype": r.dtype, "layer": r.layer}
                      for r in self.rows]}
 
   def to_json(self, **kwargs: Any) -> str:
@@ -127,14 +149,17 @@ class PeakReport:
   def table(self) -> str:
     total = max(self.peak_bytes, 1)
     kinds = [[k, format_bytes(b), f"{100 * b / total:.0f}%"] for k, b in self.by_kind.items()]
-    rows = [[format_bytes(r.bytes), r.kind, r.name or "-", r.op or "-", r.source or "-",
-             r.instruction[:40] + (f" ({r.memory})" if r.memory != "device" else "")]
+    rows = [[format_bytes(r.bytes), r.kind, r.op or "-", r.name or "-",
+             short_layer(r.layer),
+             (r.source or "-").split(" (")[0],
+             (("x".join(map(str, r.shape)) or "()") + " " + r.dtype) if r.dtype else "-",
+             r.memory if r.memory != "device" else ""]
             for r in self.rows]
     return "\n".join([
         f"== peak {format_bytes(self.peak_bytes)} on {self.target}, at {self.at} ==",
         format_table(["kind", "bytes", "share"], kinds, align="lrr"), "",
-        format_table(["bytes", "kind", "name", "op", "source", "instruction"], rows,
-                     align="rlllll")])
+        format_table(["bytes", "kind", "op", "name", "layer", "source", "shape", "memory"],
+                     rows, align="rlllllll")])
 
   def __str__(self) -> str:
     return self.table()
@@ -179,7 +204,7 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
     ...   y = rk.checkpoint_name(jnp.exp(x @ w), "wide")
     ...   return jnp.sum(jnp.tanh(y) @ w.T)
     >>> rep = rk.report.explain_peak(loss, jnp.ones((64, 1024)), jnp.ones((32, 64)))
-    >>> any(r.name == "wide" and r.kind == "saved residual" for r in rep.rows)
+    >>> any(r.name == "wide" and r.kind == "activation" for r in rep.rows)
     True
   """
   kwargs = fn_kwargs_of("explain_peak", fn_kwargs, stray)
@@ -265,7 +290,7 @@ def _explain(c: Compilation, top: int) -> PeakReport:
   ranges = c.ranges
   best_t = peak_point(c)
   live = [b for b in device_buffers(c) if b.start <= best_t <= b.end]
-  rows = resident_rows(c, best_t) + [temp_row(c, b, best_t) for b in live]
+  rows = resident_rows(c, best_t) + [r for b in live for r in temp_rows(c, b, best_t)]
   live_total = sum(r.bytes for r in rows)
   rows += packing_rows(c, live)
   total = sum(r.bytes for r in rows)
@@ -323,7 +348,10 @@ def resident_rows(c: Compilation, t: int) -> list[PeakRow]:
       i = a.parameter
       kind = leaf_kind[i] if i < len(leaf_kind) else "input"
       op = leaf_name[i] if i < len(leaf_name) else f"parameter {i}"
-      rows.append(PeakRow(a.size, None, op, kind, None, values[0] if values else op))
+      shape = prog.shape_of(values[0]) if values else None
+      dtype, dims = shape if shape else ("", ())
+      rows.append(PeakRow(a.size, None, op, kind, f"argument {op}",
+                          values[0] if values else op, "device", dims, dtype))
       continue
     if a.constant:
       rows.append(_value_row(a.size, values[0] if values else "constant", "constant", prog,
@@ -347,16 +375,32 @@ def held_value(c: Compilation, b: Any, t: int) -> str:
   return (named or now)[0]  # label it by a value the compiler kept an op_name for
 
 
-def temp_row(c: Compilation, b: Any, t: int) -> PeakRow:
-  """The row of temp buffer ``b`` at program point ``t``."""
+def temp_rows(c: Compilation, b: Any, t: int) -> list[PeakRow]:
+  """The rows of temp buffer ``b`` at program point ``t``: what the forward leaves the
+  backward is named as :meth:`Compilation.residuals` names it (a scan's stacked value by
+  the slices it holds, a split matmul as its tensor and its partial sums); every other
+  value by the op that made it. The rows' bytes add up to the buffer's."""
   prog, values = c.hlo, list(b.values)
   v = held_value(c, b, t)
   kinds = [temp_kind(prog, x) for x in values]
-  kind = ("saved residual" if c.carried(b)  # made before the backward, read in it
-          or "saved residual" in kinds else temp_kind(prog, v))
+  kind = ("activation" if c.carried(b)  # made before the backward, read in it
+          or "activation" in kinds else temp_kind(prog, v))
   row = _value_row(b.size, ",".join(values), kind, prog, c.marks, memory_of(b.alloc), v)
   name = row.name or next((n for x in values if (n := name_of(prog, c.marks, x))), None)
-  return dataclasses.replace(row, name=name)
+  row = dataclasses.replace(row, name=name)
+  if kind == "activation" and c.carried(b):
+    return [dataclasses.replace(row, name=row.name or res.name, op=res.primitive or row.op,
+                                source=res.source, shape=res.shape, dtype=res.dtype,
+                                layer=res.layer, kind=res.kind, bytes=res.bytes)
+            for res in c.residual_rows(b)]
+  made = prog.producer(v, b.size) or instr_of(v)
+  other = buffer_kind(prog, v, made, prog.own(made)[0], row.dtype)
+  if other not in ("activation", "argument"):  # no tensor of the model: say what it is
+    row = dataclasses.replace(row, kind=other)
+  arg = prog.argument_of(made) if prog.own(made)[0] == "parameter" else None
+  if arg is not None and arg < len(c.leaf_name):  # XLA's name for it is "xs[1]"
+    row = dataclasses.replace(row, op=c.leaf_name[arg])
+  return [row]
 
 
 def packing_rows(c: Compilation, live: Sequence[Any]) -> list[PeakRow]:
@@ -374,10 +418,17 @@ def packing_rows(c: Compilation, live: Sequence[Any]) -> list[PeakRow]:
 
 def _value_row(size: int, label: str, kind: str, prog: _dumps.Program, marks: Any, memory: str,
                value: str | None = None) -> PeakRow:
-  instr = (value or label).split(",")[-1].split("{")[0]
+  held = value or label.split(",")[-1]
+  instr = held.split("{")[0]
   opcode, op_name, source = prog.info.get(instr, ("?", "", None))
+  made = prog.producer(held, size)
+  if made is not None and prog.own(made)[1]:
+    opcode, op_name, source = prog.own(made)
   op = _primitive(op_name) or opcode
-  return PeakRow(size, name_of(prog, marks, instr), op, kind, source, label, memory)
+  shape = prog.shape_of(held)
+  dtype, dims = shape if shape else ("", ())
+  return PeakRow(size, name_of(prog, marks, instr), op, kind, source, label, memory, dims,
+                 dtype, layer_of(op_name))
 
 
 # Shared with the other readouts (kept under their old names here).

@@ -32,7 +32,7 @@ from remat_kit.report.core import (
 from remat_kit.report.estimate import estimate_seconds
 from remat_kit.report.explain import rule_for
 from remat_kit.report.peak import PeakReport, explained, peak_of
-from remat_kit.report.table import format_bytes, format_table
+from remat_kit.report.table import format_bytes, format_table, short_layer
 
 __all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
 
@@ -83,7 +83,7 @@ class MemoryReport:
   def reconcile(self) -> str:
     """How the residuals relate to the compiled peak, in one line.
 
-    For example "peak 108 MiB: saved residual 59%, backward temporary 30%, ...;
+    For example "peak 108 MiB: activation 59%, backward temporary 30%, ...;
     the residuals listed are 64 MiB (59% of it)": when residuals are a small
     share of the peak, saving fewer of them cannot lower it much.
     """
@@ -104,17 +104,29 @@ class MemoryReport:
 
   @property
   def device_activation_bytes(self) -> int:
-    """Activation bytes kept in device memory (offloaded ones excluded)."""
+    """Activation bytes kept on the device, in its memory or on chip (offloaded ones
+    excluded)."""
     return sum(r.bytes for r in self.residuals
-               if r.kind == "activation" and r.memory == "device")
+               if r.kind == "activation" and r.memory != "host")
 
   @property
   def by_name(self) -> dict[str, int]:
-    """Activation bytes per label (the name, else the producing primitive)."""
+    """Activation bytes per `checkpoint_name` (names only: untagged tensors are in
+    :attr:`by_op`)."""
+    out: dict[str, int] = {}
+    for r in self.residuals:
+      if r.kind == "activation" and r.name:
+        out[r.name] = out.get(r.name, 0) + r.bytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+  @property
+  def by_op(self) -> dict[str, int]:
+    """Activation bytes per producing op (the primitive that made each tensor)."""
     out: dict[str, int] = {}
     for r in self.residuals:
       if r.kind == "activation":
-        out[r.label] = out.get(r.label, 0) + r.bytes
+        key = r.primitive or "?"
+        out[key] = out.get(key, 0) + r.bytes
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
   @property
@@ -141,6 +153,7 @@ class MemoryReport:
         "activation_bytes": self.activation_bytes,
         "device_activation_bytes": self.device_activation_bytes,
         "by_name": self.by_name,
+        "by_op": self.by_op,
         "layers": self.layers,
         "per_layer_bytes": self.per_layer_bytes,
         "flops": dict(self.flops),
@@ -162,17 +175,20 @@ class MemoryReport:
 
   def table(self) -> str:
     """The residual rows and the totals, as text."""
-    rows = [[",".join(r.names) or r.name or "-", "x".join(map(str, r.shape)) or "()", r.dtype,
-             format_bytes(r.bytes),
-             str(r.layers), r.primitive or "-", r.kind, r.memory, r.rule]
+    rows = [[format_bytes(r.bytes), r.kind, r.primitive or "-", ",".join(r.names) or r.name or "-",
+             short_layer(r.layer), r.source.split(" (")[0] if r.source else "-",
+             ("x".join(map(str, r.shape)) or "()") + " " + r.dtype,
+             str(r.layers) if r.layers > 1 else "", r.memory if r.memory != "device" else "",
+             r.rule]
             for r in self.residuals]
     out = [f"== {self.label} ({self.target}) ==",
-           format_table(["name", "shape", "dtype", "bytes", "layers", "primitive", "kind",
-                         "memory", "rule"], rows, align="lllrrllll")]
+           format_table(["bytes", "kind", "op", "name", "layer", "source", "shape", "layers",
+                         "memory", "rule"], rows, align="rllllllrll")]
     c = self.compiled
     out.append(
-        f"activations {format_bytes(self.activation_bytes)} "
-        f"({format_bytes(self.per_layer_bytes)} per layer over {self.layers} layers); "
+        f"activations {format_bytes(self.activation_bytes)}"
+        + (f" ({format_bytes(self.per_layer_bytes)} per layer over {self.layers} layers)"
+           if self.layers > 1 else "") + "; "
         f"compiled temp {format_bytes(c.get('temp_size', 0))}, "
         f"peak {format_bytes(c.get('peak_bytes', 0))}"
         + (f", host temp {format_bytes(c['host_temp_size'])}" if c.get("host_temp_size") else ""))

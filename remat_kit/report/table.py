@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["format_bytes", "format_table"]
+__all__ = ["format_bytes", "format_table", "short_layer"]
 
 
 def format_bytes(n: int | float | None) -> str:
@@ -40,3 +40,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: s
 
   sep = "-+-".join("-" * w for w in widths)
   return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def short_layer(layer: str, width: int = 40) -> str:
+  """A layer's path for a table column: without its root module (every row shares it),
+  and from the left cut to ``width`` characters (the innermost parts tell rows apart).
+
+  >>> short_layer("GPT/blocks/layers_0/GPTBlock/LayerNorm_0"), short_layer("")
+  ('blocks/layers_0/GPTBlock/LayerNorm_0', '-')
+  """
+  parts = layer.split("/")
+  text = "/".join(parts[1:]) if len(parts) > 2 else layer
+  if len(text) > width:
+    text = "..." + text[-(width - 3):]
+  return text or "-"

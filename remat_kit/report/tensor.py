@@ -12,7 +12,33 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["Tensor", "user_source"]
+__all__ = ["KINDS", "Tensor", "user_source"]
+
+# The one vocabulary of what a row is, shared by the residual, peak and timeline rows
+# (and the per-tensor planner's table). The docs' glossary lists the same.
+KINDS: dict[str, str] = {
+    "parameter": "an argument the gradient is taken for (its buffer, resident for the step)",
+    "input": "another argument (data, a flag's array)",
+    "optimizer state": "an argument a training step updates (with `arg_kinds`)",
+    "constant": "an array the function closes over",
+    "gradient": "a gradient the step returns",
+    "output": "another output",
+    "activation": "a value the forward pass makes and keeps for the backward pass "
+                  "(a saved residual)",
+    "argument": "a residual that is an argument or a view of one: no extra memory",
+    "argument cast": "an argument cast to another dtype and kept (bf16 weights)",
+    "forward temporary": "a forward value the backward does not read",
+    "backward temporary": "a value the backward pass makes",
+    "temporary": "neither (the compiler's own)",
+    "packing": "temp memory reserved but unused at that point (the compiler's packing)",
+    "split-K partials": "the partial sums XLA keeps of a matmul whose contraction it split, "
+                        "beyond the tensor's own bytes",
+    "workspace": "a library call's scratch memory (cuBLAS, cuDNN)",
+    "copy context": "an async copy's bookkeeping (its source alias, its context word)",
+    "prefetch": "an argument copied to on-chip memory ahead of its use (TPU VMEM)",
+    "tuple table": "the addresses of a kernel's or a loop's outputs",
+    "other": "smaller buffers, summed",
+}
 
 
 @dataclasses.dataclass(frozen=True)

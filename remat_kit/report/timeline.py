@@ -3,7 +3,7 @@
 :func:`~remat_kit.report.explain_peak` says what is live at one point, the peak;
 the timeline says it at every point of the compiled schedule (XLA's live-range
 order), from the same dumps and the same classification: the bytes of each kind
-(parameter, saved residual, backward temporary, ...) live at each point, each
+(parameter, activation, backward temporary, ...) live at each point, each
 buffer's interval, size, `checkpoint_name`, op, shape and source line, and the
 peak, whose total is ``explain_peak``'s ``peak_bytes`` exactly.
 
@@ -41,7 +41,7 @@ from remat_kit.report.peak import (
     peak_of,
     peak_point,
     resident_rows,
-    temp_row,
+    temp_rows,
 )
 
 __all__ = ["MemoryTimeline", "Timeline", "TimelineBuffer", "memory_timeline", "timeline_of"]
@@ -62,12 +62,13 @@ class TimelineBuffer:
     bytes: its size.
     name: the `checkpoint_name` of the op that made it, or None.
     op: the jaxpr primitive that made it, or the argument's name.
-    kind: as :class:`~remat_kit.report.PeakRow`'s (parameter, saved residual, ...).
+    kind: one of :data:`remat_kit.report.tensor.KINDS` (parameter, activation, ...).
     shape: the HLO shape (``()`` where the dump does not say).
     dtype: the HLO dtype, or "".
     source: the user's source line that made it, where the compiler kept it.
     instruction: the HLO value(s) it holds.
     memory: "device", or "on-chip" for a TPU VMEM buffer.
+    layer: the module path or scan body that made it, or "".
   """
 
   start: int
@@ -81,6 +82,7 @@ class TimelineBuffer:
   source: str | None = None
   instruction: str = ""
   memory: str = "device"
+  layer: str = ""
 
 
 @dataclasses.dataclass
@@ -132,7 +134,7 @@ class Timeline:
 
     Args:
       point: a program point, from 0 to ``points - 1``.
-      kind: only buffers of this kind (``"saved residual"``, ...); None for all.
+      kind: only buffers of this kind (``"activation"``, ...); None for all.
     """
     out = [b for b in self.buffers if b.start <= point <= b.end and kind in (None, b.kind)]
     return sorted(out, key=lambda b: -b.bytes)
@@ -344,7 +346,7 @@ def timeline_of(c: Compilation, label: str = "fn") -> Timeline:
   for r in resident_rows(c, best):
     add(r.kind, 0, n, r.bytes)
     rows.append(TimelineBuffer(0, n - 1, r.bytes, r.name, r.op, r.kind, source=r.source,
-                               instruction=r.instruction, memory=r.memory))
+                               instruction=r.instruction, memory=r.memory, layer=r.layer))
   used: dict[int, np.ndarray] = {}
   for b in bufs:
     u = used.setdefault(b.alloc.index, np.zeros(n + 1, np.int64))
@@ -355,24 +357,22 @@ def timeline_of(c: Compilation, label: str = "fn") -> Timeline:
                                           if b.start < x <= b.end})
     pieces: list[list[Any]] = []
     for lo, hi in zip(cuts, cuts[1:]):
-      row = temp_row(c, b, lo)
-      key = (row.kind, row.name, row.op, row.source)
+      these = temp_rows(c, b, lo)
+      key = tuple((r.kind, r.name, r.op, r.source, r.bytes) for r in these)
       if pieces and pieces[-1][2] == key:
         pieces[-1][1] = hi
       else:
-        pieces.append([lo, hi, key, row])
+        pieces.append([lo, hi, key, these])
     # What the forward pass leaves the backward is labelled as `residuals()` labels it
-    # (a scan's stacked residual by the slices it holds, not by the loop).
-    res = c._residual(b) if c.carried(b) else None
-    for lo, hi, _, row in pieces:
-      add(row.kind, lo, hi, b.size)
-      dtype, shape = _shape(c, row.instruction, b.size)
-      name, op, source = row.name, row.op, row.source
-      if res is not None and row.kind == "saved residual":
-        name, op, source = name or res.name, res.primitive or op, res.source
-        dtype, shape = (res.dtype, res.shape) if res.shape else (dtype, shape)
-      rows.append(TimelineBuffer(lo, hi - 1, b.size, name, op, row.kind, shape, dtype,
-                                 source, row.instruction, row.memory))
+    # (a scan's stacked residual by the slices it holds, not by the loop; a split matmul
+    # as its tensor and its partial sums).
+    for lo, hi, _, these in pieces:
+      for row in these:
+        add(row.kind, lo, hi, row.bytes)
+        dtype, shape = (row.dtype, row.shape) if row.dtype else _shape(c, row.instruction,
+                                                                        row.bytes)
+        rows.append(TimelineBuffer(lo, hi - 1, row.bytes, row.name, row.op, row.kind, shape,
+                                   dtype, row.source, row.instruction, row.memory, row.layer))
   # The packing: each temp allocation less what is in use in it, point by point (as
   # `packing_rows` at the peak).
   pack = np.zeros(n, np.int64)

@@ -21,7 +21,7 @@ __all__ = ["COLORS", "render"]
 # One color per kind (the PNG uses the same).
 COLORS = {
     "parameter": "#4c72b0", "optimizer state": "#8172b3", "input": "#64b5cd", "constant": "#2a9d8f",
-    "gradient": "#55a868", "output": "#937860", "saved residual": "#dd8452",
+    "gradient": "#55a868", "output": "#937860", "activation": "#dd8452",
     "forward temporary": "#f2c45a", "backward temporary": "#c44e52", "temporary": "#da8bc3",
     "other": "#8c8c8c", "packing": "#d9d9d9",
 }
@@ -248,7 +248,7 @@ function summary() {
     const pack = at["packing"] || 0;
     h += "<tr><td>" + esc(tl.label) + "</td><td class=num>" + fmt(tl.peak_bytes) +
       "</td><td class=num>" + fmt(tl.peak_bytes - pack) + "</td><td class=num>" +
-      fmt(at["saved residual"] || 0) + "</td><td class=num>" +
+      fmt(at["activation"] || 0) + "</td><td class=num>" +
       (tl.peak_bytes / first).toFixed(2) + "x</td></tr>";
   }
   document.getElementById("summary").innerHTML = h;
