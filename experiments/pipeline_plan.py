@@ -35,7 +35,7 @@ import optax  # noqa: E402
 import remat_kit as rk  # noqa: E402
 from experiments._io import write_json  # noqa: E402
 from remat_kit import targets  # noqa: E402
-from remat_kit.pipelining_plan import largest_microbatch  # noqa: E402
+from remat_kit.pipelining import largest_microbatch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GIB = 2**30

@@ -5,7 +5,7 @@ gradients do not change.
 
 Layers, each importing only those before it: ``_jax`` (the JAX boundary) ->
 ``policies`` -> ``_dispatch`` (classic remat or jax_remat3) -> ``transforms``
--> ``flax`` -> ``models`` -> ``report`` -> ``solver``/``planner``; ``microbatch``
+-> ``flax`` -> ``models`` -> ``report`` -> ``pipelining`` -> ``solver``/``planner``; ``microbatch``
 (gradient accumulation in one step) stands apart, on JAX alone.
 """
 
@@ -13,7 +13,6 @@ from remat_kit import flax as flax
 from remat_kit import microbatch as microbatch
 from remat_kit import models as models
 from remat_kit import pipelining as pipelining
-from remat_kit import pipelining_plan as pipelining_plan
 from remat_kit import planner as planner
 from remat_kit import policies as policies
 from remat_kit import report as report
@@ -60,8 +59,6 @@ __all__ = [
     "microbatched_value_and_grad",
     "models",
     "pipeline",
-    "pipelining",
-    "pipelining_plan",
     "planner",
     "level_lengths",
     "policies",

@@ -1,24 +1,37 @@
-"""Arguments of a rematerialized function: which are static, which are traced.
+"""Arguments: which are static, which are traced, and the checks every API shares.
 
-The one rule, for :func:`remat_kit.remat` and :func:`remat_kit.flax.remat_policy`:
-an argument is static if it is named (``static_argnums``/``static_argnames``) or
-if JAX cannot trace it (a ``str``, an enum member, a tuple of these); everything
-else is traced, as in ``jax.checkpoint``. Also here: ``prevent_cse`` as a pytree
-prefix of the arguments, and the small per-wrapper caches that keep nothing of
-the user's alive beyond the wrapper.
+The one rule, for :func:`remat_kit.remat`, :func:`remat_kit.flax.remat_policy`, the
+readouts (:func:`remat_kit.memory_report` and the rest) and the planners: only the
+arguments the caller passes are traced, Python bools, ints and floats among them, as
+``jax.checkpoint`` and ``jax.jit`` trace them; an argument is static instead if it is
+named (``static_argnums``/``static_argnames``) or if JAX cannot trace it (a ``str``,
+an enum member, a callable, any pytree holding such a leaf); a default the caller did
+not pass stays the Python value it is.
+
+A readout takes the function's keyword arguments as ``fn_kwargs={...}`` (never as its
+own ``**kwargs``, so they cannot collide with its options), the arguments it
+differentiates as ``argnums`` (as ``jax.grad``), and static keyword names as
+``static_argnames``: :func:`bind` applies the rule to such a call.
+
+Also here: ``prevent_cse`` as a pytree prefix of the arguments, the small per-wrapper
+caches that keep nothing of the user's alive beyond the wrapper, and the validators of
+ints, seconds and ``argnums`` the APIs share.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["LRU", "as_tuple", "check_prevent_cse", "cse_for", "dyn_fn", "freeze",
-           "check_static", "split_statics", "untraceable"]
+__all__ = ["LRU", "Bound", "argnums_of", "as_tuple", "bind", "check_prevent_cse", "check_static",
+           "cse_for", "dyn_fn", "fn_kwargs_of", "freeze", "int_at_least", "positive_seconds",
+           "split_statics", "untraceable"]
 
 
 def as_tuple(x: Any, api: str, arg: str, kind: type) -> tuple[Any, ...]:
@@ -30,16 +43,142 @@ def as_tuple(x: Any, api: str, arg: str, kind: type) -> tuple[Any, ...]:
   raise TypeError(f"`{api}`: `{arg}` must be a {kind.__name__} or a tuple of them, got {x!r}.")
 
 
+def _traceable_leaf(x: Any) -> bool:
+  return (isinstance(x, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))
+          or (hasattr(x, "shape") and hasattr(x, "dtype")))  # ShapeDtypeStruct, tracers
+
+
 def untraceable(value: Any) -> bool:
   """Whether ``value`` is one JAX cannot trace, so static whether named or not: a str, an
-  enum member, or a tuple of these (and None). The one rule of static arguments, for
-  :func:`remat` and :func:`remat_kit.flax.remat_policy` alike: arguments named in
-  ``static_argnums``/``static_argnames`` and untraceable values are static; everything
-  else, Python bools, ints and floats included, is traced, as in ``jax.checkpoint``."""
+  enum member, a callable, or a pytree with such a leaf (a tuple of strings, a dict
+  holding a policy). None and empty containers have no leaves: traced, as nothing. The
+  rule of the module docstring: everything else, Python bools, ints and floats included,
+  is traced unless named static."""
   if isinstance(value, (str, enum.Enum)):
     return True
-  return (isinstance(value, tuple) and bool(value)
-          and all(v is None or untraceable(v) for v in value))
+  return any(not _traceable_leaf(x) for x in jax.tree_util.tree_leaves(value))
+
+
+# --------------------------------------------------------------------------
+# The checks every API shares
+# --------------------------------------------------------------------------
+def int_at_least(api: str, arg: str, value: Any, low: int) -> int:
+  """``value`` if it is an int (not a bool) >= ``low``; else a ValueError that names
+  ``api`` and ``arg`` and echoes the value."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"`{api}`: `{arg}` must be an int >= {low}, got {value!r}.")
+  return int(value)
+
+
+def positive_seconds(api: str, arg: str, value: Any, allow_none: bool = False
+                     ) -> float | None:
+  """``value`` as seconds if it is a finite number > 0 (or None where allowed)."""
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+      or not math.isfinite(value) or value <= 0:
+    raise ValueError(f"`{api}`: `{arg}` must be a positive number of seconds"
+                     f"{' or None' if allow_none else ''}, got {value!r}.")
+  return float(value)
+
+
+def argnums_of(api: str, argnums: Any, nargs: int) -> tuple[int, ...]:
+  """``argnums`` (an int or a sequence of ints, as ``jax.grad`` takes it) as a tuple of
+  distinct indices into ``nargs`` positional arguments, negative ones resolved."""
+  nums = (argnums,) if isinstance(argnums, (int, np.integer)) else argnums
+  if isinstance(argnums, bool) or not isinstance(nums, (tuple, list)) or not nums or any(
+      isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in nums):
+    raise ValueError(f"`{api}`: `argnums` must be an int or a non-empty tuple of ints, as in "
+                     f"`jax.grad`; got {argnums!r}.")
+  out = []
+  for a in nums:
+    if not -nargs <= a < nargs:
+      raise ValueError(f"`{api}`: `argnums` {argnums!r} must index the {nargs} positional "
+                       f"argument{'s' if nargs != 1 else ''} the function was given.")
+    out.append(int(a) % nargs)
+  if len(set(out)) != len(out):
+    raise ValueError(f"`{api}`: `argnums` {argnums!r} names an argument twice.")
+  return tuple(out)
+
+
+def fn_kwargs_of(api: str, fn_kwargs: Any, stray: Mapping[str, Any]) -> dict[str, Any]:
+  """The keyword arguments a readout passes to the user's function: only ``fn_kwargs``, so
+  they never collide with the readout's own options (``target``, ``label``, ...)."""
+  if stray:
+    raise TypeError(
+        f"`{api}`: got unexpected keyword arguments {sorted(stray)}. Keyword arguments of "
+        f"the function go in `fn_kwargs`, e.g. `{api}(fn, *args, fn_kwargs="
+        f"{{{', '.join(repr(k) + ': ...' for k in sorted(stray))}}})`, so that they never "
+        f"collide with `{api}`'s own options.")
+  if fn_kwargs is None:
+    return {}
+  if not isinstance(fn_kwargs, Mapping) or not all(isinstance(k, str) for k in fn_kwargs):
+    raise TypeError(f"`{api}`: `fn_kwargs` must be a dict of str -> value, got {fn_kwargs!r}.")
+  return dict(fn_kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A call of the user's function with the rule applied (see :func:`bind`).
+
+  Attributes:
+    fn: the function of the traced arguments alone: ``fn(*args, **kwargs)`` calls the
+      user's function with the static ones put back.
+    args: the traced positional arguments.
+    kwargs: the traced keyword arguments.
+    argnums: the differentiated arguments, as indices into ``args`` (None: not asked).
+    positions: the caller's index of each of ``args``.
+    static: the static values as a hashable key, or None where one is unhashable.
+  """
+
+  fn: Callable[..., Any]
+  args: tuple[Any, ...]
+  kwargs: dict[str, Any]
+  argnums: tuple[int, ...] | None
+  positions: tuple[int, ...]
+  static: Any
+
+
+def bind(api: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
+         static_argnames: Any = (), argnums: Any = None) -> Bound:
+  """The rule of the module docstring, for a readout's or a planner's call
+  ``fn(*args, **kwargs)``: arguments named in ``static_argnames`` and untraceable ones are
+  bound as Python values; the rest are traced. ``argnums`` (checked, as
+  :func:`argnums_of`) may not name a static argument: no gradient is taken for it."""
+  if not callable(fn):
+    raise TypeError(f"`{api}`: `fn` must be callable, got {fn!r}.")
+  names = (static_argnames,) if isinstance(static_argnames, str) else static_argnames
+  if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+    raise TypeError(f"`{api}`: `static_argnames` must be a str or a tuple of str, got "
+                    f"{static_argnames!r}.")
+  args = tuple(args)
+  nums = argnums_of(api, argnums, len(args)) if argnums is not None else None
+  static_pos = {i: a for i, a in enumerate(args) if untraceable(a)}
+  static_kw = {k: v for k, v in kwargs.items() if k in names or untraceable(v)}
+  for a in nums or ():
+    if a in static_pos:
+      raise ValueError(
+          f"`{api}`: `argnums` names argument {a}, a {type(args[a]).__name__} JAX cannot "
+          "trace, so it is static and has no gradient: differentiate an array argument.")
+  positions = tuple(i for i in range(len(args)) if i not in static_pos)
+  traced_kw = {k: v for k, v in kwargs.items() if k not in static_kw}
+  key: Any = (tuple(sorted(static_pos.items())), tuple(sorted(static_kw.items())))
+  try:
+    hash(key)
+  except TypeError:
+    key = None
+  if static_pos or static_kw:
+    n = len(args)
+
+    def bound(*traced: Any, **kw: Any) -> Any:
+      it = iter(traced)
+      full = [static_pos[i] if i in static_pos else next(it) for i in range(n)]
+      return fn(*full, *it, **kw, **static_kw)
+  else:
+    bound = fn
+  return Bound(bound, tuple(args[i] for i in positions), traced_kw,
+               None if nums is None else tuple(positions.index(a) for a in nums), positions,
+               key)
 
 
 _CACHE_SIZE = 64  # per wrapper: distinct static values, policies and shapes kept

@@ -297,9 +297,18 @@ class Marks:
     return name if prim == primitive else None
 
 
-# Ops that pass a value on unchanged (for crediting a name to what XLA keeps).
-_PASS_ON = frozenset("reduce_precision copy copy_p optimization_barrier convert_element_type "
-                     "reshape device_put".split())
+# The primitives that do no work on a value, in one place (readouts, the planner and the
+# name crediting below all read these):
+# copies of the value (JAX marks what a remat saves with a reduce_precision);
+COPIES = frozenset("reduce_precision copy copy_p".split())
+# the value unchanged: a copy, a name, a placement, a barrier;
+SAME_VALUE = COPIES | frozenset("name device_put optimization_barrier".split())
+# the same elements in another shape (the same buffer);
+RESHAPES = frozenset("reshape squeeze expand_dims".split())
+# part of the input.
+SLICES = frozenset("slice dynamic_slice".split())
+# What passes a name on: XLA may keep the output of such an op for a named value.
+PASS_ON = (SAME_VALUE - {"name"}) | {"reshape", "convert_element_type"}
 
 
 def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: Any = False,
@@ -320,7 +329,7 @@ def eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, full: Any = Fa
       if n is not None:
         tagged.update({v: n for v in eqn.invars if isinstance(v, Var)})
         passed.update({v: n for v in eqn.outvars})
-      elif (eqn.primitive.name in _PASS_ON and eqn.invars and len(eqn.outvars) == 1
+      elif (eqn.primitive.name in PASS_ON and eqn.invars and len(eqn.outvars) == 1
             and isinstance(eqn.invars[0], Var) and eqn.invars[0] in passed):
         # What remat saves may be this op's output, not the named one's: XLA fuses the
         # named op into it.

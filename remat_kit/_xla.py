@@ -25,6 +25,13 @@ __all__ = ["Alloc", "Program", "allocations", "bytes_moved", "hbm_bytes_moved", 
            "read"]
 
 
+# The HLO opcodes that pass their operand's data on unchanged (the same values, maybe
+# another shape or memory), and those whose result is a view of their operand.
+PASS_ON = frozenset("bitcast copy copy-start copy-done reshape reduce-precision".split())
+VIEWS = frozenset("get-tuple-element bitcast copy dynamic-slice slice reshape tuple "
+                  "while".split())
+
+
 def read(d: str, suffix: str) -> str:
   files = glob.glob(os.path.join(d, "*" + suffix))
   if not files:
@@ -276,8 +283,7 @@ class Program:
           return instr
         instr = caller_ops[number]
         continue
-      if opcode in ("bitcast", "copy", "copy-start", "copy-done", "reshape",
-                    "reduce-precision") and ops:  # JAX marks what a remat saves with one
+      if opcode in PASS_ON and ops:  # JAX marks what a remat saves with a reduce-precision
         instr, index = ops[0], None
         continue
       if opcode == "dynamic-update-slice" and len(ops) > 1:

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from remat_kit import _args
+
 __all__ = ["microbatched_value_and_grad"]
 
 _API = "`microbatched_value_and_grad`"
@@ -60,8 +62,7 @@ def microbatched_value_and_grad(fun: Callable[..., jax.Array], microbatches: int
       of range, or a batch leaf whose leading axis ``microbatches`` does not
       divide (at call time).
   """
-  if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
-    raise ValueError(f"{_API}: `microbatches` must be an int >= 1, got {microbatches!r}.")
+  _args.int_at_least(_API.strip("`"), "microbatches", microbatches, 1)
   batch, keys = _argnums(batch_argnums, "batch_argnums"), _argnums(key_argnums, "key_argnums")
   diff = _argnums(argnums, "argnums")
   clash = (set(batch) & set(keys)) | (set(diff) & (set(batch) | set(keys)))

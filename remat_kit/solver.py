@@ -25,6 +25,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from remat_kit._args import int_at_least
+
 __all__ = [
     "ChainSchedule",
     "apply_chain_plan",
@@ -42,12 +44,6 @@ def _beta(s: int, t: int) -> int:
   return math.comb(s + t, s)
 
 
-def _check_int(api: str, arg: str, v: Any, lo: int) -> int:
-  if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-    raise ValueError(f"`{api}`: `{arg}` must be an int >= {lo}, got {v!r}.")
-  return v
-
-
 def optimal_forward_steps(num_steps: int, num_slots: int) -> int:
   """Least forward steps to reverse ``num_steps`` steps with ``num_slots`` stored states.
 
@@ -61,8 +57,8 @@ def optimal_forward_steps(num_steps: int, num_slots: int) -> int:
   >>> optimal_forward_steps(3, 1), optimal_forward_steps(10, 0), optimal_forward_steps(8, 7)
   (2, 45, 7)
   """
-  n = _check_int("optimal_forward_steps", "num_steps", num_steps, 1)
-  s = _check_int("optimal_forward_steps", "num_slots", num_slots, 0) + 1
+  n = int_at_least("optimal_forward_steps", "num_steps", num_steps, 1)
+  s = int_at_least("optimal_forward_steps", "num_slots", num_slots, 0) + 1
   t = 0
   while _beta(s, t) < n:
     t += 1
@@ -82,8 +78,8 @@ def revolve_schedule(num_steps: int, num_slots: int) -> list[tuple[str, int]]:
   [('advance', 1), ('store', 1), ('advance', 1), ('reverse', 3), ('restore', 1),
    ('reverse', 2), ('free', 1), ('restore', 0), ('reverse', 1)]
   """
-  n = _check_int("revolve_schedule", "num_steps", num_steps, 1)
-  s = _check_int("revolve_schedule", "num_slots", num_slots, 0)
+  n = int_at_least("revolve_schedule", "num_steps", num_steps, 1)
+  s = int_at_least("revolve_schedule", "num_slots", num_slots, 0)
   actions: list[tuple[str, int]] = []
   current = [0]
 
@@ -230,8 +226,7 @@ def solve_chain(forward_costs: Sequence[float], act_bytes: Sequence[float],
   if not budget > 0:
     raise ValueError(f"`solve_chain`: `budget` must be > 0, got {budget!r}.")
   if max_exact is not None and n > max_exact:
-    if not isinstance(max_exact, int) or max_exact < 1:
-      raise ValueError(f"`solve_chain`: `max_exact` must be an int >= 1, got {max_exact!r}.")
+    int_at_least("solve_chain", "max_exact", max_exact, 1)
     return _solve_blocks(forward_costs, act_bytes, ckpt_bytes, budget, grid, max_exact,
                          max_units)
   if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 1):

@@ -356,10 +356,8 @@ def level_lengths(length: int, levels: int) -> tuple[int, ...]:
   >>> level_lengths(61, 3), scan_carries(61, level_lengths(61, 3))
   ((4, 4, 4), 11)
   """
-  if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
-    raise ValueError(f"`level_lengths`: `levels` must be an int >= 1, got {levels!r}.")
-  if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-    raise ValueError(f"`level_lengths`: `length` must be an int >= 1, got {length!r}.")
+  _args.int_at_least("level_lengths", "levels", levels, 1)
+  _args.int_at_least("level_lengths", "length", length, 1)
   if levels == 1 or length <= 2:
     return (length,)
   # Inner group sizes to try: within 4x of the ideal length ** ((levels - 1) / levels).

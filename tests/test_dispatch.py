@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from _util import activation_bytes
 
 import remat_kit as rk
 from remat_kit import _dispatch, _jax
 from remat_kit import policies as P
-from remat_kit.report import activation_bytes
 
 NEEDS_REMAT3 = pytest.mark.skipif(not _jax.has_remat3(), reason="this JAX has no jax_remat3")
 

@@ -10,7 +10,7 @@ EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 # The public modules: remat_kit and its packages (their `__all__`), never a module
 # inside them (remat_kit.report.core, ...) or an underscored one.
 PUBLIC = {"remat_kit", "remat_kit.flax", "remat_kit.models", "remat_kit.planner",
-          "remat_kit.pipelining", "remat_kit.pipelining_plan", "remat_kit.policies",
+          "remat_kit.pipelining", "remat_kit.policies",
           "remat_kit.report", "remat_kit.solver", "remat_kit.targets", "remat_kit.testing",
           "remat_kit.microbatch", "remat_kit.transforms"}
 PROGRAMS = sorted(p for p in EXPERIMENTS.glob("*.py") if p.name != "__init__.py")

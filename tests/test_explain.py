@@ -4,9 +4,10 @@ provenance."""
 
 import jax.numpy as jnp
 from _facts import TANH_DERIVATIVE
+from _util import activation_bytes
 
 import remat_kit as rk
-from remat_kit.report import activation_bytes, saved_residuals
+from remat_kit.report import saved_residuals
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""remat_kit.pipelining_plan: a pipelined training step compiled for a TPU that is not here."""
+"""remat_kit.pipelining.plan: a pipelined training step compiled for a TPU that is not here."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import remat_kit as rk
-from remat_kit.pipelining_plan import largest_microbatch, plan_step, stage_mesh
+from remat_kit.pipelining import largest_microbatch, plan_step, stage_mesh
 
 D = 256
 

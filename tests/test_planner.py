@@ -370,7 +370,7 @@ def test_the_model_search_compiles_few_plans_and_is_as_good_as_the_exhaustive_on
             levels=())
   exhaustive = Search(build, WS, search="exhaustive", per_tensor=False, **kw)
   fast = Search(build, WS, **kw)
-  assert fast.mode == "model" and len(fast.measured) == 2  # no_remat and full: calibration
+  assert fast.mode == "model" and list(fast.measured) == ["full"]  # full remat: calibration
   # Every plan is costed from the graph, and a plan's predicted bytes are what JAX saves.
   assert {"save_dots", "save:act", "save:act,down,up", "offload:up"} <= set(fast.predicted)
   for label in ("full", "save_dots", "save:up"):

@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from _util import activation_bytes
 from jax import lax
 
 import remat_kit as rk
 from remat_kit.report import (
-  activation_bytes,
   compiled_memory,
   count_flops,
   live_peak_bytes,

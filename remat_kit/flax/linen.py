@@ -23,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from remat_kit import _jaxpr
+from remat_kit import _args, _jaxpr
 from remat_kit.flax._methods import missing_tags_error, wrap_method
 from remat_kit.policies import Policy
 from remat_kit.transforms import remat, remat_scan
@@ -112,8 +112,7 @@ class LayerStack(nn.Module):
       raise TypeError(
           f"`LayerStack`: `block` must be an (unbound) flax.linen.Module instance, got "
           f"{self.block!r}. Pass `Block(...)`, not the class.")
-    if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
-      raise ValueError(f"`LayerStack`: `length` must be an int >= 1, got {self.length!r}.")
+    _args.int_at_least("LayerStack", "length", self.length, 1)
     if not self.scan and self.levels is not None:
       raise ValueError(
           f"`LayerStack`: `levels`={self.levels!r} nests a scan, but `scan=False`. Use "

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from remat_kit import _jaxpr
+from remat_kit import _args, _jaxpr
 from remat_kit.flax._methods import missing_tags_error, wrap_method
 from remat_kit.policies import Policy
 from remat_kit.transforms import remat_scan
@@ -84,8 +84,7 @@ class LayerStack(nnx.Module):
       raise TypeError(
           f"`LayerStack`: `make_block` must be a function `rngs -> Module`, got "
           f"{make_block!r}. Pass e.g. `lambda rngs: Block(64, rngs=rngs)`.")
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-      raise ValueError(f"`LayerStack`: `length` must be an int >= 1, got {length!r}.")
+    _args.int_at_least("LayerStack", "length", length, 1)
     if layer_axis is not None and not isinstance(layer_axis, str):
       raise TypeError(
           f"`LayerStack`: `layer_axis` must be a str (the logical name of the layer axis) "

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from remat_kit import _jax, _jaxpr, targets
+from remat_kit import _args, _jax, _jaxpr, targets
 from remat_kit.planner.milp import Costs, Evaluation, Program, evaluate
 from remat_kit.planner.result import parse_bytes
 from remat_kit.planner.tensors import PREFIX, Segment, TensorGraph, segment_body, tensor_graph
@@ -311,10 +311,7 @@ def _check_options(budget_kind: str, time_limit_s: Any, argnums: Any, n_args: in
   if budget_kind not in BUDGET_KINDS:
     raise ValueError(f"`auto_remat`: `budget_kind` must be one of {BUDGET_KINDS}, got "
                      f"{budget_kind!r}.")
-  if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) \
-      or not time_limit_s > 0:
-    raise ValueError(f"`auto_remat`: `time_limit_s` must be a positive number of seconds, "
-                     f"got {time_limit_s!r}.")
+  _args.positive_seconds("auto_remat", "time_limit_s", time_limit_s)
   nums = (argnums,) if isinstance(argnums, int) and not isinstance(argnums, bool) else argnums
   if not isinstance(nums, (tuple, list)) or not nums or not all(
       isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_args for i in nums):
@@ -711,8 +708,7 @@ def auto_remat_frontier(fn: Callable[..., Any], *args: Any, points: int = 12,
   Raises:
     ValueError: for bad options (see :func:`auto_remat`).
   """
-  if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-    raise ValueError(f"`auto_remat_frontier`: `points` must be an int >= 2, got {points!r}.")
+  _args.int_at_least("auto_remat_frontier", "points", points, 2)
   planner = Planner(fn, args, argnums=argnums, target=target, offload=offload, cost=cost,
                     segments=segments, time_limit_s=time_limit_s, verbose=verbose)
   return planner.frontier(points, compile=compile)

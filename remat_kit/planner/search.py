@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from remat_kit import _jaxpr, targets
+from remat_kit import _args, _jaxpr, targets
 from remat_kit.microbatch import microbatched_value_and_grad
 from remat_kit.planner import builds
 from remat_kit.planner.builds import Variant
@@ -168,8 +168,7 @@ class Search:
     self.cost = check_options(cost, "temp", self.target)
     for name, v, lo in (("max_names_exact", max_names_exact, 0), ("max_subsets", max_subsets, 0),
                         ("repeats", repeats, 1)):
-      if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ValueError(f"`auto`: `{name}` must be an int >= {lo}, got {v!r}.")
+      _args.int_at_least("auto", name, v, lo)
     bad = [g for g in levels if not isinstance(g, int) or isinstance(g, bool) or g < 2]
     if bad:
       raise ValueError(f"`auto`: `levels` are nesting levels, ints >= 2; got {list(levels)!r}.")
@@ -188,11 +187,7 @@ class Search:
     self.per_tensor = per_tensor
     self.variants = builds.variants(options)
     self.coster = Coster(self.cost, roofline, self.target)
-    if time_budget_s is not None and (isinstance(time_budget_s, bool)
-                                      or not isinstance(time_budget_s, (int, float))
-                                      or not time_budget_s > 0):
-      raise ValueError("`auto`: `time_budget_s` must be a positive number of seconds or "
-                       f"None, got {time_budget_s!r}.")
+    _args.positive_seconds("auto", "time_budget_s", time_budget_s, allow_none=True)
     self.verbose, self.params, self.repeats = verbose, params, repeats
     self.time_left_s = None if time_budget_s is None else float(time_budget_s)
     self._confirmed: set[frozenset[str]] = set()

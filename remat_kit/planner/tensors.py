@@ -40,8 +40,7 @@ PREFIX = "rk_auto"
 
 # Ops whose output is the same buffer as an input: never a candidate of their own (saving
 # one is saving its input), and free to recompute.
-ALIASES = frozenset("reshape squeeze expand_dims reduce_precision copy copy_p "
-                    "optimization_barrier name device_put".split())
+ALIASES = _jaxpr.SAME_VALUE | _jaxpr.RESHAPES
 # Calls inlined before planning: their bodies are planned like the code around them.
 _INLINE = frozenset({"pjit", "jit", "closed_call", "core_call"})
 

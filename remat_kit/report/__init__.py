@@ -18,7 +18,6 @@ from remat_kit.report.compiled import cache_info as compilation_cache_info
 from remat_kit.report.compiled import clear_cache as clear_compilation_cache
 from remat_kit.report.core import (
     Residual,
-    activation_bytes,
     compiled_memory,
     live_peak_bytes,
     memory_fields,
@@ -27,7 +26,7 @@ from remat_kit.report.core import (
 from remat_kit.report.estimate import estimate_seconds, measure_local_rates
 from remat_kit.report.flops import count_flops, flop_breakdown, without_remat
 from remat_kit.report.linting import LintWarning, lint
-from remat_kit.report.peak import PeakReport, PeakRow, compile_explained, explain_peak
+from remat_kit.report.peak import PeakReport, PeakRow, explain_peak
 from remat_kit.report.summary import (
     Comparison,
     MemoryReport,
@@ -67,12 +66,10 @@ __all__ = [
     "Timeline",
     "TimelineBuffer",
     "Timing",
-    "activation_bytes",
     "clear_compilation_cache",
     "compare",
     "compilation",
     "compilation_cache_info",
-    "compile_explained",
     "compiled_memory",
     "count_flops",
     "diff",

@@ -47,11 +47,6 @@ class Buffer:
     return memory_of(self.alloc)
 
 
-# What passes a value on unchanged, in the HLO and in its op_names: a name tagged
-# before such an op belongs to its output too (JAX adds a reduce_precision to what a
-# remat saves, for one).
-_PASS_ON = frozenset("reduce_precision convert_element_type copy bitcast reshape "
-                     "optimization_barrier copy-start copy-done".split())
 
 
 def name_of(prog: _dumps.Program, marks: _jaxpr.Marks, value: str) -> str | None:
@@ -72,7 +67,8 @@ def origin(prog: _dumps.Program, marks: _jaxpr.Marks, value: str) -> tuple[str |
       prim = primitive(op_name) or opcode
       if op_name and (n := marks.name_of(op_name, prim)):
         return n, op_name
-      if prim in _PASS_ON or opcode in _PASS_ON:
+      # A name tagged before an op that passes the value on belongs to its output too.
+      if prim in _jaxpr.PASS_ON or opcode in _dumps.PASS_ON:
         nxt += prog.operands_of(instr)[:1]
       elif prim == "dynamic_update_slice":
         nxt += prog.operands_of(instr)[1:]
@@ -98,16 +94,14 @@ def reader_site(prog: _dumps.Program, marks: _jaxpr.Marks, values: Sequence[str]
         s = marks.site_of(op_name)
         if s is not None:
           return s
-        if user not in seen and (opcode in _VIEW_OPS or primitive(op_name) in _VIEW_PRIMS):
+        if user not in seen and (opcode in _dumps.VIEWS
+                                  or primitive(op_name) in _jaxpr.SLICES | _jaxpr.RESHAPES):
           seen.add(user)
           nxt.append(user)
     frontier = nxt
   return None
 
 
-_VIEW_OPS = frozenset("get-tuple-element bitcast copy dynamic-slice slice reshape tuple "
-                      "while".split())
-_VIEW_PRIMS = frozenset("dynamic_slice slice reshape squeeze".split())
 
 
 def instr_of(value: str) -> str:

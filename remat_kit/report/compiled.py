@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import inspect
 import math
 import re
@@ -33,7 +32,7 @@ from typing import Any
 
 import jax
 
-from remat_kit import _jax, _jaxpr, targets
+from remat_kit import _args, _jax, _jaxpr, targets
 from remat_kit import _xla as _dumps
 from remat_kit.report.buffers import (
     Buffer,
@@ -47,9 +46,10 @@ from remat_kit.report.buffers import (
     reader_site,
     stacks,
 )
-from remat_kit.report.core import Residual, split_static_kwargs
+from remat_kit.report.core import Residual, memory_fields
 from remat_kit.report.explain import RematSite, jaxpr_remat_sites
 from remat_kit.report.flops import _jaxpr_flops
+from remat_kit.report.flops import split as split_flops
 
 __all__ = ["CACHE_SIZE", "Buffer", "Compilation", "cache_info", "clear_cache", "compilation",
            "from_dumps"]
@@ -96,6 +96,7 @@ class Compilation:
   _grad_leaves: tuple[int, ...]
   _program_jaxpr: Any
   _flops: dict[str, Any] | None = None
+  _memory: dict[str, Any] | None = None
   _residuals: list[Residual] | None = None
   _sources: dict[tuple[str, str], str] | None = None
 
@@ -132,16 +133,22 @@ class Compilation:
                        "has no forward/backward split to count.")
     if self._flops is None:
       m = self._trace("flops")
-      total = self.total_flops()
-      forward = _jaxpr_flops(m.jaxpr)
       plain_fn = jax.grad(lambda *xs: _jaxpr.eval_inlined(m.jaxpr, m.consts, *xs)[0],
                           argnums=self._grad_leaves)
-      plain = _jaxpr_flops(_jaxpr.closed_parts(jax.make_jaxpr(plain_fn)(*m.leaves))[0])
-      recompute = total - plain
-      self._flops = {"forward": forward, "backward": plain - forward, "recompute": recompute,
-                     "total": total,
-                     "recompute_pct": 100.0 * recompute / plain if plain else 0.0}
+      plain = _jaxpr.closed_parts(jax.make_jaxpr(plain_fn)(*m.leaves))[0]
+      self._flops = split_flops(m.jaxpr, _jaxpr.closed_parts(self._program_jaxpr)[0], plain)
     return dict(self._flops)
+
+  def memory(self) -> dict[str, Any]:
+    """The compiler's memory figures as :func:`~remat_kit.report.compiled_memory` gives
+    them (``peak_bytes``, and on an accelerator target ``hbm_bytes_moved``), from the
+    program already compiled and its analysis already read."""
+    if self.compiled is None:
+      raise ValueError("`memory`: this compilation was read from dumps (`from_dumps`) and "
+                       "has no compiled program; build it with `compilation(fn, ...)`.")
+    if self._memory is None:
+      self._memory = memory_fields(self.compiled, self.target, fields=self.compiler)
+    return dict(self._memory)
 
   def residuals(self) -> list[Residual]:
     """What the compiled program carries from the forward to the backward pass.
@@ -385,14 +392,6 @@ def _leaf_key(x: Any) -> Any:
   return ("python", type(x).__name__)
 
 
-def _hashable(x: Any) -> bool:
-  try:
-    hash(x)
-  except TypeError:
-    return False
-  return True
-
-
 def _frozen(x: Any) -> Any:
   if isinstance(x, dict):
     return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
@@ -406,22 +405,18 @@ def compilation(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
                 arg_kinds: Sequence[str] | None = None,
                 out_kinds: Sequence[str] | None = None,
                 compiler_options: dict[str, Any] | None = None,
-                donate_argnums: int | Sequence[int] = (), api: str = "explain_peak"
-                ) -> Compilation:
+                donate_argnums: int | Sequence[int] = (), api: str = "explain_peak",
+                static_argnames: Sequence[str] = ()) -> Compilation:
   """The gradient of ``fn`` (or ``fn`` with ``grad=False``) on ``target``, compiled once.
 
-  Arguments as :func:`~remat_kit.report.explain_peak`'s. A second call with the same
-  function object, argument shapes, dtypes and shardings, target and options (and the
-  same ``jax_remat3`` setting) returns the same :class:`Compilation` without tracing.
+  Arguments as :func:`~remat_kit.report.explain_peak`'s (``kwargs`` are its
+  ``fn_kwargs``; the static rule is :func:`remat_kit._args.bind`'s); ``api`` is the
+  readout the user called, which errors name. A second call with the same function
+  object, argument shapes, dtypes and shardings, static values, target and options (and
+  the same ``jax_remat3`` setting) returns the same :class:`Compilation` without tracing.
   """
-  if not callable(fn):
-    raise TypeError(f"`{api}`: `fn` must be callable, got {fn!r}.")
+  call = _args.bind(api, fn, args, kwargs, static_argnames, argnums if grad else None)
   t = targets.parse_target(target)
-  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-  for a in nums:
-    if not isinstance(a, int) or not 0 <= a < len(args):
-      raise ValueError(f"`{api}`: `argnums` {argnums!r} must index the {len(args)} "
-                       "positional arguments.")
   if arg_kinds is not None and len(arg_kinds) != len(args):
     raise ValueError(f"`{api}`: `arg_kinds` has {len(arg_kinds)} entries for "
                      f"{len(args)} positional arguments: give one kind per argument.")
@@ -429,23 +424,22 @@ def compilation(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
   if donate and grad:
     raise ValueError(f"`{api}`: `donate_argnums` is for a whole step (grad=False); "
                      "a gradient's outputs cannot reuse its arguments.")
-  kwargs, static = split_static_kwargs(kwargs)
-  frozen_static = _frozen(static)
-  ref = _fn_ref(fn) if _hashable(frozen_static) else None
+  ref = _fn_ref(fn) if call.static is not None else None
   key = None
   if ref is not None:
-    leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
-    key = (ref[0], tree, tuple(_leaf_key(x) for x in leaves), frozen_static, t.name, nums,
-           grad, _frozen(arg_kinds), _frozen(out_kinds), _frozen(compiler_options or {}),
-           donate, _jax.remat3_enabled(), bool(jax.config.jax_enable_x64))
+    leaves, tree = jax.tree_util.tree_flatten((call.args, call.kwargs))
+    key = (ref[0], tree, tuple(_leaf_key(x) for x in leaves), call.static, t.name,
+           call.argnums, grad, _frozen(arg_kinds), _frozen(out_kinds),
+           _frozen(compiler_options or {}), donate, _jax.remat3_enabled(),
+           bool(jax.config.jax_enable_x64))
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is not None and hit[0]() == fn:
       _CACHE.move_to_end(key)
       _STATS["hits"] += 1
       return hit[1]
   _STATS["misses"] += 1
-  c = _compile(fn, args, kwargs, static, t, nums, grad, arg_kinds, out_kinds,
-               compiler_options, donate)
+  c = _compile(call, _param_names(fn), t, grad, arg_kinds, out_kinds, compiler_options,
+               donate, api)
   if key is not None and ref is not None:  # `key` is set exactly when `ref` is
     _CACHE[key] = (ref[1], c)
     while len(_CACHE) > CACHE_SIZE:
@@ -453,16 +447,18 @@ def compilation(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
   return c
 
 
-def _compile(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             static: dict[str, Any], t: targets.Target, nums: tuple[int, ...], grad: bool,
+def _compile(call: _args.Bound, params: list[str], t: targets.Target, grad: bool,
              arg_kinds: Sequence[str] | None, out_kinds: Sequence[str] | None,
-             compiler_options: dict[str, Any] | None, donate: tuple[int, ...]
+             compiler_options: dict[str, Any] | None, donate: tuple[int, ...], api: str
              ) -> Compilation:
-  m = _jaxpr.marked_jaxpr(functools.partial(fn, **static) if static else fn, *args, **kwargs)
-  leaf_kind, leaf_name, grad_leaves = _leaf_labels(args, kwargs, nums, grad, arg_kinds,
-                                                        _param_names(fn))
+  m = _jaxpr.marked_jaxpr(call.fn, *call.args, **call.kwargs)
+  kinds = None if arg_kinds is None else [arg_kinds[i] for i in call.positions]
+  leaf_kind, leaf_name, grad_leaves = _leaf_labels(
+      call.args, call.kwargs, tuple(call.argnums or ()), grad, kinds,
+      [params[i] if i < len(params) else f"arg{i}" for i in call.positions])
   target_fn = jax.grad(m.run, argnums=tuple(grad_leaves)) if grad else m.run
-  donated = tuple(i for i, a in enumerate(_leaf_args(args, kwargs)) if a in donate)
+  donated = tuple(i for i, a in enumerate(_leaf_args(call.args, call.kwargs))
+                  if a is not None and call.positions[a] in donate)
   traced = targets.trace_for(target_fn, t, *m.leaves, keep_unused=True,
                              donate_argnums=donated)
   with tempfile.TemporaryDirectory(prefix="rk_peak_") as d:
@@ -474,7 +470,7 @@ def _compile(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
   out_info = getattr(traced, "out_info", None)  # JAX 0.10: not on `Traced` everywhere
   if out_info is None:
     out_info = jax.eval_shape(target_fn, *m.leaves)
-  out_kind = _out_labels(out_info, grad, out_kinds)
+  out_kind = _out_labels(out_info, grad, out_kinds, api)
   prog = _dumps.Program(hlo)
   allocs = _dumps.allocations(assignment)
   ranges, horizon = _dumps.live_ranges(live)
@@ -545,13 +541,14 @@ def _leaf_labels(args: tuple[Any, ...], kwargs: dict[str, Any], nums: tuple[int,
   return kinds, names, grad_leaves
 
 
-def _out_labels(out_shape: Any, grad: bool, out_kinds: Sequence[str] | None) -> list[str]:
+def _out_labels(out_shape: Any, grad: bool, out_kinds: Sequence[str] | None, api: str
+                ) -> list[str]:
   if grad:
     return ["gradient"] * len(jax.tree_util.tree_leaves(out_shape))
   if out_kinds is None:
     return ["output"] * len(jax.tree_util.tree_leaves(out_shape))
   tops = list(out_shape) if isinstance(out_shape, (tuple, list)) else [out_shape]
   if len(out_kinds) != len(tops):
-    raise ValueError(f"`explain_peak`: `out_kinds` has {len(out_kinds)} entries for "
+    raise ValueError(f"`{api}`: `out_kinds` has {len(out_kinds)} entries for "
                      f"{len(tops)} outputs: give one kind per top-level output.")
   return [k for k, o in zip(out_kinds, tops) for _ in jax.tree_util.tree_leaves(o)]

@@ -9,24 +9,23 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from remat_kit import _jax, _jaxpr, targets
+from remat_kit import _args, _jax, _jaxpr, targets
 from remat_kit.report.tensor import Tensor
 
 __all__ = [
     "Residual",
     "saved_residuals",
-    "activation_bytes",
     "compiled_memory",
     "live_peak_bytes",
     "memory_fields",
-    "split_static_kwargs",
 ]
 
 
@@ -93,20 +92,31 @@ class Residual:
 
 # Ops that only re-view their input: a residual reached from an argument
 # through these is part of the argument (a parameter slice), not new memory.
-_VIEWS = frozenset("reshape squeeze expand_dims slice dynamic_slice transpose "
-                   "reduce_precision copy copy_p".split())
+_VIEWS = _jaxpr.RESHAPES | _jaxpr.SLICES | _jaxpr.COPIES | {"transpose"}
 # Ops that pass their value through unchanged (names and placement).
-_PASS = frozenset("name reduce_precision device_put copy copy_p".split())
+_PASS = _jaxpr.SAME_VALUE
 # Ops whose output is the same buffer as their input (when the dtype is unchanged).
-_ALIAS = _PASS | frozenset("reshape squeeze expand_dims convert_element_type optimization_barrier"
-                           .split())
+_ALIAS = _PASS | _jaxpr.RESHAPES | {"convert_element_type"}
 # Calls whose outputs are their body's outputs.
 _CALLS = frozenset(_jaxpr.CALL_BODIES)
 
 
-def _arg_names(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
-  paths = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
-  return [jax.tree_util.keystr(p) for p, _ in paths]
+def _arg_names(fn: Callable[..., Any], args: dict[int, Any], kwargs: dict[str, Any]
+               ) -> list[str]:
+  """Each leaf's name: the parameter's (``w``, ``params['dense']['kernel']``), as the
+  compiled view names arguments."""
+  try:
+    params = [p.name for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  except (TypeError, ValueError):
+    params = []
+  out = []
+  for i, a in args.items():
+    head = params[i] if i < len(params) else f"arg{i}"
+    out += [head + jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
+  for k, v in kwargs.items():
+    out += [k + jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(v)[0]]
+  return out
 
 
 @dataclasses.dataclass
@@ -179,7 +189,9 @@ def _follow(v: Any, frames: list[_Frame], through: frozenset[str]
     return v, frames, layers, name, cast
 
 
-def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Residual]:
+def saved_residuals(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] | None = None,
+                    fn_kwargs: Mapping[str, Any] | None = None,
+                    static_argnames: Sequence[str] = (), **stray: Any) -> list[Residual]:
   """The tensors the backward pass of ``fn`` keeps, one row each.
 
   Unlike JAX's ``print_saved_residuals``, a residual that is an argument or
@@ -189,9 +201,12 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
   stacked by a scan records its trip count in ``layers``.
 
   Args:
-    fn: a function of arrays (its vjp is taken with respect to all of them).
+    fn: a function of arrays.
     *args: example arguments; only shapes and dtypes matter.
-    **kwargs: more arguments.
+    argnums: the arguments the backward pass differentiates (as ``jax.grad``'s); None
+      (the default) for every positional argument, as JAX's own ``saved_residuals``.
+    fn_kwargs: keyword arguments of ``fn`` (not differentiated).
+    static_argnames: those of ``fn_kwargs`` passed as Python values, not traced.
 
   Returns:
     One :class:`Residual` per saved tensor.
@@ -202,10 +217,24 @@ def saved_residuals(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[R
     >>> [(r.kind, r.shape) for r in rk.report.saved_residuals(f, jnp.ones(3))]
     [('argument', (3,))]
   """
-  names = _arg_names(args, kwargs)
-  flat_fn, marks, leaves = _jaxpr.marked(fn, *args, **kwargs)
-  closed, out_shape = jax.make_jaxpr(lambda *xs: jax.vjp(flat_fn, *xs),
-                                     return_shape=True)(*leaves)
+  call = _args.bind("saved_residuals", fn, args,
+                    _args.fn_kwargs_of("saved_residuals", fn_kwargs, stray), static_argnames,
+                    argnums)
+  nums = call.argnums if call.argnums is not None else tuple(range(len(call.args)))
+  names = _arg_names(fn, dict(zip(call.positions, call.args)), call.kwargs)
+  flat_fn, marks, leaves = _jaxpr.marked(call.fn, *call.args, **call.kwargs)
+  counts = [len(jax.tree_util.tree_leaves(a)) for a in call.args]
+  diff = [j for i in nums for j in range(sum(counts[:i]), sum(counts[:i + 1]))]
+
+  def vjp(*xs: Any) -> Any:  # every leaf an input; the differentiated ones as vjp's
+    def of_diff(*d: Any) -> Any:
+      full = list(xs)
+      for j, x in zip(diff, d):
+        full[j] = x
+      return flat_fn(*full)
+    return jax.vjp(of_diff, *(xs[j] for j in diff))
+
+  closed, out_shape = jax.make_jaxpr(vjp, return_shape=True)(*leaves)
   jaxpr = closed.jaxpr
   num_res = len(jax.tree_util.tree_leaves(out_shape[1]))
   res_vars = jaxpr.outvars[len(jaxpr.outvars) - num_res:]
@@ -327,48 +356,9 @@ def _row(aval: Any, name: str | None, kind: str, prim: str | None, source: str,
                   source, memory, layers)
 
 
-def activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-  """Total bytes of saved activations (arguments excluded)."""
-  return sum(r.bytes for r in saved_residuals(fn, *args, **kwargs) if r.kind == "activation")
-
-
-
-
-def fn_kwargs_of(api: str, fn_kwargs: Any, stray: dict[str, Any]) -> dict[str, Any]:
-  """The keyword arguments a readout passes to the user's function: only ``fn_kwargs``, so
-  they never collide with the readout's own options (``target``, ``label``, ...)."""
-  if stray:
-    raise TypeError(
-        f"`{api}`: got unexpected keyword arguments {sorted(stray)}. Keyword arguments of "
-        f"the function go in `fn_kwargs`, e.g. `{api}(fn, *args, fn_kwargs="
-        f"{{{', '.join(repr(k) + ': ...' for k in sorted(stray))}}})`, so that they never "
-        f"collide with `{api}`'s own options.")
-  if fn_kwargs is None:
-    return {}
-  if not isinstance(fn_kwargs, Mapping) or not all(isinstance(k, str) for k in fn_kwargs):
-    raise TypeError(f"`{api}`: `fn_kwargs` must be a dict of str -> value, got {fn_kwargs!r}.")
-  return dict(fn_kwargs)
-
-
-def _is_array_leaf(x: Any) -> bool:
-  return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def split_static_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """``(traced, static)``: a keyword argument is traced when every leaf is an array or a
-  ``ShapeDtypeStruct``; otherwise (a string, a Python number or bool, None, ...) it is
-  passed to the function as it is, as a readout never differentiates keywords."""
-  traced: dict[str, Any] = {}
-  static: dict[str, Any] = {}
-  for k, v in kwargs.items():
-    leaves = jax.tree_util.tree_leaves(v)
-    (traced if leaves and all(map(_is_array_leaf, leaves)) else static)[k] = v
-  return traced, static
-
-
 def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
                     hbm_bytes: bool | None = None, fn_kwargs: Mapping[str, Any] | None = None,
-                    **stray: Any) -> dict[str, Any]:
+                    static_argnames: Sequence[str] = (), **stray: Any) -> dict[str, Any]:
   """The compiler's memory analysis of ``jax.jit(fn)`` for these arguments.
 
   Args:
@@ -378,8 +368,9 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
       local backend, ``"tpu:v5e:2x2"``, ``"gpu:h100"``, ...
     hbm_bytes: parse the compiled program for ``hbm_bytes_moved``; by
       default only for accelerator targets (their step-time estimate needs it).
-    fn_kwargs: keyword arguments of ``fn``; those that are not arrays (strings,
-      Python numbers, None, ...) are passed as they are, not traced.
+    fn_kwargs: keyword arguments of ``fn``.
+    static_argnames: those of ``fn_kwargs`` passed as Python values, not traced;
+      strings and other values JAX cannot trace are static anyway.
 
   Returns:
     A JSON-serializable dict with the byte fields of
@@ -391,23 +382,24 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, target: Any = None,
     locally it is temp + argument + output - alias (which matched the live
     peak on an H100 within 0.01 MiB).
   """
-  kwargs = fn_kwargs_of("compiled_memory", fn_kwargs, stray)
+  call = _args.bind("compiled_memory", fn, args,
+                    _args.fn_kwargs_of("compiled_memory", fn_kwargs, stray), static_argnames)
   t = targets.parse_target(target)
-  if not kwargs:
-    return memory_fields(targets.compile_for(fn, t, *args), t, hbm_bytes)
   # The keyword arguments travel as one positional (traced) dict, so none of them meets
   # `compile_for`'s own parameters.
-  traced, static = split_static_kwargs(kwargs)
-  with_kwargs = lambda *a: fn(*a[:-1], **a[-1], **static)
-  return memory_fields(targets.compile_for(with_kwargs, t, *args, traced), t, hbm_bytes)
+  with_kwargs = lambda *a: call.fn(*a[:-1], **a[-1])
+  return memory_fields(targets.compile_for(with_kwargs, t, *call.args, call.kwargs), t,
+                       hbm_bytes)
 
 
-def memory_fields(compiled: Any, target: Any, hbm_bytes: bool | None = None) -> dict[str, Any]:
-  """:func:`compiled_memory`'s dict for an already compiled program."""
+def memory_fields(compiled: Any, target: Any, hbm_bytes: bool | None = None,
+                  fields: dict[str, int] | None = None) -> dict[str, Any]:
+  """:func:`compiled_memory`'s dict for an already compiled program (``fields``: its
+  ``memory_analysis()`` already read, so it is not read twice)."""
   t = targets.parse_target(target)
   out: dict[str, Any] = {"backend": jax.default_backend() if t.is_local else t.platform,
                          "target": t.name}
-  out.update(_jax.memory_fields(compiled.memory_analysis()))
+  out.update(fields if fields is not None else _jax.memory_fields(compiled.memory_analysis()))
   # What the step holds: every allocation, reserved whole for the step (CPU, GPU; JAX
   # 0.12 reports it as `total_allocation_bytes`); the TPU compiler's own peak.
   out["peak_bytes"] = (out.get("temp_size", 0) + out.get("argument_size", 0)

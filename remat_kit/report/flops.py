@@ -11,12 +11,12 @@ recomputes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
-from remat_kit import _jax, _jaxpr
+from remat_kit import _args, _jax, _jaxpr
 
 __all__ = ["count_flops", "eqn_flops", "flop_breakdown", "with_full_remat",
            "with_offload_on_device", "without_remat"]
@@ -134,7 +134,8 @@ def _while_trips(eqn: Any) -> int | None:
   return max(0, -(-span // int(step)))
 
 
-def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+def count_flops(fn: Callable[..., Any], *args: Any, fn_kwargs: Mapping[str, Any] | None = None,
+                static_argnames: Sequence[str] = (), **stray: Any) -> int:
   """FLOPs of ``fn`` counted from its jaxpr, scan trip counts multiplied in.
 
   The rule: ``dot_general`` costs 2·(output size)·(contracted size), exactly;
@@ -149,7 +150,8 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
   Args:
     fn: the function to count (a gradient, for the backward pass).
     *args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
-    **kwargs: its keyword arguments.
+    fn_kwargs: its keyword arguments.
+    static_argnames: those of ``fn_kwargs`` passed as Python values, not traced.
 
   Returns:
     The FLOP count.
@@ -162,8 +164,9 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     >>> rk.report.count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 16)))
     1024
   """
-  closed = jax.make_jaxpr(fn)(*args, **kwargs)
-  return _jaxpr_flops(closed.jaxpr)
+  call = _args.bind("count_flops", fn, args,
+                    _args.fn_kwargs_of("count_flops", fn_kwargs, stray), static_argnames)
+  return _jaxpr_flops(jax.make_jaxpr(call.fn)(*call.args, **call.kwargs).jaxpr)
 
 
 def without_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -232,7 +235,8 @@ def _rewrite(fn: Callable[..., Any], full: Any) -> Callable[..., Any]:
 
 
 def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,
-                   **kwargs: Any) -> dict[str, int | float]:
+                   fn_kwargs: Mapping[str, Any] | None = None,
+                   static_argnames: Sequence[str] = (), **stray: Any) -> dict[str, int | float]:
   """Forward, backward and recomputation FLOPs of ``jax.grad(fn)``, from the jaxpr.
 
   ``forward`` is ``fn`` alone; ``total`` is the gradient as written; the
@@ -244,7 +248,8 @@ def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[i
     *args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
     argnums: which arguments the gradient is taken with respect to (as in
       ``jax.grad``).
-    **kwargs: its keyword arguments (not differentiated).
+    fn_kwargs: its keyword arguments (not differentiated).
+    static_argnames: those of ``fn_kwargs`` passed as Python values, not traced.
 
   Returns:
     ``{"forward", "backward", "recompute", "total", "recompute_pct",
@@ -261,11 +266,21 @@ def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[i
     >>> fb["forward"], fb["recompute"]
     (144, 72)
   """
-  grad = jax.make_jaxpr(jax.grad(fn, argnums=argnums))(*args, **kwargs).jaxpr
-  plain = jax.make_jaxpr(jax.grad(without_remat(fn), argnums=argnums))(*args, **kwargs).jaxpr
-  total, plain_total = _jaxpr_flops(grad), _jaxpr_flops(plain)
-  forward = count_flops(fn, *args, **kwargs)
+  call = _args.bind("flop_breakdown", fn, args,
+                    _args.fn_kwargs_of("flop_breakdown", fn_kwargs, stray), static_argnames,
+                    argnums)
+  a, kw, nums = call.args, call.kwargs, call.argnums or (0,)
+  forward = jax.make_jaxpr(call.fn)(*a, **kw).jaxpr
+  grad = jax.make_jaxpr(jax.grad(call.fn, argnums=nums))(*a, **kw).jaxpr
+  plain = jax.make_jaxpr(jax.grad(without_remat(call.fn), argnums=nums))(*a, **kw).jaxpr
+  return split(forward, grad, plain)
+
+
+def split(forward: Any, grad: Any, plain: Any) -> dict[str, int | float]:
+  """The forward/backward/recompute split (:func:`flop_breakdown`'s dict) from three
+  jaxprs: the function, its gradient as written, its gradient with remat inlined."""
+  total, plain_total, fwd = _jaxpr_flops(grad), _jaxpr_flops(plain), _jaxpr_flops(forward)
   recompute = total - plain_total
-  return {"forward": forward, "backward": plain_total - forward, "recompute": recompute,
+  return {"forward": fwd, "backward": plain_total - fwd, "recompute": recompute,
           "total": total, "recompute_pct": 100.0 * recompute / plain_total if plain_total else 0.0,
           "recompute_matmul": _jaxpr_flops(grad, True) - _jaxpr_flops(plain, True)}

@@ -24,15 +24,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
-from remat_kit import _jax, _jaxpr, targets
+from remat_kit import _args, _jax, _jaxpr, targets
 from remat_kit.policies import SaveEverything, SaveNothing
 from remat_kit.report.compiled import compilation
-from remat_kit.report.core import compiled_memory, memory_fields, saved_residuals
+from remat_kit.report.core import compiled_memory, saved_residuals
 from remat_kit.report.explain import policy_names, policy_repr
 from remat_kit.report.flops import (
     count_flops,
@@ -63,12 +63,15 @@ class LintWarning:
     return f"[{self.code}] {self.message}"
 
 
-def _kept(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-  return sorted((r.shape, r.dtype, r.kind) for r in saved_residuals(fn, *args)
+def _kept(fn: Callable[..., Any], args: tuple[Any, ...], nums: tuple[int, ...]
+          ) -> list[tuple[Any, ...]]:
+  return sorted((r.shape, r.dtype, r.kind) for r in saved_residuals(fn, *args, argnums=nums)
                 if r.kind == "activation")
 
 
-def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWarning]:
+def lint(fn: Callable[..., Any], *args: Any, target: Any = None,
+         argnums: int | Sequence[int] = 0, fn_kwargs: Mapping[str, Any] | None = None,
+         static_argnames: Sequence[str] = (), **stray: Any) -> list[LintWarning]:
   """Checks the remat in scalar function ``fn`` by what it actually saves.
 
   Most rules read the jaxpr, the same for every backend; ``no-effect`` and
@@ -80,9 +83,12 @@ def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWar
 
   Args:
     fn: a scalar function with remat inside it.
-    *args: its arguments (the gradient is taken with respect to the first).
+    *args: its arguments.
     target: where ``no-effect`` and ``offload-costs-memory`` compile (see
       :mod:`remat_kit.targets`); None for the local backend.
+    argnums: the arguments the gradient is taken for (as ``jax.grad``'s).
+    fn_kwargs: keyword arguments of ``fn`` (not differentiated).
+    static_argnames: those of ``fn_kwargs`` passed as Python values, not traced.
 
   Returns:
     The warnings found (an empty list when there are none).
@@ -100,6 +106,15 @@ def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWar
     >>> [w.code for w in lint(jax.checkpoint(f, policy=pol), jnp.ones(3))]
     ['whole-function', 'untagged-name', 'same-as-full', 'no-effect']
   """
+  call = _args.bind("lint", fn, args, _args.fn_kwargs_of("lint", fn_kwargs, stray),
+                    static_argnames, argnums)
+  assert call.argnums is not None
+  nums = call.argnums
+  fn, args = call.fn, call.args  # the user's own function where nothing is static: the
+  if call.kwargs:                 # compile memory_report made is then reused
+    # The keyword arguments travel as one more positional (traced, not differentiated).
+    n, bound = len(call.args), call.fn
+    fn, args = (lambda *a: bound(*a[:n], **a[n])), (*call.args, call.kwargs)
   t = targets.parse_target(target)
   closed = jax.make_jaxpr(fn)(*args)
   sites = [e for e in _jaxpr.walk(closed.jaxpr) if _jaxpr.is_remat(e)]
@@ -130,33 +145,35 @@ def lint(fn: Callable[..., Any], *args: Any, target: Any = None) -> list[LintWar
           f"policy {policy_repr(policy)} names {missing}, which its function never tags "
           f"(tags: {sorted(t for t in tagged if t) or 'none'}); JAX saves nothing for them. "
           "Fix the spelling or tag the value with `checkpoint_name`."))
-  kept = _kept(fn, args)
+  kept = _kept(fn, args, nums)
   all_none = all(_is_none(p) for p in policies)
   all_full = all(_is_full(p) for p in policies)
-  if not all_none and kept == _kept(without_remat(fn), args):
+  if not all_none and kept == _kept(without_remat(fn), args, nums):
     out.append(LintWarning(
         "same-as-none", "the policies keep exactly what no remat keeps: remat costs compute "
         "here and saves no memory. Use a policy that saves less, or drop remat."))
-  elif not all_full and not all_none and kept == _kept(with_full_remat(fn), args):
+  elif not all_full and not all_none and kept == _kept(with_full_remat(fn), args, nums):
     out.append(LintWarning(
         "same-as-full", "the policies keep exactly what full remat keeps: nothing they name "
         "or select is saved. Check the names and primitives they refer to, or say "
         "policy='full' to mean it."))
   elif not all_full and not all_none:
-    out.extend(_dominated(fn, args, policies))
+    out.extend(_dominated(fn, args, nums, policies))
   if not all_none:
-    out.extend(_no_effect(fn, args, t))
-    out.extend(_offload_costs_memory(fn, args, t))
+    out.extend(_no_effect(fn, args, nums, t))
+    out.extend(_offload_costs_memory(fn, args, nums, t))
   return out
 
 
-def _dominated(fn: Callable[..., Any], args: tuple[Any, ...], policies: list[Any]
-               ) -> list[LintWarning]:
-  mine = flop_breakdown(fn, *args)["recompute"]
+def _dominated(fn: Callable[..., Any], args: tuple[Any, ...], nums: tuple[int, ...],
+               policies: list[Any]) -> list[LintWarning]:
+  mine = flop_breakdown(fn, *args, argnums=nums)["recompute"]
   full_fn = with_full_remat(fn)
-  full = flop_breakdown(full_fn, *args)["recompute"]
-  kept = sum(r.bytes for r in saved_residuals(fn, *args) if r.kind == "activation")
-  kept_full = sum(r.bytes for r in saved_residuals(full_fn, *args) if r.kind == "activation")
+  full = flop_breakdown(full_fn, *args, argnums=nums)["recompute"]
+  kept = sum(r.bytes for r in saved_residuals(fn, *args, argnums=nums)
+             if r.kind == "activation")
+  kept_full = sum(r.bytes for r in saved_residuals(full_fn, *args, argnums=nums)
+                  if r.kind == "activation")
   if mine < 0.95 * full or kept <= kept_full:
     return []
   names = sorted(set().union(*(policy_names(p) for p in policies)))
@@ -173,13 +190,14 @@ def _dominated(fn: Callable[..., Any], args: tuple[Any, ...], policies: list[Any
 
 
 def _offload_costs_memory(fn: Callable[..., Any], args: tuple[Any, ...],
-                          t: targets.Target) -> list[LintWarning]:
-  c = compilation(fn, args, {}, t, api="lint")
+                          nums: tuple[int, ...], t: targets.Target) -> list[LintWarning]:
+  c = compilation(fn, args, {}, t, argnums=nums, api="lint")
   host = sum(b.size for b in c.buffers if b.memory == "host")
   if not host:
     return []
-  mine = peak_of(c).peak_bytes
-  ref = peak_of(compilation(with_offload_on_device(fn), args, {}, t, api="lint")).peak_bytes
+  mine = peak_of(c, api="lint").peak_bytes
+  ref = peak_of(compilation(with_offload_on_device(fn), args, {}, t, argnums=nums, api="lint"),
+                api="lint").peak_bytes
   if mine < ref:
     return []
   return [LintWarning(
@@ -192,11 +210,12 @@ def _offload_costs_memory(fn: Callable[..., Any], args: tuple[Any, ...],
       "'offload:NAME'), or offload fewer, larger tensors.")]
 
 
-def _no_effect(fn: Callable[..., Any], args: tuple[Any, ...], t: targets.Target
-               ) -> list[LintWarning]:
+def _no_effect(fn: Callable[..., Any], args: tuple[Any, ...], nums: tuple[int, ...],
+               t: targets.Target) -> list[LintWarning]:
   # The function's own compile is the one memory_report and explain_peak share.
-  mem = memory_fields(compilation(fn, args, {}, t, api="lint").compiled, t, False)
-  ref = compiled_memory(jax.grad(without_remat(fn)), *args, target=t, hbm_bytes=False)
+  mem = compilation(fn, args, {}, t, argnums=nums, api="lint").memory()
+  ref = compiled_memory(jax.grad(without_remat(fn), argnums=nums), *args, target=t,
+                        hbm_bytes=False)
   key = "temp_size" if ref.get("temp_size") else "peak_bytes"
   a, b = mem.get(key, 0), ref.get(key, 0)
   if b == 0 or a < 0.99 * b:

@@ -44,29 +44,28 @@ from typing import Any
 
 import jax
 
+from remat_kit import _args, targets
 from remat_kit import _xla as _dumps
-from remat_kit import targets
 from remat_kit.report.buffers import (
-    backward_start,
-    buffer_kind,
-    feeds_loop,
-    instr_of,
-    is_host,
-    memory_of,
-    name_of,
-    primitive,
-    temp_kind,
+  backward_start,
+  buffer_kind,
+  feeds_loop,
+  instr_of,
+  is_host,
+  memory_of,
+  name_of,
+  primitive,
+  temp_kind,
 )
 from remat_kit.report.compiled import (
-    Compilation,
-    compilation,
-    layer_of,
+  Compilation,
+  compilation,
+  layer_of,
 )
-from remat_kit.report.core import fn_kwargs_of
 from remat_kit.report.table import format_bytes, format_table, short_layer
 from remat_kit.report.tensor import Tensor
 
-__all__ = ["PeakReport", "PeakRow", "compile_explained", "explain_peak"]
+__all__ = ["PeakReport", "PeakRow", "explain_peak", "peak_of"]
 
 # The kinds a peak row can have, in the order tables list them (the whole vocabulary,
 # with the residual rows' kinds: remat_kit.report.tensor.KINDS).
@@ -171,7 +170,8 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
                  out_kinds: Sequence[str] | None = None,
                  compiler_options: dict[str, Any] | None = None,
                  donate_argnums: int | Sequence[int] = (),
-                 fn_kwargs: Mapping[str, Any] | None = None, **stray: Any) -> PeakReport:
+                 fn_kwargs: Mapping[str, Any] | None = None, static_argnames: Sequence[str] = (),
+                 **stray: Any) -> PeakReport:
   """What is live when the compiled gradient of ``fn`` reaches its peak.
 
   Args:
@@ -193,6 +193,8 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
       ``jax.jit(..., donate_argnums=...)``.
     fn_kwargs: keyword arguments of ``fn`` (not differentiated), kept apart
       from this function's own options.
+    static_argnames: keyword arguments of ``fn`` passed as Python values, not traced
+      (a ``train`` flag); strings and other values JAX cannot trace are static anyway.
 
   Returns:
     A :class:`PeakReport`; ``to_dict()`` is ``{"peak_bytes", "rows": [{"bytes",
@@ -207,43 +209,24 @@ def explain_peak(fn: Callable[..., Any], *args: Any, target: Any = None, top: in
     >>> any(r.name == "wide" and r.kind == "activation" for r in rep.rows)
     True
   """
-  kwargs = fn_kwargs_of("explain_peak", fn_kwargs, stray)
-  return compile_explained(fn, args, kwargs, target=target, top=top, argnums=argnums,
-                           grad=grad, arg_kinds=arg_kinds, out_kinds=out_kinds,
-                           compiler_options=compiler_options,
-                           donate_argnums=donate_argnums)[1]
+  kwargs = _args.fn_kwargs_of("explain_peak", fn_kwargs, stray)
+  c = compilation(fn, args, kwargs, target=target, argnums=argnums, grad=grad,
+                  arg_kinds=arg_kinds, out_kinds=out_kinds, compiler_options=compiler_options,
+                  donate_argnums=donate_argnums, api="explain_peak",
+                  static_argnames=static_argnames)
+  return peak_of(c, top, api="explain_peak")
 
 
-def compile_explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                      target: Any = None, top: int = 20, argnums: int | Sequence[int] = 0,
-                      grad: bool = True, arg_kinds: Sequence[str] | None = None,
-                      out_kinds: Sequence[str] | None = None,
-                      compiler_options: dict[str, Any] | None = None,
-                      donate_argnums: int | Sequence[int] = ()
-                      ) -> tuple[Any, PeakReport]:
-  """:func:`explain_peak`, also returning the compiled program (one compile for both)."""
-  c = explained(fn, args, kwargs, target=target, argnums=argnums, grad=grad,
-                arg_kinds=arg_kinds, out_kinds=out_kinds, compiler_options=compiler_options,
-                donate_argnums=donate_argnums)
-  return c.compiled, peak_of(c, top)
-
-
-def explained(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-              **options: Any) -> Compilation:
-  """The cached :class:`~remat_kit.report.compiled.Compilation` behind a readout."""
-  return compilation(fn, args, kwargs, api="explain_peak", **options)
-
-
-def peak_of(c: Compilation, top: int = 20) -> PeakReport:
-  """The :class:`PeakReport` of a compilation, reconciled with the compiler's figures."""
-  if not isinstance(top, int) or isinstance(top, bool) or top < 1:
-    raise ValueError(f"`explain_peak`: `top` must be a positive int, got {top!r}.")
+def peak_of(c: Compilation, top: int = 20, api: str = "explain_peak") -> PeakReport:
+  """The :class:`PeakReport` of a compilation, reconciled with the compiler's figures;
+  errors name ``api``, the readout the user called."""
+  _args.int_at_least(api, "top", top, 1)
   report = _explain(c, top)
-  _reconcile(report, c.target)
+  _reconcile(report, c.target, api)
   return report
 
 
-def _reconcile(report: PeakReport, t: targets.Target) -> None:
+def _reconcile(report: PeakReport, t: targets.Target, api: str = "explain_peak") -> None:
   """Raises where the explained total disagrees with the compiler's own figures.
 
   On CPU and GPU the runtime reserves every allocation whole for the step, so the
@@ -276,7 +259,7 @@ def _reconcile(report: PeakReport, t: targets.Target) -> None:
       return
     want = f"{ref:,} (the compiler's {what})"
   raise RuntimeError(
-      f"`explain_peak`: on {t.name}, the buffers read from the compiler's dumps add up to "
+      f"`{api}`: on {t.name}, the buffers read from the compiler's dumps add up to "
       f"{got:,} bytes at the peak, but its memory analysis says {want}. This JAX/XLA "
       f"(jax {jax.__version__}) lays out its dumps in a way remat_kit does not read "
       "correctly; please report it with your JAX version. Compiler figures: "

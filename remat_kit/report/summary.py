@@ -13,25 +13,18 @@ plain dataclass: ``to_dict()`` is JSON-serializable, ``str()`` is a table.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
-from remat_kit import targets
-from remat_kit.report.core import (
-  Residual,
-  fn_kwargs_of,
-  live_peak_bytes,
-  memory_fields,
-  saved_residuals,
-  split_static_kwargs,
-)
+from remat_kit import _args, targets
+from remat_kit.report.compiled import compilation
+from remat_kit.report.core import Residual, live_peak_bytes, saved_residuals
 from remat_kit.report.estimate import estimate_seconds
 from remat_kit.report.explain import rule_for
-from remat_kit.report.peak import PeakReport, explained, peak_of
+from remat_kit.report.peak import PeakReport, peak_of
 from remat_kit.report.table import format_bytes, format_table, short_layer
 
 __all__ = ["Comparison", "MemoryReport", "ResidualDiff", "compare", "diff", "memory_report"]
@@ -211,7 +204,8 @@ class MemoryReport:
 
 def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,
                   label: str | None = None, live: bool = True, target: Any = None,
-                  fn_kwargs: Mapping[str, Any] | None = None, before_xla: bool = False,
+                  fn_kwargs: Mapping[str, Any] | None = None,
+                  static_argnames: Sequence[str] = (), before_xla: bool = False,
                   **stray: Any) -> MemoryReport:
   """Bytes, residuals and FLOPs of the gradient of the scalar function ``fn``.
 
@@ -228,6 +222,8 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
       An accelerator target adds ``estimated_seconds``.
     fn_kwargs: keyword arguments of ``fn`` (not differentiated). They are never
       mixed with this function's own options, so a loss may take a ``target=``.
+    static_argnames: keyword arguments of ``fn`` passed as Python values, not traced
+      (a ``train`` flag); strings and other values JAX cannot trace are static anyway.
     before_xla: also list the jaxpr's residuals (``residuals_before_xla``); one
       more trace of ``fn``.
 
@@ -240,7 +236,8 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
     TypeError: for a non-callable ``fn``, a ``fn_kwargs`` that is not a dict of
       str keys, or any other keyword argument (the function's go in
       ``fn_kwargs``).
-    ValueError: for a target :func:`remat_kit.targets.parse_target` refuses.
+    ValueError: for a target :func:`remat_kit.targets.parse_target` refuses, or an
+      ``argnums`` that does not index ``args``.
 
   Example:
     >>> import jax.numpy as jnp, remat_kit as rk
@@ -254,20 +251,28 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
     >>> rep.device_activation_bytes <= rep.peak.peak_bytes
     True
   """
-  if not callable(fn):
-    raise TypeError(f"`memory_report`: `fn` must be callable, got {fn!r}.")
-  kwargs = fn_kwargs_of("memory_report", fn_kwargs, stray)
-  label = label if label else getattr(fn, "__name__", "fn")  # (mypy types `or` as Optional)
+  kwargs = _args.fn_kwargs_of("memory_report", fn_kwargs, stray)
+  return _report("memory_report", fn, args, kwargs, argnums, label, live, target,
+                 static_argnames, before_xla)
+
+
+def _report(api: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+            argnums: Any, label: str | None, live: bool, target: Any,
+            static_argnames: Sequence[str], before_xla: bool) -> MemoryReport:
+  """:func:`memory_report` as the readout ``api`` calls it: one compile, its views."""
   t = targets.parse_target(target)
-  c = explained(fn, args, kwargs, target=t, argnums=argnums)
-  peak = peak_of(c)
-  compiled = memory_fields(c.compiled, t)
+  c = compilation(fn, args, kwargs, target=t, argnums=argnums, api=api,
+                  static_argnames=static_argnames)
+  label = label if label else getattr(fn, "__name__", "fn")  # (mypy types `or` as Optional)
+  peak = peak_of(c, api=api)
+  compiled = c.memory()
   sites = c.sites
   residuals = [dataclasses.replace(r, rule=rule_for(r, sites)) for r in c.residuals()]
   before = None
   if before_xla:
     before = [dataclasses.replace(r, rule=rule_for(r, sites))
-              for r in saved_residuals(lambda *a: fn(*a, **kwargs), *args)]
+              for r in saved_residuals(fn, *args, argnums=argnums, fn_kwargs=kwargs,
+                                       static_argnames=static_argnames)]
   flops = c.flops()
   peak_live, note = None, ""
   seconds, source = estimate_seconds(flops["total"], compiled, t)
@@ -278,9 +283,10 @@ def memory_report(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[in
   elif live_peak_bytes() is None:
     note = f"the {jax.default_backend()} backend reports no memory_stats()"
   else:
-    traced, static = split_static_kwargs(kwargs)
-    bound = functools.partial(fn, **static) if static else fn
-    peak_live, note = _measure_live_peak(jax.grad(bound, argnums=argnums), args, traced)
+    call = _args.bind(api, fn, args, kwargs, static_argnames, argnums)
+    assert call.argnums is not None
+    peak_live, note = _measure_live_peak(jax.grad(call.fn, argnums=call.argnums), call.args,
+                                         call.kwargs)
   return MemoryReport(label, compiled["backend"], compiled, residuals, flops, peak_live, note,
                       t.name, seconds, source, peak, before)
 
@@ -333,7 +339,8 @@ class Comparison:
 
 def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Sequence[int] = 0,
             live: bool = True, verbose: bool = False, target: Any = None,
-            fn_kwargs: Mapping[str, Any] | None = None, **stray: Any) -> Comparison:
+            fn_kwargs: Mapping[str, Any] | None = None, static_argnames: Sequence[str] = (),
+            **stray: Any) -> Comparison:
   """:func:`memory_report` for each ``{label: fn}`` on the same arguments.
 
   The first entry is the baseline of the "x temp" column; ``fn_kwargs`` go to every
@@ -350,6 +357,8 @@ def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Se
     target: where to compile (as :func:`memory_report`'s); None for the local
       backend.
     fn_kwargs: keyword arguments of every function (not differentiated).
+    static_argnames: those of ``fn_kwargs`` passed as Python values (as
+      :func:`memory_report`'s).
 
   Returns:
     A :class:`Comparison`: ``.reports[label]`` and, as ``str()``, a table.
@@ -357,7 +366,7 @@ def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Se
   Raises:
     TypeError: if ``fns`` is not a non-empty dict, or as :func:`memory_report`.
   """
-  fn_kwargs = fn_kwargs_of("compare", fn_kwargs, stray)
+  kwargs = _args.fn_kwargs_of("compare", fn_kwargs, stray)
   if not isinstance(fns, Mapping) or not fns:
     raise TypeError(f"`compare`: `fns` must be a non-empty dict of label -> function, got "
                     f"{fns!r}.")
@@ -365,8 +374,8 @@ def compare(fns: Mapping[str, Callable[..., Any]], *args: Any, argnums: int | Se
   for i, (label, fn) in enumerate(fns.items()):
     if verbose:
       print(f"[{i + 1}/{len(fns)}] {label}", flush=True)
-    reports[label] = memory_report(fn, *args, argnums=argnums, label=label, live=live,
-                                   target=target, fn_kwargs=fn_kwargs)
+    reports[label] = _report("compare", fn, args, kwargs, argnums, label, live, target,
+                             static_argnames, False)
   return Comparison(reports)
 
 

@@ -30,14 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from remat_kit import targets
+from remat_kit import _args, targets
 from remat_kit.report.buffers import instr_of, is_host
-from remat_kit.report.compiled import Compilation
-from remat_kit.report.core import fn_kwargs_of
+from remat_kit.report.compiled import Compilation, compilation
 from remat_kit.report.peak import (
     KINDS,
     device_buffers,
-    explained,
     peak_of,
     peak_point,
     resident_rows,
@@ -249,6 +247,7 @@ def memory_timeline(fn: Callable[..., Any] | Mapping[str, Callable[..., Any]], *
                     compiler_options: dict[str, Any] | None = None,
                     donate_argnums: int | Sequence[int] = (),
                     fn_kwargs: Mapping[str, Any] | None = None,
+                    static_argnames: Sequence[str] = (),
                     **stray: Any) -> MemoryTimeline:
   """The compiled gradient's (or step's) memory at every point of its schedule.
 
@@ -268,6 +267,7 @@ def memory_timeline(fn: Callable[..., Any] | Mapping[str, Callable[..., Any]], *
     compiler_options: more options for the compile.
     donate_argnums: with ``grad=False``, arguments the outputs may reuse.
     fn_kwargs: keyword arguments of ``fn`` (not differentiated).
+    static_argnames: those of ``fn_kwargs`` passed as Python values, not traced.
 
   Returns:
     A :class:`MemoryTimeline`: ``.timelines[label]`` (a :class:`Timeline`),
@@ -291,12 +291,14 @@ def memory_timeline(fn: Callable[..., Any] | Mapping[str, Callable[..., Any]], *
     >>> tl.peaks["none"] == rk.explain_peak(loss, w, x).peak_bytes
     True
   """
-  kwargs = fn_kwargs_of("memory_timeline", fn_kwargs, stray)
+  kwargs = _args.fn_kwargs_of("memory_timeline", fn_kwargs, stray)
   fns = _functions(fn, policies)
-  options = dict(argnums=argnums, grad=grad, arg_kinds=arg_kinds, out_kinds=out_kinds,
-                 compiler_options=compiler_options, donate_argnums=donate_argnums)
+  options: dict[str, Any] = dict(argnums=argnums, grad=grad, arg_kinds=arg_kinds, out_kinds=out_kinds,
+                 compiler_options=compiler_options, donate_argnums=donate_argnums,
+                 static_argnames=static_argnames)
   t = targets.parse_target(target)
-  out = {label: timeline_of(explained(f, args, kwargs, target=target, **options), label)
+  out = {label: timeline_of(compilation(f, args, kwargs, target=target, api="memory_timeline",
+                                        **options), label)
          for label, f in fns.items()}
   chip = t.chip
   return MemoryTimeline(out, t.name, chip.hbm_bytes if chip is not None else None)
@@ -324,7 +326,7 @@ def _functions(fn: Any, policies: Any) -> dict[str, Callable[..., Any]]:
   return {k: functools.partial(fn, policy=p) for k, p in policies.items()}
 
 
-def timeline_of(c: Compilation, label: str = "fn") -> Timeline:
+def timeline_of(c: Compilation, label: str = "fn", api: str = "memory_timeline") -> Timeline:
   """The :class:`Timeline` of a compilation (the classification of ``explain_peak``
   applied at every point: each temp buffer is classified where what it holds changes).
 
@@ -384,7 +386,7 @@ def timeline_of(c: Compilation, label: str = "fn") -> Timeline:
   if pack.any():
     by_kind["packing"] = [int(x) for x in pack]
   by_kind = {k: by_kind[k] for k in sorted(by_kind, key=_rank)}
-  report = peak_of(c, 1)
+  report = peak_of(c, 1, api=api)
   rows.sort(key=lambda r: (r.start, -r.bytes))
   regions, ops = _scopes(c, n)
   return Timeline(label, c.target.name, n, by_kind, rows, best, report.peak_bytes,

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from remat_kit import _args
+
 __all__ = ["MIN_ROUNDS", "RELIABLE", "Timing", "faster", "pareto_front", "summary", "tied", "time_interleaved"]
 
 # A timing whose spread is within this fraction of its median is called reliable.
@@ -101,11 +103,8 @@ def time_interleaved(steps: Mapping[str, Callable[..., Any]], repeats: int = 5,
   outside the timed region (fresh buffers for a step that donates its own);
   steps without an entry are called with none.
   """
-  if not isinstance(repeats, int) or repeats < 1:
-    raise ValueError(f"`time_interleaved`: `repeats` must be an int >= 1, got {repeats!r}.")
-  if budget_s is not None and not budget_s > 0:
-    raise ValueError(f"`time_interleaved`: `budget_s` must be a positive number of seconds "
-                     f"or None, got {budget_s!r}.")
+  _args.int_at_least("time_interleaved", "repeats", repeats, 1)
+  _args.positive_seconds("time_interleaved", "budget_s", budget_s, allow_none=True)
   start = time.perf_counter()
   make = {k: (args or {}).get(k, tuple) for k in steps}
   times: dict[str, list[float]] = {k: [] for k in steps}

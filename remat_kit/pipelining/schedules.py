@@ -1,6 +1,6 @@
 """Pipeline schedules: which microbatch each stage runs in each iteration, what the
 bubble costs, and the PRNG key of each (piece, microbatch). Used by
-:func:`remat_kit.pipeline`, which re-exports these names from :mod:`remat_kit.pipelining`.
+:func:`remat_kit.pipeline`; :mod:`remat_kit.pipelining` re-exports these names.
 """
 
 from __future__ import annotations
@@ -9,15 +9,12 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
 
-__all__ = ["SCHEDULES", "ScheduleInfo", "int_arg", "schedule_info", "stage_key"]
+from remat_kit._args import int_at_least
+
+__all__ = ["SCHEDULES", "ScheduleInfo", "schedule_info", "stage_key"]
 
 SCHEDULES = ("gpipe", "circular")
-def int_arg(api: str, arg: str, value: Any, low: int = 1) -> int:
-  if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
-    raise ValueError(f"`{api}`: `{arg}` must be an int >= {low}, got {value!r}.")
-  return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +109,9 @@ def schedule_info(schedule: str, *, stages: int, microbatches: int, rounds: int 
   if schedule not in SCHEDULES:
     raise ValueError(f"`pipeline`: `schedule` must be one of {list(SCHEDULES)}, got "
                      f"{schedule!r}.")
-  stages = int_arg("pipeline", "stages", stages)
-  microbatches = int_arg("pipeline", "microbatches", microbatches)
-  rounds = int_arg("pipeline", "layers_per_stage", rounds)
+  stages = int_at_least("pipeline", "stages", stages, 1)
+  microbatches = int_at_least("pipeline", "microbatches", microbatches, 1)
+  rounds = int_at_least("pipeline", "layers_per_stage", rounds, 1)
   if schedule == "gpipe" and rounds != 1:
     raise ValueError(
         f"`pipeline`: `layers_per_stage`={rounds} needs `schedule='circular'`; GPipe runs "

@@ -39,11 +39,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from remat_kit.pipeline_schedule import SCHEDULES, ScheduleInfo, int_arg, schedule_info, stage_key
+from remat_kit import _args
+from remat_kit.pipelining.schedules import SCHEDULES, ScheduleInfo, schedule_info, stage_key
 from remat_kit.policies import CallablePolicy, from_config
 from remat_kit.transforms import checkpoint_name, remat
 
-__all__ = ["SCHEDULES", "Pipeline", "ScheduleInfo", "pipeline", "schedule_info", "stage_key"]
+__all__ = ["ITERATION_INPUT", "Pipeline", "pipeline"]
 
 ITERATION_INPUT = "iteration_input"
 
@@ -387,7 +388,7 @@ def pipeline(stage_fn: Callable[..., jax.Array], *, mesh: Any, axis: str = "stag
   if layers_per_stage is None:
     rounds = 1
   else:
-    rounds = int_arg("pipeline", "layers_per_stage", layers_per_stage)
+    rounds = _args.int_at_least("pipeline", "layers_per_stage", layers_per_stage, 1)
   if schedule == "circular" and layers_per_stage is None:
     raise ValueError("`pipeline`: `schedule='circular'` needs `layers_per_stage` (R >= 1, the "
                      "pieces of the model per stage, visited in rounds).")
