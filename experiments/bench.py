@@ -37,13 +37,9 @@ import numpy as np
 from experiments._io import LOCAL, check_out, finish, model_rows, save_figure, write_atomic
 from remat_kit import models, report, targets
 from remat_kit.flax import LayerStack
-from remat_kit.report import (
-    MemoryTimeline,
-    compilation,
-    live_peak_bytes,
-    memory_fields,
-    timeline_of,
-)
+from remat_kit.report import MemoryTimeline, compilation
+from remat_kit.report.core import live_peak_bytes, memory_fields
+from remat_kit.report.timeline import timeline_of
 
 RESULTS = Path(__file__).parent / "results"
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -191,7 +187,7 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
         grads_match=all(np.allclose(a, b, rtol=2e-4, atol=1e-6) for a, b in leaves),
         error=None)
     if timed:
-      once = report.time_interleaved({"step": lambda: step(params)}, 2 * repeats,
+      once = report.timing.time_interleaved({"step": lambda: step(params)}, 2 * repeats,
                                      max_rounds=2 * repeats)
       row.update(_ms(once["step"]))
     else:
@@ -206,27 +202,27 @@ def measure(model: Model, strategy: str, repeats: int, plan: Any = None,
   return row
 
 
-def _ms(t: report.Timing) -> dict[str, Any]:
+def _ms(t: report.timing.Timing) -> dict[str, Any]:
   """A row's timing fields, in milliseconds."""
   return {"step_ms_median": t.median_s * 1e3, "step_ms_spread": t.spread_s * 1e3,
           "step_ms_n": t.n, "timing_reliable": t.reliable}
 
 
-def _row_timing(r: dict[str, Any]) -> report.Timing:
-  return report.Timing(r["step_ms_median"] / 1e3, r["step_ms_spread"] / 1e3,
+def _row_timing(r: dict[str, Any]) -> report.timing.Timing:
+  return report.timing.Timing(r["step_ms_median"] / 1e3, r["step_ms_spread"] / 1e3,
                        r.get("step_ms_n", 1))
 
 
 def time_interleaved(rows: list[dict[str, Any]], repeats: int, max_rounds: int = 0,
                      budget_s: float | None = None) -> None:
-  """Times the compiled steps of ``rows`` with :func:`remat_kit.report.time_interleaved`
-  (interleaved rounds until the spreads are within report.RELIABLE of their medians, or
+  """Times the compiled steps of ``rows`` with :func:`remat_kit.report.timing.time_interleaved`
+  (interleaved rounds until the spreads are within report.timing.RELIABLE of their medians, or
   ``budget_s`` runs out) and writes each row's timing fields."""
   live = [r for r in rows if "_step" in r]
   if not live:
     return
   steps = {str(i): (lambda r=r: r["_step"](*r["_args"])) for i, r in enumerate(live)}
-  timed = report.time_interleaved(steps, repeats, max_rounds=max_rounds, budget_s=budget_s)
+  timed = report.timing.time_interleaved(steps, repeats, max_rounds=max_rounds, budget_s=budget_s)
   for i, r in enumerate(live):
     r.update(_ms(timed[str(i)]))
     del r["_step"], r["_args"]
@@ -276,7 +272,7 @@ def _jsonable(x: Any) -> Any:
 
 def _faster(q: dict[str, Any], r: dict[str, Any]) -> bool:
   """q is faster than r beyond both spreads."""
-  return report.faster(_row_timing(q), _row_timing(r))
+  return report.timing.faster(_row_timing(q), _row_timing(r))
 
 
 def auto_beaten(rows: list[dict[str, Any]]) -> list[str]:
@@ -308,12 +304,12 @@ def pareto(rows: list[dict[str, Any]], mem: str = "temp_bytes") -> list[str]:
   are a tie, and the tie goes to less memory.
   """
   ok = [r for r in rows if not r.get("error") and "step_ms_median" in r]
-  return [r["strategy"] for r in report.pareto_front(ok, lambda r: r[mem], _row_timing)]
+  return [r["strategy"] for r in report.timing.pareto_front(ok, lambda r: r[mem], _row_timing)]
 
 
 def overhead_text(r: dict[str, Any], base: dict[str, Any]) -> str:
   """Step time relative to no remat, "≈1.00" when within the two spreads."""
-  if r is base or report.tied(_row_timing(r), _row_timing(base)):
+  if r is base or report.timing.tied(_row_timing(r), _row_timing(base)):
     return "≈" + f"{r['step_ms_median'] / base['step_ms_median']:.2f}"
   return f"{r['step_ms_median'] / base['step_ms_median']:.2f}"
 
@@ -358,7 +354,7 @@ def run(size: str, repeats: int, only_models: list[str] | None, only: list[str] 
       "repeats": repeats,
       "timing": ("each strategy in its own process, 2 x repeats steps" if isolate else
                  "interleaved rounds over a model's strategies (one step each per round), "
-                 f"repeated until every spread is within {report.RELIABLE:.0%} of its median or "
+                 f"repeated until every spread is within {report.timing.RELIABLE:.0%} of its median or "
                  f"{3 * repeats} rounds; where auto ran, the rounds of its search, which "
                  "holds every strategy of the model, and near ties timed again by themselves"),
       "time_budget_s": time_budget_s,
@@ -443,7 +439,7 @@ def print_table(result: dict[str, Any]) -> None:
   timed = [r for r in result["rows"] if "step_ms_median" in r]
   print(f"step time: {result['timing']}; median +- half the 10-90th percentile range; "
         f"{sum(r['timing_reliable'] for r in timed)}/{len(timed)} rows within "
-        f"{report.RELIABLE:.0%}. x time is '≈' where it is within both spreads of no remat.")
+        f"{report.timing.RELIABLE:.0%}. x time is '≈' where it is within both spreads of no remat.")
   for name, desc in result["models"].items():
     rows, base = model_rows(result, name)
     print(f"\n{desc}")

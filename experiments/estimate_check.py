@@ -25,12 +25,8 @@ import numpy as np
 
 from experiments._io import write_json
 from experiments.bench import SIZES, model_loss
-from remat_kit.report import (
-    compiled_memory,
-    estimate_seconds,
-    flop_breakdown,
-    measure_local_rates,
-)
+from remat_kit.report import compiled_memory, estimate_seconds, flop_breakdown
+from remat_kit.report.estimate import measure_local_rates
 
 RESULTS = Path(__file__).parent / "results"
 

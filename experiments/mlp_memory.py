@@ -54,7 +54,8 @@ import remat_kit as rk
 from remat_kit import models, report, targets
 from remat_kit.flax import LayerStack, remat_policy
 from remat_kit.planner import AutoResult, Candidate
-from remat_kit.report import compilation, count_flops, estimate_seconds, explain_peak, memory_fields
+from remat_kit.report import compilation, count_flops, estimate_seconds, explain_peak
+from remat_kit.report.core import memory_fields
 
 SEED_SIZES = {"batch": 32768, "din": 1024, "width": 4096}
 CPU_SIZES = {"batch": 16384, "din": 256, "width": 512}
@@ -219,12 +220,12 @@ def _compile_peak(setup: Setup, keep_remat: bool) -> dict[str, Any]:
 
 
 def time_interleaved(entries: dict[str, tuple[Any, Setup]], rounds: int = 5
-                     ) -> dict[str, report.Timing]:
-  """Step times of each compiled step (:func:`remat_kit.report.time_interleaved`), the
+                     ) -> dict[str, report.timing.Timing]:
+  """Step times of each compiled step (:func:`remat_kit.report.timing.time_interleaved`), the
   donated buffers rebuilt for each call outside the timed region."""
   steps = {k: (lambda *leaves, c=c: c(*leaves)) for k, (c, _) in entries.items()}
   fresh = {k: (lambda s=s: tuple(jax.tree.leaves(s.concrete()))) for k, (_, s) in entries.items()}
-  return report.time_interleaved(steps, rounds, max_rounds=rounds, args=fresh)
+  return report.timing.time_interleaved(steps, rounds, max_rounds=rounds, args=fresh)
 
 
 def _mb(b: float) -> str:
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
   live = None
   if t.is_local and jax.default_backend() != "cpu":
     jax.block_until_ready(peak["compiled"](*jax.tree.leaves(chosen.concrete())))
-    live = rk.report.live_peak_bytes()
+    live = rk.report.core.live_peak_bytes()
   figure = live if live is not None else peak["peak_bytes"]
   print(f"Peak memory: {_mb(figure)} MB with Checkpoint = {label}")
   print(f"  how: {_how(t, live is not None)}")

@@ -75,7 +75,7 @@ def measure(target: str, size: str, rounds: int, lint: bool = False) -> dict[str
   for _ in range(rounds):
     times["bare compile"].append(
         _seconds(lambda: targets.compile_for(jax.grad(loss), t, params, tokens)))
-    report.clear_compilation_cache()
+    report.compiled.clear_cache()
     times["memory_report"].append(_seconds(
         lambda: rk.memory_report(loss, params, tokens, target=target, live=False)))
     times["explain_peak (after)"].append(_seconds(

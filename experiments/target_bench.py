@@ -123,10 +123,10 @@ def measure(case: Case, strategy: str, target: str) -> dict[str, Any]:
 
 def pareto(rows: list[dict[str, Any]]) -> list[str]:
   """Strategies no other beats on both peak bytes and estimated time, by peak ascending
-  (:func:`remat_kit.report.pareto_front`; an estimate has no spread)."""
+  (:func:`remat_kit.report.timing.pareto_front`; an estimate has no spread)."""
   ok = [r for r in rows if not r.get("error")]
-  est = lambda r: report.Timing(r["estimated_ms"] / 1e3, 0.0, 1)
-  return [r["strategy"] for r in report.pareto_front(ok, lambda r: r["peak_bytes"], est)]
+  est = lambda r: report.timing.Timing(r["estimated_ms"] / 1e3, 0.0, 1)
+  return [r["strategy"] for r in report.timing.pareto_front(ok, lambda r: r["peak_bytes"], est)]
 
 
 def run(target: str, names: list[str], only: list[str] | None = None,

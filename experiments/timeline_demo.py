@@ -62,9 +62,9 @@ def main() -> None:
   print(f"jax {jax.__version__}, target {tl.target}, {time.time() - t0:.0f} s")
   for label, t in tl.timelines.items():
     at = {k: v[t.peak_point] for k, v in t.by_kind.items()}
-    print(f"{label:10s} peak {rk.report.format_bytes(t.peak_bytes):>10s} "
+    print(f"{label:10s} peak {rk.report.table.format_bytes(t.peak_bytes):>10s} "
           f"({t.peak_bytes:,} B), saved residuals at the peak "
-          f"{rk.report.format_bytes(at.get('activation', 0))}")
+          f"{rk.report.table.format_bytes(at.get('activation', 0))}")
   print(f"wrote {stem}.png and {stem}.html")
 
 

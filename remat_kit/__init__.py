@@ -40,8 +40,8 @@ from remat_kit.transforms import to_jax_policy as to_jax_policy
 
 __version__ = "0.3.0"
 
-# Subpackages stay attributes (`rk.flax`, `rk.models`, ...); `flax` is left out of
-# `__all__` so that `from remat_kit import *` never shadows the user's own `flax`.
+# Subpackages stay attributes (`rk.report`, `rk.models`, ...) but are not in `__all__`:
+# `from remat_kit import *` binds the functions and never shadows the user's own `flax`.
 __all__ = [
     "Policy",
     "auto",
@@ -55,18 +55,11 @@ __all__ = [
     "lint",
     "memory_report",
     "memory_timeline",
-    "microbatch",
     "microbatched_value_and_grad",
-    "models",
     "pipeline",
-    "planner",
     "level_lengths",
-    "policies",
-    "report",
     "remat",
     "remat_scan",
     "remat_sequential",
-    "solver",
-    "testing",
     "to_jax_policy",
 ]

@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeline = report.memory_timeline(fns, *fn_args, target=args.compile_target,
                                       argnums=argnums)
     for label, peak in timeline.peaks.items():
-      print(f"{label}: peak {report.format_bytes(peak)} ({peak:,} bytes) on {timeline.target}")
+      print(f"{label}: peak {report.table.format_bytes(peak)} ({peak:,} bytes) on {timeline.target}")
     timeline.to_html(args.out)
     print(f"wrote {args.out}")
     if args.png:

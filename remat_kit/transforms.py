@@ -23,7 +23,8 @@ from remat_kit._dispatch import to_jax_policy
 from remat_kit.policies import Policy, from_config
 
 __all__ = ["checkpoint_name", "classic_remat", "level_lengths", "remat", "remat_scan", "scan_carries",
-           "remat_sequential", "to_jax_policy"]
+           "remat_sequential", "to_jax_policy", "with_full_remat", "with_offload_on_device",
+           "without_remat"]
 
 checkpoint_name = _ad_checkpoint.checkpoint_name
 
@@ -479,3 +480,71 @@ def _nested_scan(step: Callable[..., Any], carry: Any, xs: Any, n: int,
   carry, ys_tail = group(level_lengths(rem, len(inner_levels)), rem)(carry, xs_tail)
   ys = jax.tree_util.tree_map(lambda a, b: jax.numpy.concatenate([a, b]), ys, ys_tail)
   return carry, ys
+
+
+# --------------------------------------------------------------------------
+# Rewrites of a function's remat boundaries (the references readouts compare with)
+# --------------------------------------------------------------------------
+def without_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with every remat boundary removed: same values, everything saved.
+
+  The reference against which recomputation is counted. Works for
+  ``jax.checkpoint`` under both remat implementations, inside scans, conds
+  and jits.
+
+  Args:
+    fn: the function, with remat anywhere inside it.
+
+  Returns:
+    A function of the same arguments, traced and evaluated with every remat
+    boundary inlined.
+
+  >>> import jax, jax.numpy as jnp
+  >>> f = jax.checkpoint(jnp.sin)
+  >>> g = without_remat(f)
+  >>> "remat" in str(jax.make_jaxpr(f)(1.0)), "remat" in str(jax.make_jaxpr(g)(1.0))
+  (True, False)
+  """
+
+  return _rewrite(fn, full=False)
+
+
+def with_full_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with every remat boundary kept but its policy replaced by full remat.
+
+  Args:
+    fn: the function, with remat anywhere inside it.
+  """
+  return _rewrite(fn, full=True)
+
+
+def with_offload_on_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with every remat policy's offloads kept in device memory instead: the same
+  tensors saved, none moved to the host (the reference of lint's
+  ``offload-costs-memory``).
+
+  Args:
+    fn: the function, with remat anywhere inside it.
+  """
+  return _rewrite(fn, full=_on_device)
+
+
+def _on_device(policy: Any) -> Any:
+  if policy is None:
+    return None
+
+  def kept_on_device(prim: Any, *avals: Any, **params: Any) -> Any:
+    d = policy(prim, *avals, **params)
+    return True if isinstance(d, _jax.Offloadable) else d
+
+  return kept_on_device
+
+
+def _rewrite(fn: Callable[..., Any], full: Any) -> Callable[..., Any]:
+  def rewritten(*args: Any, **kwargs: Any) -> Any:
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
+    leaves = jax.tree_util.tree_leaves((args, kwargs))
+    outs = _jaxpr.eval_inlined(*_jaxpr.closed_parts(closed), *leaves, full=full)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return rewritten

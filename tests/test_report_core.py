@@ -7,12 +7,8 @@ from _util import activation_bytes
 from jax import lax
 
 import remat_kit as rk
-from remat_kit.report import (
-  compiled_memory,
-  count_flops,
-  live_peak_bytes,
-  saved_residuals,
-)
+from remat_kit.report import compiled_memory, count_flops, saved_residuals
+from remat_kit.report.core import live_peak_bytes
 
 B, D, H, OUT = 4, 8, 16, 3
 

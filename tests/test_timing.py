@@ -4,8 +4,15 @@ import time
 
 import jax.numpy as jnp
 
-from remat_kit.report import RELIABLE, Timing, faster, pareto_front, tied, time_interleaved
-from remat_kit.report.timing import MIN_ROUNDS
+from remat_kit.report.timing import (
+  MIN_ROUNDS,
+  RELIABLE,
+  Timing,
+  faster,
+  pareto_front,
+  tied,
+  time_interleaved,
+)
 
 
 def test_a_budget_never_leaves_a_timing_without_a_spread():

@@ -35,7 +35,8 @@ from jax.sharding import PartitionSpec as P
 
 from remat_kit import targets
 from remat_kit.pipelining.transform import ITERATION_INPUT, pipeline
-from remat_kit.report import count_flops, estimate_seconds, memory_fields
+from remat_kit.report import count_flops, estimate_seconds
+from remat_kit.report.core import memory_fields
 
 __all__ = ["largest_microbatch", "plan_step", "stage_mesh"]
 

@@ -50,7 +50,7 @@ class Candidate:
   ``cost_s`` is None for a candidate never costed (measured costs are timed
   in one interleaved pass over every candidate, at the first ``solve``).
   ``cost_spread_s`` is the timing spread (0 for estimates), ``cost_n`` the number of
-  timed steps behind it. ``timing`` is the cost as a :class:`~remat_kit.report.Timing`.
+  timed steps behind it. ``timing`` is the cost as a :class:`~remat_kit.report.timing.Timing`.
   ``microbatches`` is how many slices the batch is cut into (1: the step as
   written; ``auto``'s ``microbatches``), and ``options`` the other build arguments
   the plan is built with (``auto``'s ``options``), as ``(name, value)`` pairs.
@@ -77,7 +77,7 @@ class Candidate:
 
   @property
   def timing(self) -> Timing:
-    """The cost as a :class:`~remat_kit.report.Timing` (a costed candidate only)."""
+    """The cost as a :class:`~remat_kit.report.timing.Timing` (a costed candidate only)."""
     assert self.cost_s is not None, self.label
     return Timing(self.cost_s, self.cost_spread_s, self.cost_n)
 

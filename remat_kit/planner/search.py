@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import sys
 import time
@@ -11,11 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from remat_kit import _args, _jaxpr, targets
 from remat_kit.microbatch import microbatched_value_and_grad
-from remat_kit.planner import builds
-from remat_kit.planner.builds import Variant
 from remat_kit.planner.chain import auto_chain
 from remat_kit.planner.result import (
   AutoResult,
@@ -27,12 +27,16 @@ from remat_kit.planner.result import (
   parse_bytes,
 )
 from remat_kit.policies import OffloadNames, Policy, SaveNames, from_config, registered
-from remat_kit.report import count_flops, without_remat
+from remat_kit.report import count_flops
 from remat_kit.report.compiled import compilation
 from remat_kit.report.core import memory_fields
 from remat_kit.report.timing import Timing, time_interleaved
+from remat_kit.transforms import without_remat
 
 __all__ = ["Prediction", "Search", "auto"]
+
+# A combination of build options: ((name, value), ...).
+Variant = tuple[tuple[str, Any], ...]
 
 
 def auto(fn_or_module: Any, params: Any, *inputs: Any, budget: int | float | str | None,
@@ -172,7 +176,7 @@ class Search:
     bad = [g for g in levels if not isinstance(g, int) or isinstance(g, bool) or g < 2]
     if bad:
       raise ValueError(f"`auto`: `levels` are nesting levels, ints >= 2; got {list(levels)!r}.")
-    self.slices = builds.check_microbatches(microbatches)
+    self.slices = _check_microbatches(microbatches)
     if search not in ("auto", "model", "exhaustive"):
       raise ValueError(f"`auto`: `search` must be 'auto', 'model' or 'exhaustive', got "
                        f"{search!r}.")
@@ -185,14 +189,14 @@ class Search:
     if not isinstance(per_tensor, bool):
       raise TypeError(f"`auto`: `per_tensor` must be a bool, got {per_tensor!r}.")
     self.per_tensor = per_tensor
-    self.variants = builds.variants(options)
+    self.variants = _variants(options)
     self.coster = Coster(self.cost, roofline, self.target)
     _args.positive_seconds("auto", "time_budget_s", time_budget_s, allow_none=True)
     self.verbose, self.params, self.repeats = verbose, params, repeats
     self.time_left_s = None if time_budget_s is None else float(time_budget_s)
     self._confirmed: set[frozenset[str]] = set()
     self.max_subsets = max_subsets
-    build, takes_levels = builds.builder(fn_or_module, loss, rngs or {"dropout": jax.random.key(0)})
+    build, takes_levels = _builder(fn_or_module, loss, rngs or {"dropout": jax.random.key(0)})
     # Arrays and ShapeDtypeStructs are traced arguments; anything else (a `train` flag)
     # is passed to the loss as it is.
     traced = [i for i, x in enumerate(inputs) if hasattr(x, "shape") and hasattr(x, "dtype")]
@@ -210,8 +214,8 @@ class Search:
       return lambda params, *xs: f(params, *with_statics(*xs))
 
     self.build = build_traced
-    self.batch_argnums = builds.batch_argnums(batch_argnums, self.inputs, self.slices)
-    if self.cost == "measured" and builds.is_abstract((params, self.inputs)):
+    self.batch_argnums = _batch_argnums(batch_argnums, self.inputs, self.slices)
+    if self.cost == "measured" and _is_abstract((params, self.inputs)):
       raise ValueError("`auto`: cost='measured' runs each candidate's step, which needs "
                        "arrays, but `params` or `inputs` hold ShapeDtypeStructs. Pass "
                        "arrays, or plan for an accelerator `target` (e.g. 'gpu:h100') "
@@ -238,7 +242,7 @@ class Search:
       for variant in self.variants:
         names, prims = uses[variant]
         for label, pol, grp, source in self._plans(presets, host, tuple(levels)):
-          label += builds.suffix(k, variant)
+          label += _suffix(k, variant)
           missing = sorted((pol.referenced_names() - names)
                            | (pol.checked_primitives() - prims))
           if missing:
@@ -377,7 +381,7 @@ class Search:
 
   def _key_argnums(self) -> tuple[int, ...]:
     """The loss arguments (``params`` is 0) that are PRNG keys: split, one per slice."""
-    return tuple(i + 1 for i, x in enumerate(self.inputs) if builds.is_key(x))
+    return tuple(i + 1 for i, x in enumerate(self.inputs) if _is_key(x))
 
   def _time_all(self) -> None:
     """Times every untimed candidate's step in one interleaved pass, then confirms ties."""
@@ -672,3 +676,115 @@ def _pick(measured: dict[str, Candidate], budget: int, budget_kind: str) -> Cand
   choice = choose(list(measured.values()), budget, budget_kind)
   assert choice is not None  # `budget` is the bytes of one of them: it fits
   return choice
+
+
+# --------------------------------------------------------------------------
+# What `auto` builds: the model as ``build(policy, levels, **options)``, the option
+# combinations and slice counts it tries, and which inputs are cut into slices
+# --------------------------------------------------------------------------
+def _builder(model: Any, loss: Callable[[Any], jax.Array] | None, rngs: dict[str, Any]
+             ) -> tuple[Callable[..., Callable[..., jax.Array]], bool]:
+  """``(build, takes_levels)``: ``build(policy, levels, **options)`` returns a loss of
+  ``(params, *inputs)``."""
+  import flax.linen as nn
+
+  if isinstance(model, nn.Module):
+    for attr in ("policy", "levels"):
+      if not hasattr(model, attr):
+        raise TypeError(f"`auto`: module {type(model).__name__} has no `{attr}` attribute; "
+                        "pass a module built on LayerStack, a function "
+                        "`build(policy) -> loss(params, *inputs)` that applies the policy "
+                        "to your model (see `auto`'s docstring), or a list of layer "
+                        "functions.")
+    head = loss or (lambda out: jnp.mean(jnp.square(out.astype(jnp.float32))))
+
+    def build(policy: Any, levels: Any, **options: Any) -> Callable[..., jax.Array]:
+      module = model.clone(policy=policy, levels=levels, **options)
+      return lambda params, *xs: head(module.apply({"params": params}, *xs, rngs=rngs))
+
+    return build, True
+  if callable(model):
+    if _takes(model, "levels"):
+      return (lambda policy, levels, **o: model(policy=policy, levels=levels, **o)), True
+    return (lambda policy, levels, **o: model(policy=policy, **o)), False
+  raise TypeError(f"`auto`: `fn_or_module` must be a Linen module with `policy`/`levels`, a "
+                  f"function `build(policy[, levels]) -> loss(params, *inputs)`, or a list "
+                  f"of layer functions `f(params, x) -> x`, got {model!r}.")
+
+
+def _takes(fn: Callable[..., Any], arg: str) -> bool:
+  try:
+    ps = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.name == arg or p.kind is p.VAR_KEYWORD for p in ps)
+
+
+def _is_abstract(tree: Any) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _suffix(microbatches: int, variant: Variant) -> str:
+  """What a candidate's label adds for its slices and build options."""
+  out = f" x{microbatches} microbatches" if microbatches > 1 else ""
+  return out + "".join(f", {name}={value}" for name, value in variant)
+
+
+def _check_microbatches(microbatches: Sequence[int]) -> tuple[int, ...]:
+  ks = tuple(microbatches) if isinstance(microbatches, (list, tuple)) else None
+  if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+    raise ValueError("`auto`: `microbatches` must be a non-empty list of slice counts, "
+                     f"ints >= 1 (1: the step as written), got {microbatches!r}.")
+  return tuple(dict.fromkeys((1, *ks)))
+
+
+def _variants(options: Mapping[str, Sequence[Any]] | None) -> list[Variant]:
+  """Every combination of the ``options`` values, the first values first."""
+  if not options:
+    return [()]
+  if not isinstance(options, Mapping):
+    raise TypeError(f"`auto`: `options` must be a dict of build argument names to the "
+                    f"values to try, e.g. {{'attention': ('dense', 'flash')}}, got {options!r}.")
+  for name, values in options.items():
+    if not isinstance(values, (list, tuple)) or not values:
+      raise ValueError(f"`auto`: `options[{name!r}]` must be a non-empty list of values to "
+                       f"build with, got {values!r}.")
+    if name in ("policy", "levels"):
+      raise ValueError(f"`auto`: `options` names build arguments besides `policy` and "
+                       f"`levels`, which auto searches itself; got {name!r}.")
+  names = list(options)
+  return [tuple(zip(names, combo)) for combo in itertools.product(*options.values())]
+
+
+def _is_key(x: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _batch_argnums(batch_argnums: Sequence[int] | None, inputs: tuple[Any, ...],
+                   slices: tuple[int, ...]) -> tuple[int, ...]:
+  """The loss arguments cut into slices (``params`` is argument 0): checked, or every
+  array input that is not a PRNG key."""
+  if batch_argnums is None:
+    out = tuple(i + 1 for i, x in enumerate(inputs) if not _is_key(x))
+  else:
+    out = tuple(batch_argnums)
+    bad = [i for i in out if not isinstance(i, int) or isinstance(i, bool)
+           or not 1 <= i <= len(inputs) or _is_key(inputs[i - 1])]
+    if bad:
+      raise ValueError(f"`auto`: `batch_argnums` are the loss arguments to cut into slices, "
+                       f"1 to {len(inputs)} (0 is `params`; PRNG keys are split, not cut); "
+                       f"got {list(batch_argnums)!r}.")
+  if max(slices) > 1:
+    if not out:
+      raise ValueError(f"`auto`: `microbatches`={list(slices)!r} cuts the batch, but no "
+                       "input is a batch (`batch_argnums` is empty).")
+    for i in out:
+      for leaf in jax.tree_util.tree_leaves(inputs[i - 1]):
+        n = leaf.shape[0] if getattr(leaf, "shape", ()) else None
+        for k in slices:
+          if n is None or n % k:
+            raise ValueError(
+                f"`auto`: `microbatches` {k} does not divide loss argument {i}'s leading axis "
+                f"(shape {getattr(leaf, 'shape', ())}); pick slice counts that divide the "
+                "batch, or leave that input out of `batch_argnums`.")
+  return out

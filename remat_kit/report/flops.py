@@ -16,10 +16,10 @@ from typing import Any
 
 import jax
 
-from remat_kit import _args, _jax, _jaxpr
+from remat_kit import _args, _jaxpr
+from remat_kit.transforms import without_remat
 
-__all__ = ["count_flops", "eqn_flops", "flop_breakdown", "with_full_remat",
-           "with_offload_on_device", "without_remat"]
+__all__ = ["count_flops", "eqn_flops", "flop_breakdown", "split"]
 
 
 # One FLOP per output element.
@@ -169,69 +169,6 @@ def count_flops(fn: Callable[..., Any], *args: Any, fn_kwargs: Mapping[str, Any]
   return _jaxpr_flops(jax.make_jaxpr(call.fn)(*call.args, **call.kwargs).jaxpr)
 
 
-def without_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """``fn`` with every remat boundary removed: same values, everything saved.
-
-  The reference against which recomputation is counted. Works for
-  ``jax.checkpoint`` under both remat implementations, inside scans, conds
-  and jits.
-
-  Args:
-    fn: the function, with remat anywhere inside it.
-
-  Returns:
-    A function of the same arguments, traced and evaluated with every remat
-    boundary inlined.
-
-  >>> import jax, jax.numpy as jnp
-  >>> f = jax.checkpoint(jnp.sin)
-  >>> g = without_remat(f)
-  >>> "remat" in str(jax.make_jaxpr(f)(1.0)), "remat" in str(jax.make_jaxpr(g)(1.0))
-  (True, False)
-  """
-
-  return _rewrite(fn, full=False)
-
-
-def with_full_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """``fn`` with every remat boundary kept but its policy replaced by full remat.
-
-  Args:
-    fn: the function, with remat anywhere inside it.
-  """
-  return _rewrite(fn, full=True)
-
-
-def with_offload_on_device(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """``fn`` with every remat policy's offloads kept in device memory instead: the same
-  tensors saved, none moved to the host (the reference of lint's
-  ``offload-costs-memory``).
-
-  Args:
-    fn: the function, with remat anywhere inside it.
-  """
-  return _rewrite(fn, full=_on_device)
-
-
-def _on_device(policy: Any) -> Any:
-  if policy is None:
-    return None
-
-  def kept_on_device(prim: Any, *avals: Any, **params: Any) -> Any:
-    d = policy(prim, *avals, **params)
-    return True if isinstance(d, _jax.Offloadable) else d
-
-  return kept_on_device
-
-
-def _rewrite(fn: Callable[..., Any], full: Any) -> Callable[..., Any]:
-  def rewritten(*args: Any, **kwargs: Any) -> Any:
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
-    leaves = jax.tree_util.tree_leaves((args, kwargs))
-    outs = _jaxpr.eval_inlined(*_jaxpr.closed_parts(closed), *leaves, full=full)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
-
-  return rewritten
 
 
 def flop_breakdown(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0,

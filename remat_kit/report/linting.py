@@ -34,15 +34,10 @@ from remat_kit.policies import SaveEverything, SaveNothing
 from remat_kit.report.compiled import compilation
 from remat_kit.report.core import compiled_memory, saved_residuals
 from remat_kit.report.explain import policy_names, policy_repr
-from remat_kit.report.flops import (
-    count_flops,
-    flop_breakdown,
-    with_full_remat,
-    with_offload_on_device,
-    without_remat,
-)
+from remat_kit.report.flops import count_flops, flop_breakdown
 from remat_kit.report.peak import peak_of
 from remat_kit.report.table import format_bytes
+from remat_kit.transforms import with_full_remat, with_offload_on_device, without_remat
 
 __all__ = ["LintWarning", "lint"]
 
