@@ -92,7 +92,7 @@ test-quick: $(STAMP)
 
 test-new: $(STAMP)
 	@$(VPY) -c "import sys, jax, flax; print('full suite on Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'from $(NEW_LOCK); targets that must not skip: $(or $(NEW_TARGETS),none)')"
-	REMAT_KIT_REQUIRE_TARGETS=$(NEW_TARGETS) $(VPY) -m pytest -q -n $(JOBS) --durations=15 remat_kit tests README.md docs/*.md
+	REMAT_KIT_REQUIRE_TARGETS=$(NEW_TARGETS) $(VPY) -m pytest -q -n $(JOBS) --dist worksteal --durations=15 remat_kit tests README.md docs/*.md
 
 ifeq ($(PY312),)
 test-mid:

@@ -89,7 +89,8 @@ def test_ctrl_c_keeps_finished_models_and_exits_cleanly(tmp_path, monkeypatch, c
 def test_where_auto_runs_the_rows_show_the_timings_it_chose_from(tmp_path):
   out = tmp_path / "r.json"
   code = bench.main(["--out", str(out), "--models", "mlp", "--only", "no remat", "full",
-                     "--auto", "1.0", "--repeats", "1", "--also-target", "none"])
+                     "--auto", "1.0", "--repeats", "1", "--also-target", "none",
+                     "--time-budget", "5"])
   assert code == 0
   rows = json.loads(out.read_text())["rows"]
   assert all(r["timing_source"].startswith("auto's search: timed") for r in rows), rows

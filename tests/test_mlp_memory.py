@@ -47,7 +47,9 @@ def test_prints_the_seed_line_and_what_the_peak_is_made_of(mode, tmp_path, capsy
 @pytest.mark.slow
 def test_best_reports_both_ratios_and_equal_gradients(tmp_path, capsys):
   out = tmp_path / "best.json"
-  assert mlp_memory.main(["--checkpoint", "best", *TINY, "--json", str(out)]) == 0
+  # A short timing budget: the test checks the choice follows the timings, not their precision.
+  assert mlp_memory.main(["--checkpoint", "best", *TINY, "--time-budget", "15", "--json",
+                          str(out)]) == 0
   text = capsys.readouterr().out
   assert "Peak memory:" in text and "with Checkpoint = best" in text
   assert "step time" in text and "PyTorch torch.utils.checkpoint: 7.07 -> 5.05 GB" in text
