@@ -46,7 +46,7 @@ PY312    := $(shell .ci/pick-python 3.12 2>/dev/null)
 # layouts differ across these versions).
 SMOKE    := tests/test__jax.py tests/test__jaxpr.py tests/test__xla.py tests/test_dispatch.py tests/test_layout.py \
             tests/test_policies.py tests/test_transforms.py tests/test_flax_linen.py \
-            tests/test_conformance.py tests/test_lock.py
+            tests/test_conformance.py tests/test_lock.py tests/test_auto_remat.py
 MID_TESTS := $(SMOKE) tests/test_flax_nnx.py tests/test_flax_signatures.py tests/test_report_core.py \
              tests/test_report_summary.py
 
